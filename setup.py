@@ -1,0 +1,55 @@
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+HERE = Path(__file__).parent
+
+setup(
+    name="dinov2",
+    version="0.1.0",
+    description="DINOv2-class self-supervised pretraining and evaluation of vision transformers",
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dinov2", "dinov2.*"]) + ["dinov2.configs"],
+    # The configs live at the top of the repository (configs/) and ship inside the package.
+    package_dir={"dinov2.configs": "configs"},
+    package_data={"dinov2.configs": ["*.yaml", "*/*.yaml"]},
+    install_requires=[
+        "torch>=2.6",
+        "torchvision>=0.21",
+        "omegaconf>=2.3",
+        "submitit>=1.5",
+        "numpy>=1.24",
+        "scikit-learn>=1.3",
+        "pillow>=9.0",
+        "webdataset>=0.2.86",
+        "safetensors>=0.4",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+        "pandas>=2.0",
+    ],
+    extras_require={
+        "xformers": ["xformers"],
+        "lora": ["peft>=0.10"],
+        "serve": ["fastapi>=0.110", "uvicorn>=0.27", "python-multipart>=0.0.9"],
+        "timm": ["timm>=0.9"],
+        "dev": [
+            "pytest>=7.4",
+            "pytest-timeout>=2.2",
+            "httpx>=0.27",
+            "peft>=0.10",
+            "fastapi>=0.110",
+            "uvicorn>=0.27",
+            "python-multipart>=0.0.9",
+        ],
+    },
+    entry_points={
+        "console_scripts": [
+            "dinov2-train=dinov2.train.train:main",
+            "dinov2-knn=dinov2.eval.knn:main",
+            "dinov2-linear=dinov2.eval.linear:main",
+            "dinov2-logreg=dinov2.eval.log_regression:main",
+        ]
+    },
+)
