@@ -1,0 +1,64 @@
+"""Backbone construction from a training config."""
+
+from typing import Tuple
+
+from omegaconf import DictConfig
+
+from .vision_transformer import ARCHITECTURES, DinoVisionTransformer, make_vit, vit_base, vit_giant2, vit_large, vit_small, vit_tiny
+
+
+def _backbone_kwargs(student_cfg: DictConfig, img_size: int) -> dict:
+    return dict(
+        img_size=img_size,
+        patch_size=student_cfg.patch_size,
+        init_values=student_cfg.layerscale,
+        ffn_layer=student_cfg.ffn_layer,
+        block_chunks=student_cfg.block_chunks,
+        qkv_bias=student_cfg.qkv_bias,
+        proj_bias=student_cfg.proj_bias,
+        ffn_bias=student_cfg.ffn_bias,
+        num_register_tokens=student_cfg.num_register_tokens,
+        interpolate_offset=student_cfg.interpolate_offset,
+        interpolate_antialias=student_cfg.interpolate_antialias,
+        embed_dim=student_cfg.get("embed_dim"),
+        depth=student_cfg.get("depth"),
+        num_heads=student_cfg.get("num_heads"),
+        mlp_ratio=student_cfg.get("mlp_ratio"),
+    )
+
+
+def build_backbone(student_cfg: DictConfig, img_size: int, drop_path_rate: float = 0.0) -> DinoVisionTransformer:
+    kwargs = _backbone_kwargs(student_cfg, img_size)
+    return make_vit(
+        student_cfg.arch,
+        drop_path_rate=drop_path_rate,
+        drop_path_uniform=student_cfg.drop_path_uniform,
+        **kwargs,
+    )
+
+
+def build_model_from_cfg(cfg: DictConfig, only_teacher: bool = False) -> Tuple:
+    """(student, teacher, embed_dim) for a training config; the teacher has no stochastic depth.
+
+    With ``only_teacher`` returns (teacher, embed_dim), e.g. for evaluation.
+    """
+    img_size = cfg.crops.global_crops_size
+    teacher = build_backbone(cfg.student, img_size)
+    if only_teacher:
+        return teacher, teacher.embed_dim
+    student = build_backbone(cfg.student, img_size, drop_path_rate=cfg.student.drop_path_rate)
+    return student, teacher, student.embed_dim
+
+
+__all__ = [
+    "ARCHITECTURES",
+    "DinoVisionTransformer",
+    "build_backbone",
+    "build_model_from_cfg",
+    "make_vit",
+    "vit_tiny",
+    "vit_small",
+    "vit_base",
+    "vit_large",
+    "vit_giant2",
+]

@@ -1,0 +1,102 @@
+"""Named entry points that build the published DINOv2 architectures.
+
+Weights are never downloaded: this codebase runs on machines without internet access, so
+``pretrained=True`` needs ``pretrained_weights=PATH`` to a local file (the official
+``dinov2_vits14_pretrain.pth`` and friends, or a backbone exported by our own training).
+"""
+
+from typing import Optional
+
+from dinov2.models.vision_transformer import DinoVisionTransformer, make_vit
+
+from .weights import PathLike, load_backbone_weights
+
+_OFFICIAL = {
+    "dinov2_vits14": "vit_small",
+    "dinov2_vitb14": "vit_base",
+    "dinov2_vitl14": "vit_large",
+    "dinov2_vitg14": "vit_giant2",
+}
+
+
+def make_dinov2_model(
+    arch_name: str = "vit_large",
+    *,
+    img_size: int = 518,
+    patch_size: int = 14,
+    init_values: float = 1.0,
+    ffn_layer: str = "mlp",
+    num_register_tokens: int = 0,
+    interpolate_antialias: bool = False,
+    interpolate_offset: float = 0.1,
+    pretrained: bool = True,
+    pretrained_weights: Optional[PathLike] = None,
+    model_name: str = "dinov2",
+    **kwargs,
+) -> DinoVisionTransformer:
+    model = make_vit(
+        arch_name,
+        patch_size=patch_size,
+        img_size=img_size,
+        init_values=init_values,
+        ffn_layer=ffn_layer,
+        num_register_tokens=num_register_tokens,
+        interpolate_antialias=interpolate_antialias,
+        interpolate_offset=interpolate_offset,
+        **kwargs,
+    )
+    if pretrained:
+        if pretrained_weights is None:
+            raise ValueError(
+                f"{model_name}: pretrained weights cannot be downloaded (this build never fetches "
+                f"files from the internet). Pass pretrained_weights=PATH to a local copy of the "
+                f"official checkpoint (e.g. {model_name}_pretrain.pth) or to a backbone exported by "
+                f"dinov2 training, or pretrained=False for random initialisation."
+            )
+        load_backbone_weights(model, pretrained_weights)
+    return model
+
+
+def _entry(name: str, registers: bool):
+    arch = _OFFICIAL[name]
+    full_name = f"{name}_reg4" if registers else name
+
+    def build(*, pretrained: bool = True, pretrained_weights: Optional[PathLike] = None, **kwargs):
+        options = dict(ffn_layer="swiglufused" if arch == "vit_giant2" else "mlp")
+        if registers:
+            options.update(num_register_tokens=4, interpolate_antialias=True, interpolate_offset=0.0)
+        options.update(kwargs)
+        return make_dinov2_model(
+            arch, pretrained=pretrained, pretrained_weights=pretrained_weights, model_name=full_name, **options
+        )
+
+    build.__name__ = f"{name}_reg" if registers else name
+    build.__doc__ = (
+        f"DINOv2 {arch} with patch size 14{' and 4 register tokens' if registers else ''} "
+        f"(the published {full_name}); weights from ``pretrained_weights=PATH``."
+    )
+    return build
+
+
+dinov2_vits14 = _entry("dinov2_vits14", registers=False)
+dinov2_vitb14 = _entry("dinov2_vitb14", registers=False)
+dinov2_vitl14 = _entry("dinov2_vitl14", registers=False)
+dinov2_vitg14 = _entry("dinov2_vitg14", registers=False)
+dinov2_vits14_reg = _entry("dinov2_vits14", registers=True)
+dinov2_vitb14_reg = _entry("dinov2_vitb14", registers=True)
+dinov2_vitl14_reg = _entry("dinov2_vitl14", registers=True)
+dinov2_vitg14_reg = _entry("dinov2_vitg14", registers=True)
+
+ENTRY_POINTS = {
+    fn.__name__: fn
+    for fn in (
+        dinov2_vits14,
+        dinov2_vitb14,
+        dinov2_vitl14,
+        dinov2_vitg14,
+        dinov2_vits14_reg,
+        dinov2_vitb14_reg,
+        dinov2_vitl14_reg,
+        dinov2_vitg14_reg,
+    )
+}
