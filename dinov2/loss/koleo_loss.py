@@ -1,0 +1,79 @@
+"""KoLeo regulariser: spread the student's CLS features uniformly over the sphere by
+maximising the log distance of each feature to its nearest neighbour in the batch
+(Kozachenko-Leonenko differential entropy estimator, Sablayrolles et al. 2019)."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from dinov2.loss.centering import distributed_is_active
+
+__all__ = ["KoLeoLoss"]
+
+
+class KoLeoLoss(nn.Module):
+    """``-mean_i log(d_i)`` with ``d_i`` the distance of L2-normalised feature ``i`` to its
+    nearest other feature.
+
+    Robustness (the textbook form ``-log(||x_i - x_nn|| + eps)`` breaks down at the corners):
+
+    * batch size 1: there is no neighbour, the loss is 0 (kept in the autograd graph, so
+      ``backward()`` still works and gives zero gradients);
+    * duplicate features: the distance is computed as ``sqrt(||x_i - x_nn||^2 + eps^2)``, so the
+      loss is finite (``-log(eps)`` for an exact duplicate) and the gradient is finite; it is
+      exactly zero at an exact duplicate instead of the ``~1/eps`` spike of ``||.|| + eps``;
+    * zero feature vectors: normalisation clamps the norm, so no NaN from ``0 / 0`` (the
+      gradient is finite but large there, as for any normalisation of a near-zero vector).
+
+    Away from these corners the value equals ``-mean(log(d_i))`` to within ``eps``.
+    The computation runs in float32 whatever the input dtype.
+
+    Args:
+        eps: smoothing of the distance (1e-8).
+        distributed: search nearest neighbours among the features of all ranks
+            (``all_gather`` with autograd, every rank must pass the same batch size); the loss
+            is still averaged over this rank's features. Off by default (DINOv2 uses the
+            per-rank batch); without a process group it is the same as ``False``.
+    """
+
+    def __init__(self, eps: float = 1e-8, distributed: bool = False):
+        super().__init__()
+        if eps <= 0:
+            raise ValueError(f"eps must be positive, got {eps}")
+        self.eps = eps
+        self.distributed = distributed
+
+    def forward(self, student_features: torch.Tensor) -> torch.Tensor:
+        """Args: ``student_features`` ``(B, D)`` (e.g. the student's CLS tokens of one crop).
+        Returns: scalar float32 loss."""
+        if student_features.ndim != 2:
+            raise ValueError(f"KoLeoLoss expects (batch, dim) features, got shape {tuple(student_features.shape)}")
+        x = F.normalize(student_features.float(), p=2, dim=-1, eps=1e-8)
+        candidates, self_offset = x, 0
+        if self.distributed and distributed_is_active():
+            from torch.distributed.nn.functional import all_gather
+
+            gathered = all_gather(x)
+            sizes = {t.shape[0] for t in gathered}
+            if len(sizes) != 1:
+                raise ValueError(f"distributed KoLeoLoss needs the same batch size on every rank, got {sorted(sizes)}")
+            candidates = torch.cat(gathered, dim=0)
+            self_offset = dist.get_rank() * x.shape[0]
+
+        n_local, n_all = x.shape[0], candidates.shape[0]
+        if n_all < 2:
+            return x.sum() * 0.0
+        with torch.no_grad():
+            similarity = x @ candidates.t()  # (n_local, n_all), cosine similarity
+            own = torch.arange(n_local, device=x.device)
+            similarity[own, own + self_offset] = -2.0  # below any cosine: never pick itself
+            nearest = similarity.argmax(dim=1)
+        squared = (x - candidates[nearest]).pow(2).sum(dim=-1)
+        distance = torch.sqrt(squared + self.eps**2)
+        return -torch.log(distance).mean()
+
+    def extra_repr(self) -> str:
+        return f"eps={self.eps}, distributed={self.distributed}"
