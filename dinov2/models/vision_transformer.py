@@ -95,7 +95,7 @@ class DinoVisionTransformer(nn.Module):
         if drop_path_uniform:
             rates = [drop_path_rate] * depth
         else:
-            rates = torch.linspace(0, drop_path_rate, depth).tolist()
+            rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList(
             Block(
                 dim=embed_dim,
