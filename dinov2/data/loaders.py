@@ -1,0 +1,167 @@
+"""Spec string -> dataset, and dataset -> DataLoader with the right sampler.
+
+``make_dataset("ImageNet:root=/data/imagenet:split=TRAIN")`` is how training, evaluation and
+fine-tuning all name their data. ``make_data_loader`` picks a sampler, always installs the
+:class:`~dinov2.data.image_io.SkipBadSamples` collate wrapper, and returns a
+:class:`ResumableDataLoader` whose ``state_dict()`` records how far the training loop got.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import random
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
+
+from dinov2.data.datasets.csv_labels import CSVDataset
+from dinov2.data.datasets.image_folder import ImageFolderDataset
+from dinov2.data.datasets.imagenet import ImageNetDataset
+from dinov2.data.datasets.industrial import IndustrialDataset
+from dinov2.data.datasets.quickdraw import QuickDrawDataset
+from dinov2.data.datasets.webdataset_shards import WebDatasetStream
+from dinov2.data.image_io import SkipBadSamples
+from dinov2.data.samplers import EpochSampler, InfiniteSampler, default_rank_and_world_size
+from dinov2.data.spec import DatasetSpecError, parse_dataset_spec, resolve_options
+
+logger = logging.getLogger("dinov2")
+
+DATASET_KINDS: dict[str, type] = {
+    "Industrial": IndustrialDataset,
+    "QuickDraw": QuickDrawDataset,
+    "ImageNet": ImageNetDataset,
+    "ImageFolder": ImageFolderDataset,
+    "CSV": CSVDataset,
+    "WebDataset": WebDatasetStream,
+}
+
+
+def dataset_kind(kind: str) -> type:
+    """The dataset class of a kind name (case-insensitive)."""
+    for name, cls in DATASET_KINDS.items():
+        if name.lower() == kind.lower():
+            return cls
+    raise DatasetSpecError(f"unknown dataset kind {kind!r}; valid kinds: {', '.join(DATASET_KINDS)}")
+
+
+def dataset_spec_help() -> str:
+    """A readable list of every kind with its keys (for --help texts and error messages)."""
+    lines = []
+    for name, cls in DATASET_KINDS.items():
+        lines.append(f"{name}:")
+        for key, spec_key in cls.SPEC_KEYS.items():
+            default = "required" if spec_key.required else f"default {spec_key.default!r}"
+            lines.append(f"  {key:16s} {spec_key.help} ({default})")
+    return "\n".join(lines)
+
+
+def make_dataset(spec: str, transform: Callable | None = None, target_transform: Callable | None = None):
+    """Build the dataset a spec string names, e.g. ``QuickDraw:root=/data/qd:split=train:size=224``."""
+    kind, options = parse_dataset_spec(spec)
+    cls = dataset_kind(kind)
+    kwargs = resolve_options(kind, options, cls.SPEC_KEYS, spec)
+    logger.info("building dataset %s from spec %r", cls.__name__, spec)
+    return cls(**kwargs, transform=transform, target_transform=target_transform)
+
+
+class SamplerType(enum.Enum):
+    INFINITE = "infinite"  # endless, sharded over ranks, resumable: iteration-based training
+    EPOCH = "epoch"  # one pass split over ranks without duplicates: evaluation
+    DISTRIBUTED = "distributed"  # torch DistributedSampler: epoch-based training (pads to equal lengths)
+
+
+def _seed_worker(worker_id: int) -> None:
+    # torch seeds each worker from the base seed; give numpy and random the same per-worker seed.
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+class ResumableDataLoader(DataLoader):
+    """A DataLoader that counts the batches the training loop received, so ``state_dict()`` is the
+    exact position (global samples consumed) even though workers prefetch ahead."""
+
+    def __init__(self, *args, world_size: int = 1, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._world_size = world_size
+        self._batches_received = 0
+
+    def __iter__(self):
+        self._batches_received = 0
+        for batch in super().__iter__():
+            self._batches_received += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        if not isinstance(self.sampler, InfiniteSampler):
+            raise TypeError("only loaders built with sampler_type='infinite' can save their position")
+        state = self.sampler.state_dict()
+        state["consumed_samples"] = self.sampler.start + self._batches_received * self.batch_size * self._world_size
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Call before iterating: the next batch is the one after the saved position."""
+        if not isinstance(self.sampler, InfiniteSampler):
+            raise TypeError("only loaders built with sampler_type='infinite' can restore their position")
+        self.sampler.load_state_dict(state)
+        self._batches_received = 0
+
+
+def make_data_loader(
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int = 0,
+    shuffle: bool = True,
+    seed: int = 0,
+    sampler_type: SamplerType | str | None = SamplerType.INFINITE,
+    drop_last: bool = True,
+    collate_fn: Callable | None = None,
+    persistent_workers: bool = False,
+    start: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+) -> ResumableDataLoader:
+    """A DataLoader over ``dataset`` for this rank.
+
+    ``sampler_type``: ``infinite`` (``start`` = global samples already consumed), ``epoch`` or
+    ``distributed``; ``None`` for plain (optionally shuffled) single-process order. Iterable
+    datasets (WebDataset) split their shards by rank and worker themselves and take no sampler.
+    ``collate_fn`` (default ``default_collate``) is wrapped in ``SkipBadSamples``.
+    """
+    rank, world_size = default_rank_and_world_size(rank, world_size)
+    sampler = None
+    loader_shuffle = False
+    if isinstance(dataset, IterableDataset):
+        if sampler_type is not None:
+            logger.info("iterable dataset: shards are split by rank and worker, sampler_type %s not used", sampler_type)
+    else:
+        kind = SamplerType(sampler_type) if sampler_type is not None else None
+        if kind is SamplerType.INFINITE:
+            sampler = InfiniteSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, start=start)
+        elif kind is SamplerType.EPOCH:
+            sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
+        elif kind is SamplerType.DISTRIBUTED:
+            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
+                                         drop_last=drop_last)
+        else:
+            loader_shuffle = shuffle
+    generator = torch.Generator()
+    generator.manual_seed(seed * 1000 + rank)  # distinct, reproducible worker seeds per rank
+    return ResumableDataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        shuffle=loader_shuffle if sampler is None and not isinstance(dataset, IterableDataset) else None,
+        num_workers=num_workers,
+        collate_fn=SkipBadSamples(collate_fn),
+        pin_memory=pin_memory,
+        drop_last=drop_last,
+        persistent_workers=persistent_workers and num_workers > 0,
+        worker_init_fn=_seed_worker,
+        generator=generator,
+        world_size=world_size,
+    )
