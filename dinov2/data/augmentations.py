@@ -1,0 +1,188 @@
+"""Multi-crop augmentation of DINO / DINOv2: 2 global crops and N local crops per image."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from torchvision.transforms import v2
+
+from dinov2.data.transforms import (
+    DEFAULT_BLUR_SIGMA,
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    ToRGB,
+    make_blur,
+    make_normalize_transform,
+)
+
+__all__ = ["AUGMENTATION_POLICIES", "PAPER_BLUR_PROBS", "DataAugmentationDINO", "blur_probabilities"]
+
+AUGMENTATION_POLICIES = ("natural", "sketch")
+
+# Blur probabilities as the DINO / DINOv2 papers state them (global crop 1, global crop 2, local).
+PAPER_BLUR_PROBS = {"global_1": 1.0, "global_2": 0.1, "local": 0.5}
+# Sketch policy: strokes are thin, a strong blur erases them; blur lightly and less often.
+SKETCH_BLUR_PROBS = {"global_1": 0.5, "global_2": 0.1, "local": 0.2}
+SKETCH_BLUR_SIGMA = (0.1, 1.0)
+
+SOLARIZE_THRESHOLD = 128  # on uint8 values; every input is brought to uint8 RGB first
+SOLARIZE_PROB = 0.2
+
+
+def _check_range(name: str, value: Sequence[float]) -> tuple[float, float]:
+    if len(value) != 2 or not 0.0 < value[0] <= value[1] <= 1.0:
+        raise ValueError(f"{name} must be [min, max] with 0 < min <= max <= 1, got {list(value)}")
+    return float(value[0]), float(value[1])
+
+
+class DataAugmentationDINO:
+    """Turn one image into the crops of a DINOv2 training sample.
+
+    Pipeline (all ``torchvision.transforms.v2``):
+
+    * geometry: ``RandomResizedCrop`` (bicubic, antialiased) to ``global_crops_size`` with
+      ``global_crops_scale`` (twice) or to ``local_crops_size`` with ``local_crops_scale``
+      (``local_crops_number`` times), then a horizontal flip with p=0.5;
+    * photometry, ``policy="natural"`` (photos, the DINOv2 recipe): colour jitter
+      (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p=0.8, grayscale p=0.2,
+      Gaussian blur (9x9, sigma 0.1-2.0) with p=1.0 on global crop 1, p=0.1 on global crop 2
+      and p=0.5 on local crops, and solarisation (threshold 128) with p=0.2 on global crop 2;
+    * photometry, ``policy="sketch"`` (grayscale drawings): no colour jitter, grayscale or
+      solarisation (they would invert or wash out the strokes); a light blur (sigma 0.1-1.0)
+      with p=0.5 / 0.1 / 0.2 (global 1 / global 2 / local);
+    * normalisation with ``mean`` / ``std`` (ImageNet by default) to a float32 tensor.
+
+    ``upstream_blur_probs=True`` reproduces what upstream DINOv2's code actually does: its blur
+    wrapper hands ``1 - p`` to ``RandomApply`` (believing RandomApply's ``p`` is the chance of
+    *keeping* the image, while it is the chance of applying the transform), so the effective
+    probabilities are ``1 - p``: global crop 1 is never blurred, global crop 2 is blurred
+    90% of the time, local crops 50% (unchanged). The default (False) applies the papers'
+    probabilities. The flag inverts the sketch policy's probabilities the same way.
+
+    Inputs: a PIL image (any mode), or a ``(C, H, W)`` tensor / ``(H, W, C)`` array with 1 or 3
+    channels (uint8 or float in [0, 1]); grayscale is expanded to 3 channels.
+
+    Returns a dict::
+
+        {"global_crops": [g1, g2],            # (3, G, G) float32 each
+         "global_crops_teacher": [g1, g2],    # the same tensors (teacher input)
+         "local_crops": [l1, ..., lN],        # (3, L, L) float32 each
+         "offsets": ()}
+    """
+
+    def __init__(
+        self,
+        global_crops_scale: Sequence[float],
+        local_crops_scale: Sequence[float],
+        local_crops_number: int,
+        global_crops_size: int = 224,
+        local_crops_size: int = 96,
+        policy: str = "natural",
+        upstream_blur_probs: bool = False,
+        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+        std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    ):
+        if policy not in AUGMENTATION_POLICIES:
+            raise ValueError(f"crops.policy must be one of {AUGMENTATION_POLICIES}, got {policy!r}")
+        if local_crops_number < 0:
+            raise ValueError(f"crops.local_crops_number must be >= 0, got {local_crops_number}")
+        for name, size in (("global_crops_size", global_crops_size), ("local_crops_size", local_crops_size)):
+            if int(size) <= 0:
+                raise ValueError(f"crops.{name} must be positive, got {size}")
+        self.global_crops_scale = _check_range("crops.global_crops_scale", global_crops_scale)
+        self.local_crops_scale = _check_range("crops.local_crops_scale", local_crops_scale)
+        self.local_crops_number = int(local_crops_number)
+        self.global_crops_size = int(global_crops_size)
+        self.local_crops_size = int(local_crops_size)
+        self.policy = policy
+        self.upstream_blur_probs = bool(upstream_blur_probs)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
+
+        nominal = PAPER_BLUR_PROBS if policy == "natural" else SKETCH_BLUR_PROBS
+        sigma = DEFAULT_BLUR_SIGMA if policy == "natural" else SKETCH_BLUR_SIGMA
+        #: Probability that each crop type is blurred, after the upstream flag is applied.
+        self.blur_probs = {k: (1.0 - p if self.upstream_blur_probs else p) for k, p in nominal.items()}
+
+        self.to_rgb = ToRGB()
+        self.geometric_global = self._geometric(self.global_crops_size, self.global_crops_scale)
+        self.geometric_local = self._geometric(self.local_crops_size, self.local_crops_scale)
+        normalize = make_normalize_transform(self.mean, self.std)
+        colour = self._colour()
+        solarize = [v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=SOLARIZE_PROB)] if policy == "natural" else []
+        self.global_transform_1 = v2.Compose([*colour, make_blur(self.blur_probs["global_1"], sigma), normalize])
+        self.global_transform_2 = v2.Compose(
+            [*colour, make_blur(self.blur_probs["global_2"], sigma), *solarize, normalize]
+        )
+        self.local_transform = v2.Compose([*colour, make_blur(self.blur_probs["local"], sigma), normalize])
+
+    @classmethod
+    def from_config(cls, crops_cfg: Any) -> DataAugmentationDINO:
+        """Build from the ``crops:`` section of the training config (see docs/ssl_components.md)."""
+        return cls(
+            global_crops_scale=tuple(crops_cfg.global_crops_scale),
+            local_crops_scale=tuple(crops_cfg.local_crops_scale),
+            local_crops_number=crops_cfg.local_crops_number,
+            global_crops_size=crops_cfg.global_crops_size,
+            local_crops_size=crops_cfg.local_crops_size,
+            policy=crops_cfg.policy,
+            upstream_blur_probs=crops_cfg.upstream_blur_probs,
+            mean=tuple(crops_cfg.mean),
+            std=tuple(crops_cfg.std),
+        )
+
+    @staticmethod
+    def _geometric(size: int, scale: tuple[float, float]) -> v2.Compose:
+        return v2.Compose(
+            [
+                v2.RandomResizedCrop(size, scale=scale, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.RandomHorizontalFlip(p=0.5),
+            ]
+        )
+
+    def _colour(self) -> list:
+        if self.policy == "sketch":
+            return []
+        return [
+            v2.RandomApply([v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8),
+            v2.RandomGrayscale(p=0.2),
+        ]
+
+    def __call__(self, image) -> dict[str, Any]:
+        image = self.to_rgb(image)
+        global_1 = self.global_transform_1(self.geometric_global(image))
+        global_2 = self.global_transform_2(self.geometric_global(image))
+        local = [self.local_transform(self.geometric_local(image)) for _ in range(self.local_crops_number)]
+        return {
+            "global_crops": [global_1, global_2],
+            "global_crops_teacher": [global_1, global_2],
+            "local_crops": local,
+            "offsets": (),
+        }
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(policy={self.policy!r}, global={self.global_crops_size}px "
+            f"scale={self.global_crops_scale}, local={self.local_crops_number}x{self.local_crops_size}px "
+            f"scale={self.local_crops_scale}, blur_probs={self.blur_probs}, "
+            f"upstream_blur_probs={self.upstream_blur_probs})"
+        )
+
+
+def _first_blur_probability(pipeline: v2.Compose) -> float | None:
+    """Probability of the blur step of a built pipeline (for inspection and tests)."""
+    for step in pipeline.transforms:
+        if isinstance(step, v2.RandomApply) and any(isinstance(t, v2.GaussianBlur) for t in step.transforms):
+            return float(step.p)
+    return None
+
+
+def blur_probabilities(augmentation: DataAugmentationDINO) -> dict[str, float | None]:
+    """Read the blur probabilities back from the built transforms of ``augmentation``."""
+    return {
+        "global_1": _first_blur_probability(augmentation.global_transform_1),
+        "global_2": _first_blur_probability(augmentation.global_transform_2),
+        "local": _first_blur_probability(augmentation.local_transform),
+    }
+
