@@ -289,9 +289,14 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
         uneven = logits[:1] if rank == 0 else logits[1:]
         ibot_targets = ibot.sinkhorn_knopp_teacher(uneven, 0.1, n_samples=uneven.shape[0])
         ibot.update_center(uneven)
+        try:  # different batch sizes per rank: a clear error on every rank, not a hang
+            KoLeoLoss(distributed=True)(features[: 2 + rank])
+            uneven_error = ""
+        except ValueError as error:
+            uneven_error = str(error)
         torch.save(
             {"targets": targets, "center": loss.center, "koleo": koleo, "ibot_targets": ibot_targets,
-             "ibot_center": ibot.center},
+             "ibot_center": ibot.center, "uneven_error": uneven_error},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
     finally:
@@ -321,3 +326,5 @@ def test_targets_center_and_koleo_reduce_across_two_ranks(tmp_path):
     # Averaging the per-rank losses gives the single-process loss on the whole batch.
     koleo_mean = (results[0]["koleo"] + results[1]["koleo"]) / 2
     torch.testing.assert_close(koleo_mean, KoLeoLoss()(features))
+    for r in results:
+        assert "same batch size on every rank" in r["uneven_error"]

@@ -71,8 +71,8 @@ def sinkhorn_knopp(
     n_local = logits.shape[0] if n_samples is None else n_samples
     global_batch = torch.as_tensor(n_local, device=device, dtype=torch.float32).reshape(1).clone()
     _all_reduce_(global_batch)
-    if global_batch.item() == 0:  # every rank agrees on this, so collectives stay in step
-        return logits.new_zeros(logits.shape)
+    # No host sync (.item()) anywhere: with an empty global batch every tensor below is empty
+    # and the result is an empty (0, K) tensor; ranks with no rows still join every collective.
     n_prototypes = logits.shape[1]
 
     local_max = logits.max() if logits.numel() > 0 else logits.new_tensor(float("-inf"))
@@ -160,10 +160,10 @@ class TeacherCentering(nn.Module):
         stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
         _all_reduce_(stats)
         count = stats[-1]
-        if count.item() == 0:
-            return
-        batch_center = (stats[:-1] / count).to(self.center.dtype)
-        self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+        batch_center = (stats[:-1] / count.clamp(min=1)).to(self.center.dtype)
+        updated = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)
+        # torch.where instead of an `if count == 0` keeps the GPU free of host synchronisation.
+        self.center.copy_(torch.where(count > 0, updated, self.center))
 
     def extra_repr(self) -> str:
         return f"out_dim={self.out_dim}, center_momentum={self.center_momentum}"

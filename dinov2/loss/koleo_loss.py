@@ -56,10 +56,12 @@ class KoLeoLoss(nn.Module):
         if self.distributed and distributed_is_active():
             from torch.distributed.nn.functional import all_gather
 
+            sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
+            dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+            sizes = [int(s) for s in sizes]
+            if len(set(sizes)) != 1:  # every rank sees the same sizes, so all raise together
+                raise ValueError(f"distributed KoLeoLoss needs the same batch size on every rank, got {sizes}")
             gathered = all_gather(x)
-            sizes = {t.shape[0] for t in gathered}
-            if len(sizes) != 1:
-                raise ValueError(f"distributed KoLeoLoss needs the same batch size on every rank, got {sorted(sizes)}")
             candidates = torch.cat(gathered, dim=0)
             self_offset = dist.get_rank() * x.shape[0]
 
