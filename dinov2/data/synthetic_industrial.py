@@ -21,7 +21,7 @@ SPLIT_FRACTIONS = {"train": 0.6, "val": 0.2, "test": 0.2}
 
 
 def _render_part(rng: np.random.Generator, size: int, base_colour, shape: str, defect: str | None) -> Image.Image:
-    background = np.linspace(60, 110, size, dtype=np.float32)[None, :, None] * np.ones((size, 1, 3), np.float32)
+    background = np.linspace(85, 125, size, dtype=np.float32)[None, :, None] * np.ones((size, 1, 3), np.float32)
     background += rng.normal(0, 6, (size, size, 3))
     image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(image)
@@ -42,7 +42,7 @@ def _render_part(rng: np.random.Generator, size: int, base_colour, shape: str, d
         centre = lo + (hi - lo) * rng.uniform(0.3, 0.7, size=2)
         r = size * rng.uniform(0.06, 0.1)
         draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=(35, 25, 20))
-    return image.rotate(float(rng.uniform(-8, 8)), resample=Image.BILINEAR, fillcolor=(70, 70, 70)).filter(
+    return image.rotate(float(rng.uniform(-8, 8)), resample=Image.BILINEAR, fillcolor=(100, 100, 100)).filter(
         ImageFilter.GaussianBlur(0.6))
 
 

