@@ -1,0 +1,142 @@
+"""Command-line pieces shared by the evaluation entry points (k-NN, linear, logistic regression)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from . import _dist
+from .setup import EvalBackbone, build_model_for_eval, make_eval_transform
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backbone")
+    group.add_argument(
+        "--config-file",
+        default=None,
+        help="training config describing the model: a training output's config.yaml (default: the one in "
+        "--pretrained-weights when that is a training output directory) or a configs/train/*.yaml recipe",
+    )
+    group.add_argument(
+        "--pretrained-weights",
+        required=True,
+        help="a training output directory (its exports/teacher_backbone_latest.pth is used), a teacher export, "
+        "a consolidated checkpoint or an official-format backbone file (.pth or .safetensors)",
+    )
+    group.add_argument(
+        "--arch",
+        default=None,
+        help="official architecture name instead of --config-file, e.g. dinov2_vits14 or dinov2_vitb14_reg",
+    )
+    group.add_argument("--image-size", type=int, default=None, help="evaluation crop size (default: crops.global_crops_size, 224 with --arch)")
+    group.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype for the backbone")
+    group.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
+    group.add_argument("opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small")
+
+
+def add_data_arguments(parser: argparse.ArgumentParser, train_help: str) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--train-dataset", required=True, help=train_help + " (dataset spec, e.g. ImageFolder:root=/data/train)")
+    group.add_argument("--val-dataset", default=None, help="validation dataset spec")
+    group.add_argument("--test-dataset", default=None, help="test dataset spec")
+    group.add_argument("--task", default=None, help="label column to use for multi-task CSV datasets")
+    group.add_argument(
+        "--positive-class", default=None, help="binary tasks: name or index of the positive class (default: class 1)"
+    )
+    group.add_argument("--batch-size", type=int, default=128, help="images per forward pass during feature extraction")
+    group.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
+    group.add_argument(
+        "--output-dir",
+        default=None,
+        help="where results.json, summary.txt and plots go (default: <training dir>/eval/<method> when "
+        "--pretrained-weights is a training output directory)",
+    )
+
+
+@dataclass
+class EvalContext:
+    device: torch.device
+    backbone: EvalBackbone
+    output_dir: Path
+    autocast_dtype: Optional[torch.dtype]
+
+    def transform(self):
+        b = self.backbone
+        return make_eval_transform(b.image_size, b.mean, b.std)
+
+
+def configure_logging() -> None:
+    level = logging.INFO if _dist.is_main_process() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("dinov2").setLevel(level)
+
+
+def default_output_dir(args: argparse.Namespace, method: str) -> Path:
+    if args.output_dir:
+        return Path(args.output_dir)
+    weights = Path(args.pretrained_weights)
+    if weights.is_dir():
+        return weights / "eval" / method
+    raise SystemExit(f"--output-dir is required when --pretrained-weights is a file ({weights})")
+
+
+def setup_eval(args: argparse.Namespace, method: str) -> EvalContext:
+    """Join the process group (under torchrun), pick the device and load the backbone."""
+    device = torch.device(args.device) if args.device else _dist.default_device()
+    _dist.init_from_env(device)
+    configure_logging()
+    output_dir = default_output_dir(args, method)
+    backbone = build_model_for_eval(
+        args.config_file, args.pretrained_weights, device, arch=args.arch, overrides=args.opts, image_size=args.image_size
+    )
+    logging.getLogger("dinov2.eval").info(
+        "backbone %s, weights %s, %dpx, %d process(es) on %s",
+        backbone.description,
+        backbone.weights_path,
+        backbone.image_size,
+        _dist.get_world_size(),
+        device,
+    )
+    return EvalContext(device, backbone, output_dir, PRECISIONS[args.precision])
+
+
+def load_dataset(spec: Optional[str], transform, role: str):
+    """``make_dataset(spec)`` with the role (train/val/test) named in errors; None for no spec."""
+    if not spec:
+        return None
+    from dinov2.data.loaders import make_dataset
+
+    try:
+        return make_dataset(spec, transform=transform)
+    except (ValueError, FileNotFoundError, KeyError) as error:
+        raise SystemExit(f"--{role}-dataset {spec!r}: {error}") from error
+
+
+def resolve_positive_class(value: Optional[str], class_names: Optional[list]) -> int:
+    if value is None:
+        return 1
+    if class_names and value in class_names:
+        return class_names.index(value)
+    try:
+        index = int(value)
+    except ValueError:
+        raise SystemExit(f"--positive-class {value!r} is not a class name ({class_names}) or an index") from None
+    if index not in (0, 1):
+        raise SystemExit(f"--positive-class must be 0 or 1 for a binary task, got {index}")
+    return index
+
+
+def check_same_classes(reference: Optional[list], other: Optional[list], role: str) -> None:
+    if reference is not None and other is not None and list(reference) != list(other):
+        raise SystemExit(
+            f"--{role}-dataset has classes {other[:10]}{'...' if len(other) > 10 else ''} but the train dataset has "
+            f"{reference[:10]}{'...' if len(reference) > 10 else ''}: labels would not match"
+        )

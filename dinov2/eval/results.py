@@ -1,0 +1,63 @@
+"""Writing evaluation results: a JSON file for programs and a short text summary for people."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+import torch
+
+RESULTS_FILE = "results.json"
+SUMMARY_FILE = "summary.txt"
+
+
+def to_jsonable(value: Any) -> Any:
+    """Plain Python types for numpy / torch scalars and arrays; NaN and inf become None."""
+    if isinstance(value, Mapping):
+        return {str(k): to_jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return to_jsonable(value.detach().cpu().tolist())
+    if isinstance(value, np.ndarray):
+        return to_jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return to_jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None  # JSON has no NaN; None reads as "undefined" (e.g. ROC-AUC with one class)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_json(path: os.PathLike | str, data: Mapping) -> Path:
+    return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
+
+
+def write_results(output_dir: os.PathLike | str, results: Mapping, summary_lines: Iterable[str]) -> Path:
+    """``results.json`` and ``summary.txt`` in ``output_dir``; returns the JSON path."""
+    output_dir = Path(output_dir)
+    path = write_json(output_dir / RESULTS_FILE, results)
+    atomic_write_text(output_dir / SUMMARY_FILE, "\n".join(summary_lines).rstrip() + "\n")
+    return path
+
+
+def format_percent(value: Any) -> str:
+    return "n/a" if value is None or (isinstance(value, float) and not math.isfinite(value)) else f"{100 * value:.2f}%"
