@@ -1,0 +1,173 @@
+"""The training data pipeline: dataset spec -> multi-crop samples -> masked batches, with
+randomness that depends only on the position of a sample in the global sample stream.
+
+Why: a resumed run must see exactly the crops and masks an uninterrupted run would have seen.
+DataLoader workers seed themselves from the loader's generator when an iterator starts, so after a
+resume they would replay the randomness of the run's start. Instead, every sample is transformed
+under a torch / numpy / random state seeded from ``(train.seed, global position)``, and every
+batch's masks come from a ``random.Random`` seeded from its first sample's position. Positions
+come from the infinite sampler (rank ``r`` of ``W`` takes positions ``start + r + k * W``), so the
+data stream is also the same for any number of workers and any world size.
+
+Iterable datasets (WebDataset shards) have no positions: they are streamed with per-worker
+randomness and restart from the beginning of their shards on resume (documented limitation).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any, Iterator, Optional, Tuple
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset, IterableDataset
+
+from dinov2.checkpoint import derive_seed
+from dinov2.data.augmentations import DataAugmentationDINO
+from dinov2.data.collate import build_collate_fn_from_config
+from dinov2.data.image_io import SkipBadSamples
+from dinov2.data.loaders import ResumableDataLoader, dataset_kind, make_data_loader, make_dataset
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.data.spec import parse_dataset_spec
+
+logger = logging.getLogger("dinov2")
+
+__all__ = ["PositionedInfiniteSampler", "SeededSampleDataset", "SeededCollate", "build_train_data_loader", "train_dataset_spec"]
+
+# Streams of derive_seed(seed, position, stream): kept apart so crops and masks are independent.
+_AUGMENTATION_STREAM = 1
+_MASK_STREAM = 2
+
+
+class PositionedInfiniteSampler(InfiniteSampler):
+    """:class:`InfiniteSampler` that yields ``(global_position, index)`` pairs."""
+
+    def __iter__(self) -> Iterator[Tuple[int, int]]:
+        first = self.start + self.rank
+        for k, index in enumerate(super().__iter__()):
+            yield first + k * self.world_size, index
+
+
+class SeededSampleDataset(Dataset):
+    """Wraps a map-style dataset whose transform is random: ``dataset[(position, index)]`` returns
+    ``(crops, target, position)`` computed under RNG states seeded by ``(seed, position)``.
+
+    The RNG states of the calling process are saved and restored around each sample, so loading
+    data in the main process (``num_workers=0``) does not disturb the model's randomness either.
+    ``None`` samples (images skipped by the bad-image policy) stay ``None``.
+    """
+
+    def __init__(self, dataset: Dataset, seed: int):
+        self.dataset = dataset
+        self.seed = int(seed)
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: Tuple[int, int]):
+        position, index = key
+        value = derive_seed(self.seed, position, _AUGMENTATION_STREAM)
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(value)
+                random.seed(value)
+                np.random.seed(value % 2**32)
+                sample = self.dataset[index]
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        if sample is None:
+            return None
+        image, target = sample
+        return image, target, position
+
+
+class SeededCollate:
+    """``collate_data_and_cast`` with masks drawn from a generator seeded by the batch's first
+    sample position (picklable, so it works in DataLoader workers)."""
+
+    def __init__(self, collate_fn, seed: int):
+        self.collate_fn = collate_fn
+        self.seed = int(seed)
+
+    def __call__(self, samples):
+        position = min(sample[2] for sample in samples)
+        generator = random.Random(derive_seed(self.seed, position, _MASK_STREAM))
+        batch = self.collate_fn([(sample[0], sample[1]) for sample in samples], generator=generator)
+        batch["first_position"] = position
+        return batch
+
+
+def train_dataset_spec(cfg: DictConfig) -> str:
+    """``train.dataset_path``, with ``bad_images=<train.bad_image_policy>`` appended when the policy
+    is not ``raise`` and the dataset kind has that option (and the spec does not set it)."""
+    spec = cfg.train.dataset_path
+    policy = cfg.train.bad_image_policy
+    if policy not in ("raise", "skip"):
+        raise ValueError(f"train.bad_image_policy must be 'raise' or 'skip', got {policy!r}")
+    kind, options = parse_dataset_spec(spec)
+    if policy != "raise" and "bad_images" not in options:
+        if "bad_images" in getattr(dataset_kind(kind), "SPEC_KEYS", {}):
+            spec = f"{spec}:bad_images={policy}"
+        else:
+            logger.info("train.bad_image_policy=%s: dataset kind %s has no bad_images option", policy, kind)
+    return spec
+
+
+def build_train_data_loader(
+    cfg: DictConfig,
+    patch_size: int,
+    rank: int,
+    world_size: int,
+    dtype: torch.dtype = torch.float32,
+    dataset: Optional[Dataset] = None,
+) -> Tuple[ResumableDataLoader, Any]:
+    """The training loader of this rank and the underlying dataset.
+
+    ``dataset`` replaces ``train.dataset_path`` (tests, programmatic use); its transform must be
+    unset: the multi-crop augmentation from ``crops.*`` is installed here.
+    """
+    augmentation = DataAugmentationDINO.from_config(cfg.crops)
+    if dataset is None:
+        dataset = make_dataset(train_dataset_spec(cfg), transform=augmentation)
+    else:
+        if getattr(dataset, "transform", None) is not None:
+            raise ValueError("build_train_data_loader: pass a dataset without transform; the augmentation is added here")
+        dataset.transform = augmentation
+    collate = build_collate_fn_from_config(cfg, patch_size, dtype=dtype)
+    batch_size = int(cfg.train.batch_size_per_gpu)
+    num_workers = int(cfg.train.num_workers)
+    seed = int(cfg.train.seed)
+
+    if isinstance(dataset, IterableDataset):
+        logger.warning(
+            "training on an iterable dataset: augmentation randomness is per worker and a resumed run "
+            "restarts the stream (no exact resume)"
+        )
+        loader = make_data_loader(
+            dataset, batch_size, num_workers=num_workers, seed=seed, sampler_type=None, collate_fn=collate,
+            rank=rank, world_size=world_size, persistent_workers=num_workers > 0,
+        )
+        return loader, dataset
+
+    if len(dataset) < batch_size:
+        raise ValueError(f"the training dataset has {len(dataset)} images, fewer than train.batch_size_per_gpu={batch_size}")
+    sampler = PositionedInfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    generator = torch.Generator()
+    generator.manual_seed(seed)  # worker base seeds; unused by the seeded samples, kept off the global RNG
+    loader = ResumableDataLoader(
+        SeededSampleDataset(dataset, seed),
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=SkipBadSamples(SeededCollate(collate, seed)),
+        drop_last=True,
+        persistent_workers=num_workers > 0,
+        pin_memory=torch.cuda.is_available(),
+        generator=generator,
+        world_size=world_size,
+    )
+    return loader, dataset

@@ -1,0 +1,121 @@
+"""AdamW parameter groups of the student: layer-wise lr decay, patch-embed lr multiplier, no weight
+decay on biases, norms and LayerScale, and a flag on the prototypes (``last_layer``) so the loop
+can freeze them.
+
+Every parameter gets three attributes: ``lr_multiplier``, ``wd_multiplier`` and ``is_last_layer``.
+Parameters sharing all three are fused into one optimizer group; the loop multiplies the scheduled
+lr / weight decay by the group's multipliers at each iteration (:func:`apply_optim_scheduler`).
+
+Layer ids (as in DINOv2 / BEiT): the embeddings (``patch_embed``, ``pos_embed``, ``cls_token``,
+``register_tokens``, ``mask_token``) are layer 0, ``blocks.<i>`` is layer ``i + 1``, everything
+else (the final ``norm`` and the heads) is layer ``depth + 1``. The lr multiplier is
+``layerwise_decay ** (depth + 1 - layer_id)``, so the heads train at the full lr and each block
+below at ``layerwise_decay`` times the one above.
+
+Names are those of ``SSLMetaArch.student`` (``backbone.blocks.3.attn.qkv.weight``,
+``dino_head.mlp.0.bias``...). FSDP2 keeps parameter names, so this works on a sharded model too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+from torch import nn
+
+__all__ = ["param_multipliers", "get_params_groups", "fuse_params_groups", "apply_optim_scheduler", "build_optimizer"]
+
+_EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token")
+_BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
+
+
+def _layer_id(name: str, depth: int) -> int:
+    """Layer id of a student parameter name (see module docstring)."""
+    if name.startswith("backbone."):
+        local = name[len("backbone.") :]
+        if local.split(".")[0] in _EMBEDDING_NAMES:
+            return 0
+        match = _BLOCK_RE.search("." + local)
+        if match:
+            return int(match.group(1)) + 1
+    return depth + 1
+
+
+def param_multipliers(
+    name: str, depth: int, layerwise_decay: float, patch_embed_lr_mult: float
+) -> Dict[str, float]:
+    """``{"lr_multiplier", "wd_multiplier", "is_last_layer"}`` of one student parameter name."""
+    lr_multiplier = layerwise_decay ** (depth + 1 - _layer_id(name, depth))
+    if ".patch_embed." in f".{name}":
+        lr_multiplier *= patch_embed_lr_mult
+    # Biases, norm weights and LayerScale gammas are not decayed: shrinking them towards 0 only
+    # hurts (a LayerNorm weight at 0 kills the channel).
+    leaf = name.rsplit(".", 1)[-1]
+    no_decay = leaf == "bias" or "norm" in name or leaf == "gamma"
+    return {
+        "lr_multiplier": float(lr_multiplier),
+        "wd_multiplier": 0.0 if no_decay else 1.0,
+        "is_last_layer": "last_layer" in name,
+    }
+
+
+def get_params_groups(
+    named_parameters: Iterable[Tuple[str, nn.Parameter]],
+    depth: int,
+    layerwise_decay: float = 1.0,
+    patch_embed_lr_mult: float = 1.0,
+) -> List[dict]:
+    """One group per trainable parameter, with its multipliers (names kept for inspection)."""
+    groups = []
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        group = {"params": [param], "names": [name]}
+        group.update(param_multipliers(name, depth, layerwise_decay, patch_embed_lr_mult))
+        groups.append(group)
+    return groups
+
+
+def fuse_params_groups(groups: List[dict]) -> List[dict]:
+    """Merge groups with the same multipliers (fewer optimizer groups, faster foreach steps)."""
+    fused: "OrderedDict[tuple, dict]" = OrderedDict()
+    for group in groups:
+        key = (group["lr_multiplier"], group["wd_multiplier"], group["is_last_layer"])
+        if key not in fused:
+            fused[key] = {"params": [], "names": [], "lr_multiplier": key[0], "wd_multiplier": key[1], "is_last_layer": key[2]}
+        fused[key]["params"].extend(group["params"])
+        fused[key]["names"].extend(group["names"])
+    return list(fused.values())
+
+
+def build_optimizer(student: nn.Module, depth: int, optim_cfg) -> torch.optim.AdamW:
+    """AdamW over the student's parameters with fused multiplier groups.
+
+    ``optim_cfg`` is the ``optim`` config section (``layerwise_decay``, ``patch_embed_lr_mult``,
+    ``adamw_beta1``, ``adamw_beta2``). lr and weight decay are set by the loop every iteration.
+    """
+    groups = fuse_params_groups(
+        get_params_groups(
+            student.named_parameters(),
+            depth,
+            layerwise_decay=float(optim_cfg.layerwise_decay),
+            patch_embed_lr_mult=float(optim_cfg.patch_embed_lr_mult),
+        )
+    )
+    if not groups:
+        raise ValueError("the student has no trainable parameters")
+    for group in groups:
+        del group["names"]  # inspection only; keep the optimizer state dict small and plain
+        group["lr"] = 0.0
+        group["weight_decay"] = 0.0
+    return torch.optim.AdamW(groups, betas=(float(optim_cfg.adamw_beta1), float(optim_cfg.adamw_beta2)))
+
+
+def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
+    """Set every group's lr and weight decay from the scheduled values and its multipliers."""
+    for group in optimizer.param_groups:
+        base = last_layer_lr if group["is_last_layer"] else lr
+        group["lr"] = base * group["lr_multiplier"]
+        group["weight_decay"] = wd * group["wd_multiplier"]

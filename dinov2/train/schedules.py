@@ -1,0 +1,142 @@
+"""Per-iteration schedules of the training loop.
+
+Every schedule is a function of the iteration number (no precomputed arrays), so it costs nothing
+for long runs and gives the same value whether a run was resumed or not.
+
+A :class:`CosineSchedule` is, in order: ``freeze_iters`` iterations at 0, ``warmup_iters``
+iterations rising linearly from ``start_warmup_value`` to ``base_value``, then a half cosine from
+``base_value`` down to ``final_value`` that ends at ``total_iters``; after that it stays at
+``final_value``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from omegaconf import DictConfig
+
+__all__ = ["CosineSchedule", "FrozenPrefixSchedule", "TrainingSchedules", "scaled_learning_rate", "build_schedules", "SCALING_RULES"]
+
+SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
+
+
+@dataclass(frozen=True)
+class CosineSchedule:
+    base_value: float
+    final_value: float
+    total_iters: int
+    warmup_iters: int = 0
+    start_warmup_value: float = 0.0
+    freeze_iters: int = 0
+
+    def __post_init__(self):
+        for name in ("total_iters", "warmup_iters", "freeze_iters"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CosineSchedule: {name} must be >= 0, got {getattr(self, name)}")
+        if self.freeze_iters + self.warmup_iters > self.total_iters:
+            raise ValueError(
+                f"CosineSchedule: freeze ({self.freeze_iters}) + warm-up ({self.warmup_iters}) iterations "
+                f"exceed the schedule length ({self.total_iters})"
+            )
+
+    def __call__(self, iteration: int) -> float:
+        if iteration < 0:
+            raise ValueError(f"iteration must be >= 0, got {iteration}")
+        if iteration < self.freeze_iters:
+            return 0.0
+        step = iteration - self.freeze_iters
+        if step < self.warmup_iters:
+            # Linear ramp whose last warm-up iteration reaches base_value exactly.
+            if self.warmup_iters == 1:
+                return float(self.base_value)
+            fraction = step / (self.warmup_iters - 1)
+            return self.start_warmup_value + fraction * (self.base_value - self.start_warmup_value)
+        step -= self.warmup_iters
+        cosine_iters = self.total_iters - self.freeze_iters - self.warmup_iters
+        if step >= cosine_iters:
+            return float(self.final_value)
+        progress = step / cosine_iters
+        return self.final_value + 0.5 * (self.base_value - self.final_value) * (1.0 + math.cos(math.pi * progress))
+
+
+def scaled_learning_rate(base_lr: float, global_batch_size: int, rule: str) -> float:
+    """``optim.base_lr`` scaled to the global batch size by ``optim.scaling_rule``."""
+    if global_batch_size <= 0:
+        raise ValueError(f"global batch size must be positive, got {global_batch_size}")
+    if rule == "sqrt_wrt_1024":
+        return base_lr * math.sqrt(global_batch_size / 1024.0)
+    if rule == "linear_wrt_256":
+        return base_lr * global_batch_size / 256.0
+    if rule == "none":
+        return base_lr
+    raise ValueError(f"optim.scaling_rule must be one of {SCALING_RULES}, got {rule!r}")
+
+
+class FrozenPrefixSchedule:
+    """A schedule that is 0 for the first ``freeze_iters`` iterations and ``inner`` afterwards."""
+
+    def __init__(self, inner: CosineSchedule, freeze_iters: int):
+        if freeze_iters < 0:
+            raise ValueError(f"freeze iterations must be >= 0, got {freeze_iters}")
+        self.inner = inner
+        self.freeze_iters = freeze_iters
+
+    def __call__(self, iteration: int) -> float:
+        return 0.0 if iteration < self.freeze_iters else self.inner(iteration)
+
+
+@dataclass(frozen=True)
+class TrainingSchedules:
+    """All the values the loop sets at each iteration."""
+
+    lr: CosineSchedule
+    last_layer_lr: "FrozenPrefixSchedule"  # lr with the first epoch(s) at 0: the prototypes stay frozen
+    weight_decay: CosineSchedule
+    momentum: CosineSchedule
+    teacher_temp: CosineSchedule
+    total_iters: int
+
+    def at(self, iteration: int) -> dict:
+        return {
+            "lr": self.lr(iteration),
+            "last_layer_lr": self.last_layer_lr(iteration),
+            "wd": self.weight_decay(iteration),
+            "momentum": self.momentum(iteration),
+            "teacher_temp": self.teacher_temp(iteration),
+        }
+
+    def last_layer_frozen(self, iteration: int) -> bool:
+        return iteration < self.last_layer_lr.freeze_iters
+
+
+def build_schedules(cfg: DictConfig) -> TrainingSchedules:
+    """Schedules over ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH`` iterations; ``optim.lr`` must
+    already hold the scaled learning rate (see :func:`scaled_learning_rate`)."""
+    epoch_length = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+    if epoch_length <= 0:
+        raise ValueError(f"train.OFFICIAL_EPOCH_LENGTH must be positive, got {epoch_length}")
+    total = int(cfg.optim.epochs) * epoch_length
+    if total <= 0:
+        raise ValueError(f"optim.epochs must be positive, got {cfg.optim.epochs}")
+    warmup = int(round(cfg.optim.warmup_epochs * epoch_length))
+    freeze = int(round(cfg.optim.freeze_last_layer_epochs * epoch_length))
+    lr = CosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total, warmup_iters=warmup, start_warmup_value=0.0)
+    # The frozen span replaces the first iterations: the last layer then follows the same curve.
+    last_layer_lr = FrozenPrefixSchedule(lr, freeze)
+    weight_decay = CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
+    momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
+    temp_warmup = int(round(cfg.teacher.warmup_teacher_temp_epochs * epoch_length))
+    if temp_warmup > total:
+        raise ValueError(
+            f"teacher.warmup_teacher_temp_epochs ({cfg.teacher.warmup_teacher_temp_epochs}) is longer than "
+            f"optim.epochs ({cfg.optim.epochs})"
+        )
+    teacher_temp = CosineSchedule(
+        cfg.teacher.teacher_temp,
+        cfg.teacher.teacher_temp,
+        total,
+        warmup_iters=temp_warmup,
+        start_warmup_value=cfg.teacher.warmup_teacher_temp,
+    )
+    return TrainingSchedules(lr, last_layer_lr, weight_decay, momentum, teacher_temp, total)

@@ -1,0 +1,383 @@
+"""The SSL training loop.
+
+:class:`SSLTrainer` builds everything from a config and exposes it as attributes, so launchers and
+tests can reach in:
+
+* ``model`` (:class:`SSLMetaArch`), ``optimizer`` (AdamW), ``schedules``, ``scaler`` (fp16 only);
+* ``loader`` (a :class:`~dinov2.data.loaders.ResumableDataLoader`), ``dataset``;
+* ``checkpointer`` (:class:`~dinov2.checkpoint.CheckpointManager`), ``metrics``, ``knn_monitor``;
+* ``iteration`` (completed optimizer iterations), ``max_iterations``.
+
+One iteration: set lr / wd from the schedules -> ``forward_backward`` -> (replicated multi-rank
+runs: average gradients) -> mean loss terms over ranks, stop on non-finite values -> clip
+gradients -> zero the prototype gradients while frozen -> optimizer step -> EMA teacher update.
+Then, by period: k-NN monitor, metrics line, teacher export, checkpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset
+
+from dinov2 import distributed
+from dinov2.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, seed_all
+from dinov2.data.samplers import InfiniteSampler
+from dinov2.train.data import build_train_data_loader
+from dinov2.train.export import export_path, export_teacher_backbone
+from dinov2.train.knn_monitor import KnnMonitor
+from dinov2.train.metrics import MetricsLogger, WindowAverager
+from dinov2.train.param_groups import apply_optim_scheduler, build_optimizer
+from dinov2.train.schedules import build_schedules, scaled_learning_rate
+from dinov2.train.ssl_meta_arch import PRECISIONS, SSLMetaArch
+from dinov2.utils.config import save_config
+
+logger = logging.getLogger("dinov2")
+
+__all__ = ["NonFiniteLossError", "SSLTrainer", "find_sharding_function"]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive iterations with a non-finite loss term or gradient norm."""
+
+
+def find_sharding_function():
+    """``shard_ssl_meta_arch(model, cfg)`` of the FSDP2 module, wherever it lives."""
+    for module_name in ("dinov2.fsdp", "dinov2.checkpoint", "dinov2.distributed"):
+        try:
+            module = __import__(module_name, fromlist=["shard_ssl_meta_arch"])
+        except ImportError:
+            continue
+        function = getattr(module, "shard_ssl_meta_arch", None)
+        if function is not None:
+            return function
+    return None
+
+
+def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
+    return {
+        key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
+        for key, value in batch.items()
+    }
+
+
+def _all_reduce_gradients(module: torch.nn.Module) -> None:
+    """Average gradients over ranks (multi-rank runs without FSDP: a replicated student)."""
+    grads = [p.grad for p in module.parameters() if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    distributed.all_reduce_mean(flat)
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def _as_float(value) -> float:
+    full_tensor = getattr(value, "full_tensor", None)
+    if full_tensor is not None:
+        value = full_tensor()
+    return float(value)
+
+
+class SSLTrainer:
+    def __init__(
+        self,
+        cfg: DictConfig,
+        output_dir=None,
+        dataset: Optional[Dataset] = None,
+        device: Optional[torch.device] = None,
+    ):
+        """Build model, optimizer, schedules and data for ``cfg``; write ``config.yaml``.
+
+        Args:
+            output_dir: overrides ``train.output_dir``.
+            dataset: a map-style dataset used instead of ``train.dataset_path`` (without transform).
+            device: defaults to ``dinov2.distributed.get_device()`` (CUDA when available).
+        """
+        self.cfg = cfg
+        distributed.enable(cfg.distributed.backend)
+        self.rank = distributed.get_rank()
+        self.world_size = distributed.get_world_size()
+        self.is_main = distributed.is_main_process()
+        self.device = device if device is not None else distributed.get_device()
+        self.output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
+        cfg.train.output_dir = str(self.output_dir)
+
+        self.global_batch_size = int(cfg.train.batch_size_per_gpu) * self.world_size
+        cfg.optim.lr = scaled_learning_rate(float(cfg.optim.base_lr), self.global_batch_size, cfg.optim.scaling_rule)
+        if self.is_main:
+            save_config(cfg, self.output_dir)
+        logger.info("rank %d/%d on %s; global batch %d, lr %.3g", self.rank, self.world_size, self.device,
+                    self.global_batch_size, cfg.optim.lr)
+
+        # The same seed on every rank for the weights (ranks must start identical), then a
+        # per-rank seed for everything random during training (stochastic depth).
+        self.seed = int(cfg.train.seed)
+        seed_all(self.seed, 0, 0)
+        self.model = SSLMetaArch(cfg).to(self.device)
+        self.model.train()
+        seed_all(self.seed, self.rank, 0)
+        self.fsdp = self._shard_model()
+        self.optimizer = build_optimizer(self.model.student, self.model.student["backbone"].n_blocks, cfg.optim)
+        self.schedules = build_schedules(cfg)
+        self.max_iterations = int(cfg.train.max_iterations or self.schedules.total_iters)
+        self.scaler = None
+        if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.clip_grad = float(cfg.optim.clip_grad)
+        self.max_nonfinite_steps = int(cfg.train.max_nonfinite_steps)
+        if self.max_nonfinite_steps < 1:
+            raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
+
+        patch_size = self.model.student["backbone"].patch_size
+        self.loader, self.dataset = build_train_data_loader(cfg, patch_size, self.rank, self.world_size, dataset=dataset)
+        self.knn_monitor = KnnMonitor(cfg, self.device, dataset_override=dataset)
+        self.checkpointer = CheckpointManager(
+            self.output_dir / "checkpoints",
+            keep_last=int(cfg.checkpointing.keep_last),
+            keep_every=int(cfg.checkpointing.keep_every),
+        )
+        epoch_length = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
+        self.checkpoint_period = int(cfg.checkpointing.period_iterations) or int(cfg.train.saveckp_freq) * epoch_length
+        self.export_period = int(cfg.evaluation.eval_period_iterations)
+        self.log_period = max(int(cfg.logging.log_period_iterations), 1)
+        self.metrics = MetricsLogger(self.output_dir, enabled=self.is_main)
+        self.rng_state = RNGState(self.seed)
+        self.iteration = 0
+        self.nonfinite_streak = 0
+        self.resumed_from: Optional[Path] = None
+        self._stop_requested = False
+        self._last_checkpoint_iteration = -1
+        self._last_export_iteration = -1
+
+    # ------------------------------------------------------------------ set-up
+    def _shard_model(self) -> bool:
+        if self.world_size == 1:
+            return False
+        if not self.cfg.distributed.fsdp:
+            logger.info("distributed.fsdp=false: replicated student, gradients averaged over ranks")
+            return False
+        shard = find_sharding_function()
+        if shard is None:
+            raise RuntimeError(
+                "distributed.fsdp=true with several ranks, but no shard_ssl_meta_arch is available; "
+                "set distributed.fsdp=false to train a replicated model"
+            )
+        shard(self.model, self.cfg)
+        return True
+
+    # -------------------------------------------------------------- checkpoint
+    def checkpoint_state(self) -> Dict[str, Any]:
+        """The ``app_state`` given to :class:`CheckpointManager`:
+
+        * ``train``: model (student, teacher, loss centres) and optimizer, by parameter names;
+        * ``extra``: ``iteration``, ``nonfinite_streak`` and ``sampler`` (global samples consumed);
+        * ``rng``: each rank's torch / numpy / random (/ CUDA) states;
+        * ``scaler``: the fp16 GradScaler, when used.
+        """
+        extra: Dict[str, Any] = {"iteration": self.iteration, "nonfinite_streak": self.nonfinite_streak}
+        if isinstance(self.loader.sampler, InfiniteSampler):
+            extra["sampler"] = self.loader.state_dict()
+        state: Dict[str, Any] = {
+            "train": ModelOptimizerState(self.model, self.optimizer),
+            "extra": extra,
+            "rng": self.rng_state,
+        }
+        if self.scaler is not None:
+            state["scaler"] = self.scaler
+        return state
+
+    def _check_finite_state(self) -> None:
+        for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
+            if not torch.isfinite(local).all():
+                raise NonFiniteLossError(f"refusing to checkpoint: {name} holds non-finite values")
+
+    def save_checkpoint(self) -> Path:
+        self._check_finite_state()
+        path = self.checkpointer.save(self.iteration, self.checkpoint_state())
+        self._last_checkpoint_iteration = self.iteration
+        return path
+
+    def resume(self) -> bool:
+        """Load the newest complete checkpoint of ``output_dir/checkpoints``; False if none.
+
+        Without one, ``MODEL.WEIGHTS`` (a training checkpoint directory) initialises the model
+        only (a fresh run from those weights).
+        """
+        path = self.checkpointer.latest()
+        if path is None:
+            if self.cfg.MODEL.WEIGHTS:
+                self.checkpointer.load(self.cfg.MODEL.WEIGHTS, {"train": ModelOptimizerState(self.model)})
+                logger.info("model initialised from training checkpoint %s (MODEL.WEIGHTS)", self.cfg.MODEL.WEIGHTS)
+            return False
+        state = self.checkpoint_state()
+        self.checkpointer.load(path, state)
+        extra = state["extra"]
+        self.iteration = int(extra["iteration"])
+        self.nonfinite_streak = int(extra["nonfinite_streak"])
+        if "sampler" in extra:
+            self.loader.load_state_dict(extra["sampler"])
+        self.metrics.truncate_after(self.iteration)
+        self._last_checkpoint_iteration = self.iteration
+        self.resumed_from = path
+        logger.info("resumed from %s at iteration %d", path, self.iteration)
+        return True
+
+    # -------------------------------------------------------------------- stop
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint and return after the current iteration (signal handlers)."""
+        self._stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        if distributed.is_enabled():
+            return distributed.any_rank(self._stop_requested, self.device)
+        return self._stop_requested
+
+    # -------------------------------------------------------------------- step
+    def train_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
+        """One optimizer iteration at ``self.iteration`` (which it does not advance).
+
+        Returns ``{"losses": {term: float}, "finite": bool, "bad_terms": [...], "grad_norm": float|None}``
+        with loss terms averaged over ranks.
+        """
+        it = self.iteration
+        values = self.schedules.at(it)
+        apply_optim_scheduler(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
+        self.optimizer.zero_grad(set_to_none=True)
+        data = _to_device(batch, self.device)
+        losses = self.model.forward_backward(data, teacher_temp=values["teacher_temp"], scaler=self.scaler)
+        if self.world_size > 1 and not self.fsdp:
+            _all_reduce_gradients(self.model.student)
+
+        names = list(losses)
+        stacked = torch.stack([losses[name].float().reshape(()) for name in names])
+        distributed.all_reduce_mean(stacked)  # one collective; NaN on any rank is NaN everywhere
+        loss_values = dict(zip(names, stacked.tolist()))
+        bad = [name for name, value in loss_values.items() if not math.isfinite(value)]
+
+        grad_norm = None
+        if not bad:
+            if self.scaler is not None:
+                self.scaler.unscale_(self.optimizer)
+            if self.clip_grad > 0:
+                norm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.clip_grad)
+                grad_norm = _as_float(norm)
+                if not math.isfinite(grad_norm) and self.scaler is None:
+                    bad.append("grad_norm")
+
+        if bad:
+            # Skip the step: parameters, optimizer moments and loss centres stay as they were.
+            self.model.revert_centers()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_streak += 1
+            described = ", ".join(f"{name}={loss_values.get(name, grad_norm)}" for name in bad)
+            logger.warning("iteration %d: non-finite %s; step skipped (%d in a row)", it + 1, described,
+                           self.nonfinite_streak)
+            if self.nonfinite_streak >= self.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_streak} consecutive iterations with non-finite values (last at iteration "
+                    f"{it + 1}: {described}); stopping. The last checkpoint in {self.checkpointer.directory} "
+                    "is intact: lower optim.base_lr, raise teacher.warmup_teacher_temp_epochs or check the data"
+                )
+            return {"losses": loss_values, "finite": False, "bad_terms": bad, "grad_norm": grad_norm, "schedules": values}
+
+        if self.schedules.last_layer_frozen(it):
+            self.model.zero_last_layer_grads()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.model.update_teacher(values["momentum"])
+        self.nonfinite_streak = 0
+        return {"losses": loss_values, "finite": True, "bad_terms": [], "grad_norm": grad_norm, "schedules": values}
+
+    # ---------------------------------------------------------------- periodic
+    def run_knn_monitor(self) -> float:
+        dtype = PRECISIONS[self.cfg.compute_precision.teacher_dtype]
+        start = time.perf_counter()
+        top1 = self.knn_monitor.evaluate(self.model.teacher["backbone"], dtype=dtype)
+        logger.info("iteration %d: k-NN top-1 %.2f%% (%.1f s)", self.iteration, 100 * top1, time.perf_counter() - start)
+        return top1
+
+    def export_teacher(self) -> Path:
+        path = export_teacher_backbone(self.model, export_path(self.output_dir, self.iteration))
+        self._last_export_iteration = self.iteration
+        logger.info("exported the teacher backbone to %s", path)
+        return path
+
+    # -------------------------------------------------------------------- loop
+    def train(self) -> Dict[str, Any]:
+        """Resume if possible, then train until ``max_iterations`` (or a stop request).
+
+        Returns ``{"iteration", "last_record"}``: where it stopped and the last metrics line.
+        """
+        self.resume()
+        if self.iteration >= self.max_iterations:
+            logger.info("nothing to do: iteration %d >= max iterations %d", self.iteration, self.max_iterations)
+            return {"iteration": self.iteration, "last_record": None}
+        epoch_length = int(self.cfg.train.OFFICIAL_EPOCH_LENGTH)
+        window = WindowAverager()
+        window_seconds, window_iterations, window_images = 0.0, 0, 0
+        skipped_images, nonfinite_steps = 0, 0
+        last_record: Optional[Dict[str, Any]] = None
+        data_iter = iter(self.loader)
+        logger.info("training from iteration %d to %d", self.iteration, self.max_iterations)
+
+        while self.iteration < self.max_iterations:
+            start = time.perf_counter()
+            batch = next(data_iter)
+            skipped_images += int(batch.pop("skipped_images", 0))
+            if "collated_global_crops" not in batch:
+                continue  # every image of this batch was unreadable and skipped
+            result = self.train_step(batch)
+            self.iteration += 1
+            window_seconds += time.perf_counter() - start
+            window_iterations += 1
+            window_images += int(batch["batch_size"]) * self.world_size
+            if result["finite"]:
+                window.add(result["losses"])
+                if result["grad_norm"] is not None:
+                    window.add({"grad_norm": result["grad_norm"]})
+            else:
+                nonfinite_steps += 1
+
+            it = self.iteration
+            last = it >= self.max_iterations
+            stop = self._stop_agreed()
+            knn_top1 = self.run_knn_monitor() if self.knn_monitor.due(it) else None
+
+            if it % self.log_period == 0 or knn_top1 is not None or last or stop:
+                seconds_per_iteration = window_seconds / max(window_iterations, 1)
+                record: Dict[str, Any] = {"iteration": it, "epoch": it / epoch_length}
+                record.update(window.means())
+                record.update(result["schedules"])
+                record["images_per_sec"] = window_images / max(window_seconds, 1e-9)
+                record["eta_seconds"] = seconds_per_iteration * (self.max_iterations - it)
+                record["skipped_images"] = skipped_images
+                record["nonfinite_steps"] = nonfinite_steps
+                if knn_top1 is not None:
+                    record["knn_top1"] = knn_top1
+                self.metrics.log(record)
+                last_record = record
+                window.reset()
+                window_seconds, window_iterations, window_images = 0.0, 0, 0
+                skipped_images, nonfinite_steps = 0, 0
+
+            if (self.export_period > 0 and it % self.export_period == 0) or last:
+                self.export_teacher()
+            if (self.checkpoint_period > 0 and it % self.checkpoint_period == 0) or last or stop:
+                self.save_checkpoint()
+            if stop:
+                logger.info("stop requested: checkpointed at iteration %d", it)
+                break
+        return {"iteration": self.iteration, "last_record": last_record}
