@@ -83,19 +83,18 @@ class WebDatasetStream(IterableDataset):
             raise TypeError("this WebDataset has no length; add length=N to its spec")
         return self.length
 
-    def _pipeline(self):
+    def _pipeline(self, epoch: int):
         shardshuffle = max(1, min(len(self.shards), 100)) if self.shuffle else False
         stream = wds.WebDataset(
             self.shards,
             shardshuffle=shardshuffle,
             nodesplitter=self._rank_shards,
             workersplitter=wds.split_by_worker,
-            repeat=self.repeat,
             empty_check=False,
-            seed=self.seed + self.epoch,
+            seed=self.seed + epoch,
         )
         if self.shuffle:
-            stream = stream.shuffle(self.shuffle, seed=self.seed + self.epoch)
+            stream = stream.shuffle(self.shuffle, seed=self.seed + epoch)
         return stream
 
     def _sample(self, raw: dict):
@@ -120,5 +119,12 @@ class WebDatasetStream(IterableDataset):
         return image, target
 
     def __iter__(self) -> Iterator:
-        for raw in self._pipeline():
-            yield self._sample(raw)
+        epoch = self.epoch
+        while True:
+            count = 0
+            for raw in self._pipeline(epoch):
+                count += 1
+                yield self._sample(raw)
+            if not self.repeat or count == 0:  # an empty reader must not spin forever
+                return
+            epoch += 1  # a new pass reshuffles differently
