@@ -1,0 +1,119 @@
+"""Datasets for classifier training: spec strings -> (image tensor, {task: label}) samples.
+
+Any map-style dataset of :func:`dinov2.data.loaders.make_dataset` works. A CSV with several label
+columns gives one task per column (``dataset.tasks``); any other dataset gives a single task
+(named ``single_task_name``) over ``dataset.classes``. Targets become ``{task: int}`` with -1 for a
+missing label, and class indices always follow the *training* set's class lists, so a validation
+file whose columns happen to contain fewer values is mapped by class name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset, IterableDataset, Subset
+
+from .losses import MISSING_LABEL
+
+
+class ClassifyDataError(ValueError):
+    """Training data that cannot be used for the requested tasks."""
+
+
+def dataset_tasks(dataset, single_task_name: str = "label") -> Dict[str, List[str]]:
+    """``{task: [class names]}`` of a dataset from ``make_dataset``."""
+    tasks = getattr(dataset, "tasks", None)
+    if tasks and len(tasks) > 1:
+        return {task: list(names) for task, names in tasks.items()}
+    classes = getattr(dataset, "classes", None)
+    if not classes:
+        raise ClassifyDataError(f"{type(dataset).__name__} exposes no class names (classes / tasks)")
+    name = next(iter(tasks)) if tasks else single_task_name
+    return {name: list(classes)}
+
+
+class TaskTargets:
+    """Target transform: a dataset's raw target (int or ``{column: int}``) -> ``{task: int}``.
+
+    ``source_tasks`` are the dataset's own class lists, ``tasks`` those the model predicts;
+    labels are mapped by class name, and a class the model does not know is an error.
+    """
+
+    def __init__(self, source_tasks: Mapping[str, Sequence[str]], tasks: Mapping[str, Sequence[str]], source: str):
+        missing = [t for t in tasks if t not in source_tasks]
+        if missing:
+            raise ClassifyDataError(f"{source}: no label column for tasks {missing}; it has {list(source_tasks)}")
+        self.single = next(iter(source_tasks)) if len(source_tasks) == 1 else None
+        self.maps: Dict[str, np.ndarray] = {}
+        for task, names in tasks.items():
+            index = {name: i for i, name in enumerate(names)}
+            unknown = [n for n in source_tasks[task] if n not in index]
+            if unknown:
+                raise ClassifyDataError(
+                    f"{source}: task {task!r} has classes {unknown} that the training set does not have {list(names)}"
+                )
+            self.maps[task] = np.asarray([index[n] for n in source_tasks[task]], dtype=np.int64)
+
+    def __call__(self, target) -> Dict[str, int]:
+        if not isinstance(target, Mapping):
+            target = {self.single: target}
+        out = {}
+        for task, mapping in self.maps.items():
+            label = int(target[task])
+            out[task] = MISSING_LABEL if label < 0 else int(mapping[label])
+        return out
+
+
+def make_task_dataset(
+    spec: str,
+    transform: Callable,
+    tasks: Optional[Mapping[str, Sequence[str]]] = None,
+    wanted: Optional[Sequence[str]] = None,
+    single_task_name: str = "label",
+) -> tuple[Dataset, Dict[str, List[str]]]:
+    """(dataset yielding ``(tensor, {task: int})``, ``{task: [class names]}``).
+
+    Without ``tasks`` the dataset's own tasks (those named in ``wanted``, or all) are used: the
+    training set. With them (validation sets), labels are mapped onto the given class lists.
+    """
+    from dinov2.data.loaders import make_dataset
+
+    dataset = make_dataset(spec, transform=transform)
+    if isinstance(dataset, IterableDataset):
+        raise ClassifyDataError(f"{spec}: classifier training needs a map-style dataset, not a stream")
+    own = dataset_tasks(dataset, single_task_name)
+    tasks = {t: list(c) for t, c in tasks.items()} if tasks else select_tasks(own, wanted)
+    dataset.target_transform = TaskTargets(own, tasks, source=spec)
+    return dataset, tasks
+
+
+def select_tasks(tasks: Mapping[str, Sequence[str]], wanted: Optional[Sequence[str]]) -> Dict[str, List[str]]:
+    if not wanted:
+        return {t: list(c) for t, c in tasks.items()}
+    unknown = [t for t in wanted if t not in tasks]
+    if unknown:
+        raise ClassifyDataError(f"unknown tasks {unknown}; the training set has {list(tasks)}")
+    for task in wanted:
+        if len(tasks[task]) < 2:
+            raise ClassifyDataError(f"task {task!r} has fewer than 2 classes in the training set: {tasks[task]}")
+    return {t: list(tasks[t]) for t in wanted}
+
+
+def split_indices(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Deterministic (train, val) index split of ``count`` samples."""
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    order = np.random.default_rng(seed).permutation(count)
+    n_val = max(1, int(round(count * val_fraction)))
+    if n_val >= count:
+        raise ClassifyDataError(f"val_fraction {val_fraction} leaves no training samples out of {count}")
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def subsample(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
+    """At most ``limit`` samples, chosen at random but reproducibly."""
+    if not limit or limit >= len(dataset):
+        return dataset
+    indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
+    return Subset(dataset, indices.tolist())

@@ -1,0 +1,230 @@
+"""One backbone loader for every place that needs "a backbone from somewhere".
+
+A *source* is one of
+
+* ``random`` - a randomly initialised ViT (``arch`` and shape options), for training from scratch;
+* ``hub:<entry>`` - an official architecture (``dinov2_vits14``, ``dinov2_vitb14_reg``, ...) with
+  its weights from ``weights=PATH`` (nothing is downloaded);
+* a training output directory (``<dir>/config.yaml`` + ``<dir>/exports/teacher_backbone_latest.pth``,
+  or another export named by ``weights``);
+* a weights file (``.pth``/``.pt``/``.safetensors``): our consolidated export or an official DINOv2
+  checkpoint. The architecture is read off the tensor shapes; only ``num_heads`` cannot be, so it
+  defaults to ``embed_dim // 64`` (true for every released ViT) unless given;
+* ``timm:<name>`` - any ``timm`` model (optional dependency), randomly initialised unless
+  ``weights=PATH``.
+
+Besides the module, :func:`load_backbone` returns a *build spec*: a dict of plain values from which
+:func:`build_backbone_from_spec` rebuilds the same architecture without weights. Classifier files
+store it so that loading them never needs the original source.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Tuple
+
+import torch
+from torch import nn
+
+from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, make_vit
+
+from .weights import PathLike, load_backbone_weights, read_state_dict
+
+TRAINING_EXPORT = Path("exports") / "teacher_backbone_latest.pth"
+_WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
+
+
+class BackboneSourceError(ValueError):
+    """A backbone source that cannot be resolved; the message names it."""
+
+
+def _ffn_layer_name(module: nn.Module) -> str:
+    from dinov2.layers import Mlp, SwiGLUFFN, SwiGLUFFNFused
+
+    if isinstance(module, SwiGLUFFNFused):
+        return "swiglufused"
+    if isinstance(module, SwiGLUFFN):
+        return "swiglu_unfused"
+    if isinstance(module, Mlp):
+        return "mlp"
+    raise BackboneSourceError(f"unknown feed-forward module {type(module).__name__}")
+
+
+def vit_kwargs_of(model: DinoVisionTransformer) -> Dict[str, Any]:
+    """Constructor arguments that rebuild ``model``'s architecture (weights aside)."""
+    block = model.blocks[0]
+    grid = model.pos_embed.shape[1] - 1
+    ffn = _ffn_layer_name(block.mlp)
+    if ffn == "mlp":
+        mlp_ratio = block.mlp.fc1.out_features / model.embed_dim
+        ffn_bias = block.mlp.fc1.bias is not None
+    else:
+        hidden = block.mlp.w3.in_features
+        # The fused variant shrinks the nominal width by 2/3; invert that for the stored ratio.
+        mlp_ratio = hidden * 3 / 2 / model.embed_dim if ffn == "swiglufused" else hidden / model.embed_dim
+        ffn_bias = block.mlp.w12.bias is not None
+    ls = getattr(block.ls1, "gamma", None)
+    return dict(
+        img_size=int(round(math.sqrt(grid))) * model.patch_size,
+        patch_size=int(model.patch_size),
+        embed_dim=int(model.embed_dim),
+        depth=int(model.n_blocks),
+        num_heads=int(model.num_heads),
+        mlp_ratio=float(mlp_ratio),
+        qkv_bias=block.attn.qkv.bias is not None,
+        proj_bias=block.attn.proj.bias is not None,
+        ffn_bias=bool(ffn_bias),
+        init_values=None if ls is None else 1.0,
+        ffn_layer=ffn,
+        num_register_tokens=int(model.num_register_tokens),
+        interpolate_antialias=bool(model.interpolate_antialias),
+        interpolate_offset=float(model.interpolate_offset),
+    )
+
+
+def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, Any]:
+    """Architecture of a DINOv2-format state dict, read off key names and tensor shapes."""
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+        if key not in state:
+            raise BackboneSourceError(f"not a DINOv2 ViT state dict: key {key!r} is missing")
+    embed_dim = state["cls_token"].shape[-1]
+    patch_size = state["patch_embed.proj.weight"].shape[-1]
+    grid = state["pos_embed"].shape[1] - 1
+    side = int(round(math.sqrt(grid)))
+    if side * side != grid:
+        raise BackboneSourceError(f"pos_embed holds {grid} patch positions, which is not a square grid")
+    depth = 1 + max(int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in state) if m)
+    if num_heads is None:
+        if embed_dim < 64:
+            raise BackboneSourceError(f"embed_dim {embed_dim} < 64: pass num_heads explicitly")
+        num_heads = embed_dim // 64
+    registers = state["register_tokens"].shape[1] if "register_tokens" in state else 0
+    if "blocks.0.mlp.fc1.weight" in state:
+        ffn_layer, mlp_ratio = "mlp", state["blocks.0.mlp.fc1.weight"].shape[0] / embed_dim
+        ffn_bias = "blocks.0.mlp.fc1.bias" in state
+    elif "blocks.0.mlp.w12.weight" in state:
+        hidden = state["blocks.0.mlp.w3.weight"].shape[1]
+        ffn_bias = "blocks.0.mlp.w12.bias" in state
+        fused_hidden = (int(4 * embed_dim * 2 / 3) + 7) // 8 * 8
+        if hidden == fused_hidden:
+            ffn_layer, mlp_ratio = "swiglufused", 4.0
+        else:
+            ffn_layer, mlp_ratio = "swiglu_unfused", hidden / embed_dim
+    else:
+        raise BackboneSourceError("state dict has neither mlp.fc1 nor mlp.w12 weights in block 0")
+    return dict(
+        img_size=side * patch_size,
+        patch_size=int(patch_size),
+        embed_dim=int(embed_dim),
+        depth=int(depth),
+        num_heads=int(num_heads),
+        mlp_ratio=float(mlp_ratio),
+        qkv_bias="blocks.0.attn.qkv.bias" in state,
+        proj_bias="blocks.0.attn.proj.bias" in state,
+        ffn_bias=bool(ffn_bias),
+        init_values=1.0 if "blocks.0.ls1.gamma" in state else None,
+        ffn_layer=ffn_layer,
+        num_register_tokens=int(registers),
+        # The released register models use antialiased interpolation without offset.
+        interpolate_antialias=bool(registers),
+        interpolate_offset=0.0 if registers else 0.1,
+    )
+
+
+def build_backbone_from_spec(spec: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
+    """A randomly initialised module of the architecture described by ``spec``."""
+    kind = spec.get("kind")
+    if kind == "vit":
+        return DinoVisionTransformer(drop_path_rate=drop_path_rate, **spec["kwargs"])
+    if kind == "timm":
+        return _timm_model(spec["name"], **dict(spec.get("kwargs", {})))
+    raise BackboneSourceError(f"unknown backbone spec kind {kind!r} (expected 'vit' or 'timm')")
+
+
+def _timm_model(name: str, **kwargs) -> nn.Module:
+    try:
+        import timm
+    except ImportError as error:
+        raise BackboneSourceError(
+            f"backbone 'timm:{name}' needs the optional timm package: pip install 'dinov2[timm]'"
+        ) from error
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def _vit_spec(model: DinoVisionTransformer) -> Dict[str, Any]:
+    return {"kind": "vit", "kwargs": vit_kwargs_of(model)}
+
+
+def load_backbone(
+    source: str,
+    weights: Optional[PathLike] = None,
+    arch: str = "vit_small",
+    num_heads: Optional[int] = None,
+    drop_path_rate: float = 0.0,
+    **vit_options,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(backbone, build spec) for ``source`` (see the module docstring).
+
+    ``arch`` and ``vit_options`` (``patch_size``, ``img_size``, ``embed_dim``, ``depth``,
+    ``num_heads``, ``num_register_tokens``, ...) shape a ``random`` backbone; ``num_heads`` also
+    overrides the guess for a weights file; ``drop_path_rate`` sets stochastic depth for fine-tuning.
+    """
+    source = str(source)
+    if source == "random":
+        if arch not in ARCHITECTURES:
+            raise BackboneSourceError(f"unknown arch {arch!r}; valid: {sorted(ARCHITECTURES)}")
+        model = make_vit(arch, num_heads=num_heads, drop_path_rate=drop_path_rate, **vit_options)
+        return model, _vit_spec(model)
+    if source.startswith("hub:"):
+        from .backbones import ENTRY_POINTS
+
+        entry = source[4:]
+        if entry not in ENTRY_POINTS:
+            raise BackboneSourceError(f"unknown hub entry {entry!r}; valid: {sorted(ENTRY_POINTS)}")
+        if weights is None:
+            raise BackboneSourceError(f"backbone {source!r} needs weights=PATH to a local weights file")
+        model = ENTRY_POINTS[entry](pretrained=True, pretrained_weights=weights, drop_path_rate=drop_path_rate)
+        return model, _vit_spec(model)
+    if source.startswith("timm:"):
+        name = source[5:]
+        model = _timm_model(name)
+        if weights is not None:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=True)
+        return model, {"kind": "timm", "name": name, "kwargs": {}}
+    path = Path(source)
+    if path.is_dir():
+        return _from_training_output(path, weights, drop_path_rate)
+    if path.is_file():
+        state = read_state_dict(path)
+        kwargs = infer_vit_kwargs(state, num_heads=num_heads)
+        model = DinoVisionTransformer(drop_path_rate=drop_path_rate, **kwargs)
+        load_backbone_weights(model, state)
+        return model, {"kind": "vit", "kwargs": kwargs}
+    raise BackboneSourceError(
+        f"backbone source {source!r} is not 'random', 'hub:<entry>', 'timm:<name>', an existing "
+        f"training output directory or an existing weights file ({', '.join(_WEIGHT_SUFFIXES)})"
+    )
+
+
+def _from_training_output(directory: Path, weights: Optional[PathLike], drop_path_rate: float):
+    from dinov2.models import build_backbone
+    from dinov2.utils.config import CONFIG_FILE_NAME, load_saved_config
+
+    config_path = directory / CONFIG_FILE_NAME
+    if not config_path.is_file():
+        raise BackboneSourceError(f"{directory} is not a training output directory: no {CONFIG_FILE_NAME}")
+    cfg = load_saved_config(config_path)
+    weights_path = Path(weights) if weights is not None else directory / TRAINING_EXPORT
+    if not weights_path.is_absolute() and not weights_path.exists():
+        weights_path = directory / weights_path
+    if not weights_path.is_file():
+        raise BackboneSourceError(
+            f"training output {directory} has no backbone export {weights_path}; "
+            "export one from a checkpoint first"
+        )
+    model = build_backbone(cfg.student, cfg.crops.global_crops_size, drop_path_rate=drop_path_rate)
+    load_backbone_weights(model, weights_path)
+    return model, _vit_spec(model)
