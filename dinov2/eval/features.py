@@ -156,7 +156,7 @@ def _batches(
 
         return strided(), None
     all_indices = range(len(dataset)) if indices is None else indices
-    local = list(all_indices)[rank::world_size]
+    local = [int(i) for i in all_indices][rank::world_size]
     loader = DataLoader(
         _Indexed(dataset, local, task),
         batch_size=batch_size,

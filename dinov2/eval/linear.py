@@ -1,0 +1,480 @@
+"""Linear probes on frozen features: a whole grid of heads trained in one pass over the data.
+
+Every head is ``nn.Linear`` on one of four inputs built from the same backbone outputs: the CLS
+tokens of the last 1 or 4 blocks, concatenated, with or without the average patch token of the
+last block (:class:`~dinov2.eval.features.BlockFeatures` computes all of them at once). The grid
+is learning rates x block counts x avgpool. All heads see the same batches; each has its own
+SGD optimiser (momentum 0.9, no weight decay) with a cosine learning-rate decay to zero, and its
+weights start from a generator seeded with ``seed`` (heads of the same input width start equal).
+Heads share nothing, so each head ends exactly where a separately trained head with the same
+settings, seed and data order would. The head with the best validation top-1 at the end is
+evaluated on the test set.
+
+Two ways to feed the heads:
+- ``cached`` (default): train features are extracted once without augmentation and every epoch
+  reuses them; only the heads are computed per step.
+- ``online``: every step runs the backbone on freshly loaded (and, by default, augmented:
+  random-resized crop + flip, as upstream DINOv2) training images.
+Validation and test features never change, so both modes extract them once.
+
+Under torchrun each rank trains on its own shard of the training set (``batch_size`` samples per
+rank per step) and head gradients are averaged over ranks after each step, so the heads stay
+identical on every rank. Learning rates are scaled by ``batch_size * world_size / 256``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from . import _dist
+from .features import (
+    BlockFeatures,
+    FeatureSet,
+    _Indexed,
+    as_numpy,
+    class_names_of,
+    extract_features,
+    group_ids_for,
+)
+from .metrics import evaluation_report, summary_lines, youden_thresholds_of
+from .plots import plot_confusion_matrix
+from .results import write_results
+
+logger = logging.getLogger("dinov2.eval")
+
+DEFAULT_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
+DEFAULT_N_LAST_BLOCKS = (1, 4)
+DEFAULT_AVGPOOL = (False, True)
+FEATURE_MODES = ("cached", "online")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    lr: float  # before scaling by the global batch size
+    n_last_blocks: int
+    avgpool: bool
+
+    @property
+    def name(self) -> str:
+        return f"lr={self.lr:g}:blocks={self.n_last_blocks}:avgpool={str(self.avgpool).lower()}"
+
+
+def make_head_grid(
+    learning_rates: Sequence[float] = DEFAULT_LEARNING_RATES,
+    n_last_blocks: Sequence[int] = DEFAULT_N_LAST_BLOCKS,
+    avgpool: Sequence[bool] = DEFAULT_AVGPOOL,
+) -> List[HeadConfig]:
+    return [HeadConfig(float(lr), int(n), bool(a)) for n in n_last_blocks for a in avgpool for lr in learning_rates]
+
+
+def linear_input(block_features: torch.Tensor, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
+    """The head input from :class:`BlockFeatures` output (B, n_max + 1, D)."""
+    n_max = block_features.shape[1] - 1
+    if not 1 <= n_last_blocks <= n_max:
+        raise ValueError(f"n_last_blocks={n_last_blocks} but features hold the last {n_max} blocks")
+    parts = [block_features[:, n_max - n_last_blocks : n_max].flatten(1)]
+    if avgpool:
+        parts.append(block_features[:, -1])
+    return torch.cat(parts, dim=1)
+
+
+def cosine_factor(iteration: int, total: int) -> float:
+    """Learning-rate multiplier: 1 at the start, decaying along a half cosine to 0 at ``total``."""
+    return 0.5 * (1.0 + math.cos(math.pi * iteration / max(total, 1)))
+
+
+class HeadGrid(nn.Module):
+    """Independent linear heads, each with its own optimiser."""
+
+    def __init__(self, configs: Sequence[HeadConfig], embed_dim: int, num_classes: int, seed: int, lr_scale: float, device):
+        super().__init__()
+        self.configs = list(configs)
+        self.lr_scale = lr_scale
+        self.heads = nn.ModuleList()
+        for config in self.configs:
+            in_dim = embed_dim * (config.n_last_blocks + int(config.avgpool))
+            head = nn.Linear(in_dim, num_classes)
+            generator = torch.Generator().manual_seed(seed)  # per head: independent of the grid's size
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
+                head.bias.zero_()
+            self.heads.append(head.to(device))
+        self.optimizers = [
+            torch.optim.SGD(head.parameters(), lr=config.lr * lr_scale, momentum=0.9, weight_decay=0.0, foreach=False)
+            for head, config in zip(self.heads, self.configs)
+        ]
+
+    def logits(self, block_features: torch.Tensor) -> List[torch.Tensor]:
+        inputs: Dict[Tuple[int, bool], torch.Tensor] = {}
+        out = []
+        for head, config in zip(self.heads, self.configs):
+            key = (config.n_last_blocks, config.avgpool)
+            if key not in inputs:
+                inputs[key] = linear_input(block_features, *key)
+            out.append(head(inputs[key]))
+        return out
+
+    def train_step(self, block_features: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
+        """One SGD step of every head; returns the per-head losses (on this rank's batch)."""
+        losses = torch.stack([F.cross_entropy(logits, labels) for logits in self.logits(block_features)])
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=False)
+        losses.sum().backward()  # heads share nothing: each gradient is that of its own loss
+        if _dist.get_world_size() > 1:
+            self._average_gradients()
+        for optimizer, config in zip(self.optimizers, self.configs):
+            for group in optimizer.param_groups:
+                group["lr"] = config.lr * self.lr_scale * lr_factor
+            optimizer.step()
+        return losses.detach()
+
+    def _average_gradients(self) -> None:
+        grads = [p.grad for p in self.parameters()]
+        flat = _dist.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / _dist.get_world_size()
+        offset = 0
+        for g in grads:
+            g.copy_(flat[offset : offset + g.numel()].view_as(g))
+            offset += g.numel()
+
+    @torch.no_grad()
+    def correct_counts(self, features: FeatureSet, batch_size: int = 1024) -> torch.Tensor:
+        """Top-1 hits of every head on (this rank's share of) a feature set."""
+        hits = torch.zeros(len(self.heads), dtype=torch.long)
+        for start in range(0, len(features), batch_size):
+            chunk = features.features[start : start + batch_size]
+            labels = features.labels[start : start + batch_size]
+            for h, logits in enumerate(self.logits(chunk)):
+                hits[h] += int((logits.argmax(dim=1) == labels).sum())
+        return hits
+
+    @torch.no_grad()
+    def probabilities(self, head: int, features: FeatureSet, batch_size: int = 1024) -> torch.Tensor:
+        config = self.configs[head]
+        rows = []
+        for start in range(0, len(features), batch_size):
+            chunk = linear_input(features.features[start : start + batch_size], config.n_last_blocks, config.avgpool)
+            rows.append(torch.softmax(self.heads[head](chunk), dim=1))
+        return torch.cat(rows)
+
+
+# ----------------------------------------------------------------------------- data order
+def batch_positions(num_local: int, num_global: int, batch_size: int, epochs: int, seed: int, rank: int) -> List[np.ndarray]:
+    """This rank's batches (positions in its shard) for the whole run.
+
+    Each epoch is a permutation of the shard seeded by (seed, rank, epoch); epochs are
+    concatenated and cut into ``batch_size`` pieces (a batch may straddle two epochs). The number
+    of steps, ``epochs * ceil(num_global / (batch_size * world_size))``, is the same on every rank.
+    """
+    world_size = _dist.get_world_size()
+    if num_local < 1:
+        raise ValueError(f"rank {rank} has no training samples")
+    steps = epochs * math.ceil(num_global / (batch_size * world_size))
+    needed = steps * batch_size
+    stream, epoch = [], 0
+    while sum(len(s) for s in stream) < needed:
+        stream.append(np.random.default_rng([seed, rank, epoch]).permutation(num_local))
+        epoch += 1
+    flat = np.concatenate(stream)[:needed]
+    return [flat[i * batch_size : (i + 1) * batch_size] for i in range(steps)]
+
+
+class CachedTrainSource:
+    """Training batches from features extracted once."""
+
+    def __init__(self, features: FeatureSet):
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+    def batches(self, positions: List[np.ndarray]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        for pos in positions:
+            index = torch.as_tensor(pos, device=self.features.features.device)
+            yield self.features.features[index], self.features.labels[index]
+
+
+class OnlineTrainSource:
+    """Training batches computed by the backbone from (augmented) images at every step."""
+
+    def __init__(self, model, dataset, local_indices: Sequence[int], n_last_blocks: int, device, task=None, num_workers=4, autocast_dtype=None):
+        self.model, self.dataset, self.local_indices = model, dataset, [int(i) for i in local_indices]
+        self.feature_fn = BlockFeatures(n_last_blocks)
+        self.device, self.task, self.num_workers, self.autocast_dtype = torch.device(device), task, num_workers, autocast_dtype
+
+    def __len__(self) -> int:
+        return len(self.local_indices)
+
+    def batches(self, positions: List[np.ndarray]) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
+        loader = DataLoader(
+            _Indexed(self.dataset, self.local_indices, self.task),
+            batch_sampler=[p.tolist() for p in positions],
+            num_workers=self.num_workers,
+        )
+        for images, labels, indices in loader:
+            if (labels < 0).any():
+                bad = indices[labels < 0][:5].tolist()
+                raise ValueError(f"unlabelled training samples (dataset indices {bad}) in the online linear probe")
+            autocast = (
+                torch.autocast(self.device.type, dtype=self.autocast_dtype)
+                if self.autocast_dtype
+                else contextlib.nullcontext()
+            )
+            with torch.no_grad(), autocast:  # no_grad, not inference_mode: heads train on these tensors
+                features = self.feature_fn(self.model, images.to(self.device, non_blocking=True))
+            yield features.float(), labels.to(self.device)
+
+
+@dataclass
+class GridResult:
+    grid: HeadGrid
+    val_accuracy: List[float]  # final, per head
+    history: List[dict]  # {"iteration", "val_top1": [...per head]}
+    best_head: int
+    iterations: int
+    train_seconds: float
+
+
+def train_linear_grid(
+    source,
+    val: FeatureSet,
+    num_classes: int,
+    configs: Sequence[HeadConfig],
+    embed_dim: int,
+    *,
+    epochs: int = 10,
+    batch_size: int = 128,
+    seed: int = 0,
+    eval_period_iterations: Optional[int] = None,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> GridResult:
+    """Train every head of the grid on ``source`` and pick the best on ``val`` (this rank's share)."""
+    world_size, rank = _dist.get_world_size(), _dist.get_rank()
+    num_global = int(_dist.all_reduce_sum(torch.tensor([len(source)])).item())
+    positions = batch_positions(len(source), num_global, batch_size, epochs, seed, rank)
+    total = len(positions)
+    steps_per_epoch = max(1, total // max(epochs, 1))
+    period = eval_period_iterations or steps_per_epoch
+    lr_scale = batch_size * world_size / 256.0
+    grid = HeadGrid(configs, embed_dim, num_classes, seed, lr_scale, device)
+    val_count = int(_dist.all_reduce_sum(torch.tensor([len(val)])).item())
+    history = []
+    start = time.perf_counter()
+
+    def evaluate(iteration: int) -> List[float]:
+        hits = _dist.all_reduce_sum(grid.correct_counts(val))
+        accuracy = (hits.double() / max(val_count, 1)).tolist()
+        history.append({"iteration": iteration, "val_top1": accuracy})
+        best = int(np.argmax(accuracy))
+        logger.info("iteration %d/%d: best val top-1 %.2f%% (%s)", iteration, total, 100 * accuracy[best], configs[best].name)
+        return accuracy
+
+    bar = tqdm(
+        total=total,
+        desc="linear heads",
+        unit="it",
+        disable=not (progress and _dist.is_main_process()),
+        file=sys.stderr,
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,
+    )
+    accuracy = None
+    for iteration, (features, labels) in enumerate(source.batches(positions)):
+        grid.train_step(features, labels, cosine_factor(iteration, total))
+        bar.update(1)
+        done = iteration + 1
+        if done % period == 0 or done == total:
+            accuracy = evaluate(done)
+    bar.close()
+    if accuracy is None:
+        accuracy = evaluate(0)
+    best = int(np.argmax(accuracy))  # first head of the grid order on ties
+    return GridResult(grid, accuracy, history, best, total, time.perf_counter() - start)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from .cli import add_backbone_arguments, add_data_arguments
+
+    parser = argparse.ArgumentParser("dinov2 linear evaluation", add_help=add_help, description="grid of linear probes on frozen features")
+    add_backbone_arguments(parser)
+    add_data_arguments(parser, train_help="training set of the heads")
+    group = parser.add_argument_group("linear probe")
+    group.add_argument("--learning-rates", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES), help="base learning rates (scaled by batch*world/256)")
+    group.add_argument("--n-last-blocks", type=int, nargs="+", default=list(DEFAULT_N_LAST_BLOCKS), help="block counts whose CLS tokens are concatenated")
+    group.add_argument("--avgpool", choices=["both", "yes", "no"], default="both", help="append the average patch token: both variants, always or never")
+    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--train-batch-size", type=int, default=128, help="samples per rank per step")
+    group.add_argument("--eval-period-iterations", type=int, default=None, help="validate every N steps (default: once per epoch)")
+    group.add_argument("--feature-mode", choices=FEATURE_MODES, default="cached", help="cached: extract train features once; online: backbone every step")
+    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="online mode: random-resized crop + flip (default on; cached mode never augments)")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="without --val-dataset: share of the train set held out for selection")
+    group.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _labels_of(dataset, task) -> Optional[np.ndarray]:
+    getter = getattr(dataset, "get_targets", None)
+    if getter is None:
+        return None
+    targets = np.asarray(getter())
+    if targets.ndim == 2:
+        names = list(getattr(dataset, "task_names", []))
+        if task is None or task not in names:
+            raise SystemExit(f"the dataset has label columns {names}: choose one with --task")
+        return targets[:, names.index(task)]
+    return targets
+
+
+def split_train_val(num_samples: int, fraction: float, seed: int) -> Tuple[np.ndarray, np.ndarray]:
+    """(train indices, val indices): a seeded random ``fraction`` held out."""
+    if not 0 < fraction < 1:
+        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
+    order = np.random.default_rng([seed, 12345]).permutation(num_samples)
+    n_val = max(1, int(round(fraction * num_samples)))
+    return np.sort(order[n_val:]), np.sort(order[:n_val])
+
+
+def run_linear(args: argparse.Namespace) -> dict:
+    from .cli import check_same_classes, load_dataset, resolve_positive_class, setup_eval
+    from .setup import make_train_transform
+
+    ctx = setup_eval(args, "linear")
+    if args.feature_mode == "cached" and args.augment:
+        raise SystemExit("--augment needs --feature-mode online (cached features are extracted once, without augmentation)")
+    augment = args.feature_mode == "online" and args.augment is not False
+    model, backbone = ctx.backbone.model, ctx.backbone
+    n_max = max(args.n_last_blocks)
+    if n_max > model.n_blocks:
+        raise SystemExit(f"--n-last-blocks {n_max} but the backbone has {model.n_blocks} blocks")
+    feature_fn = BlockFeatures(n_max)
+    eval_transform = ctx.transform()
+    train = load_dataset(args.train_dataset, eval_transform, "train")
+    class_names = class_names_of(train, args.task)
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=ctx.device, task=args.task, autocast_dtype=ctx.autocast_dtype)
+
+    all_train = np.arange(len(train))
+    known = _labels_of(train, args.task)
+    if known is not None:
+        all_train = all_train[known[all_train] >= 0]
+    val_dataset, val_indices = None, None
+    if args.val_dataset:
+        val_dataset = load_dataset(args.val_dataset, eval_transform, "val")
+        check_same_classes(class_names, class_names_of(val_dataset, args.task), "val")
+        train_indices = all_train
+    else:
+        keep, held = split_train_val(len(all_train), args.val_fraction, args.seed)
+        train_indices, val_indices = all_train[keep], all_train[held]
+        val_dataset = train
+        logger.info("no --val-dataset: holding out %d of %d train samples for selection", len(val_indices), len(all_train))
+
+    if args.feature_mode == "cached":
+        cached = extract_features(model, train, feature_fn=feature_fn, indices=train_indices, desc="train features", **common).labelled()
+        source = CachedTrainSource(cached)
+    else:
+        train_aug = load_dataset(args.train_dataset, make_train_transform(backbone.image_size, backbone.mean, backbone.std) if augment else eval_transform, "train")
+        local = train_indices[_dist.get_rank() :: _dist.get_world_size()]
+        source = OnlineTrainSource(model, train_aug, local, n_max, ctx.device, args.task, args.num_workers, ctx.autocast_dtype)
+
+    evals = {"val": (val_dataset, extract_features(model, val_dataset, feature_fn=feature_fn, indices=val_indices, desc="val features", **common).labelled())}
+    if args.test_dataset:
+        test_dataset = load_dataset(args.test_dataset, eval_transform, "test")
+        check_same_classes(class_names, class_names_of(test_dataset, args.task), "test")
+        evals["test"] = (test_dataset, extract_features(model, test_dataset, feature_fn=feature_fn, desc="test features", **common).labelled())
+    num_classes = len(class_names) if class_names else _max_label(source, evals) + 1
+    positive = resolve_positive_class(args.positive_class, class_names)
+
+    configs = make_head_grid(args.learning_rates, args.n_last_blocks, {"both": (False, True), "yes": (True,), "no": (False,)}[args.avgpool])
+    result = train_linear_grid(
+        source, evals["val"][1], num_classes, configs, model.embed_dim, epochs=args.epochs, batch_size=args.train_batch_size,
+        seed=args.seed, eval_period_iterations=args.eval_period_iterations, device=ctx.device,
+    )
+    best = configs[result.best_head]
+    reports = {}
+    for role, (dataset, features) in evals.items():
+        probs = result.grid.probabilities(result.best_head, features)
+        full_probs = _dist.all_gather_cat(probs)
+        full_labels = _dist.all_gather_cat(features.labels)
+        full_indices = _dist.all_gather_cat(features.indices)
+        order = torch.argsort(full_indices)
+        thresholds = youden_thresholds_of(reports["val"]) if role == "test" else None
+        reports[role] = evaluation_report(
+            as_numpy(full_labels[order]), as_numpy(full_probs[order]), class_names,
+            group_ids_for(dataset, full_indices[order]), positive, thresholds,
+        )
+
+    results = {
+        "method": "linear",
+        "backbone": {"description": backbone.description, "weights": str(backbone.weights_path), "image_size": backbone.image_size},
+        "datasets": {"train": args.train_dataset, "val": args.val_dataset or f"{args.val_fraction:g} of train", "test": args.test_dataset, "task": args.task},
+        "settings": {
+            "feature_mode": args.feature_mode, "augment": augment, "epochs": args.epochs, "batch_size": args.train_batch_size,
+            "world_size": _dist.get_world_size(), "lr_scale": result.grid.lr_scale, "iterations": result.iterations, "seed": args.seed,
+            "train_seconds": result.train_seconds,
+        },
+        "class_names": class_names,
+        "best_head": {**asdict(best), "name": best.name, "val_top1": result.val_accuracy[result.best_head]},
+        "heads": [{**asdict(c), "name": c.name, "val_top1": a} for c, a in zip(configs, result.val_accuracy)],
+        "history": result.history,
+        **reports,
+    }
+    if _dist.is_main_process():
+        _write(ctx.output_dir, results, result.grid, class_names)
+    _dist.barrier()
+    return results
+
+
+def _max_label(source, evals) -> int:
+    local = [int(f.labels.max()) for _, f in evals.values() if len(f)]
+    if isinstance(source, CachedTrainSource) and len(source):
+        local.append(int(source.features.labels.max()))
+    return int(_dist.all_gather_cat(torch.tensor([max(local)])).max())
+
+
+def _write(output_dir, results: dict, grid: HeadGrid, class_names) -> None:
+    from dinov2.hub.weights import save_state_dict
+
+    best = results["best_head"]
+    lines = [
+        f"linear evaluation of {results['backbone']['description']} ({results['backbone']['weights']})",
+        f"{len(results['heads'])} heads, {results['settings']['iterations']} iterations, {results['settings']['feature_mode']} features",
+        f"best head on val: {best['name']} (val top-1 {100 * best['val_top1']:.2f}%)",
+    ]
+    for role in ("val", "test"):
+        if role in results:
+            lines.extend(summary_lines(role, results[role]))
+    ranked = sorted(results["heads"], key=lambda h: -h["val_top1"])[:5]
+    lines.append("top heads on val: " + ", ".join(f"{h['name']} {100 * h['val_top1']:.2f}%" for h in ranked))
+    path = write_results(output_dir, results, lines)
+    index = [h["name"] for h in results["heads"]].index(best["name"])
+    save_state_dict(grid.heads[index].state_dict(), output_dir / "best_linear_head.pth")
+    role = "test" if "test" in results else "val"
+    plot_confusion_matrix(results[role]["confusion_matrix"], output_dir / f"confusion_matrix_{role}.png", class_names, title=f"linear probe on {role}")
+    print("\n".join(lines))
+    print(f"results written to {path}")
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run_linear(args)
+    finally:
+        _dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from dinov2.eval.features import BlockFeatures, FeatureSet, extract_features
+from dinov2.eval.linear import (
+    CachedTrainSource,
+    HeadConfig,
+    OnlineTrainSource,
+    batch_positions,
+    cosine_factor,
+    linear_input,
+    make_head_grid,
+    train_linear_grid,
+)
+from dinov2.models.vision_transformer import vit_small
+
+EMBED = 8
+N_MAX = 4
+
+
+def block_feature_set(n, seed, num_classes=3):
+    """(n, 5, 8) features whose class shows in the last block's CLS token and the avgpool token."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (n,), generator=g)
+    feats = torch.randn(n, N_MAX + 1, EMBED, generator=g)
+    feats[:, N_MAX - 1, :num_classes] += 3 * torch.nn.functional.one_hot(labels, num_classes)
+    feats[:, N_MAX, :num_classes] += 2 * torch.nn.functional.one_hot(labels, num_classes)
+    return FeatureSet(feats, labels, torch.arange(n))
+
+
+def test_linear_input_slices_last_blocks_and_avgpool():
+    x = torch.arange(2 * 5 * 3, dtype=torch.float32).reshape(2, 5, 3)
+    assert torch.equal(linear_input(x, 1, False), x[:, 3])
+    assert torch.equal(linear_input(x, 4, True), torch.cat([x[:, 0], x[:, 1], x[:, 2], x[:, 3], x[:, 4]], dim=1))
+    assert linear_input(x, 2, True).shape == (2, 9)
+    with pytest.raises(ValueError, match="last 4 blocks"):
+        linear_input(x, 5, False)
+
+
+def test_schedule_and_data_order():
+    assert cosine_factor(0, 10) == 1.0 and cosine_factor(10, 10) == pytest.approx(0.0) and cosine_factor(5, 10) == pytest.approx(0.5)
+    batches = batch_positions(10, 10, 4, epochs=2, seed=0, rank=0)
+    assert len(batches) == 2 * 3 and all(len(b) == 4 for b in batches)
+    flat = np.concatenate(batches)
+    assert sorted(flat[:10].tolist()) == list(range(10))  # first epoch is a permutation
+    assert np.array_equal(flat, np.concatenate(batch_positions(10, 10, 4, epochs=2, seed=0, rank=0)))
+
+
+def test_grid_heads_equal_separately_trained_heads():
+    train, val = block_feature_set(120, 0), block_feature_set(60, 1)
+    configs = make_head_grid([0.05, 1.0], [1, 4], [False, True])
+    assert len(configs) == 8
+    options = dict(epochs=3, batch_size=16, seed=7, eval_period_iterations=5, progress=False)
+    grid = train_linear_grid(CachedTrainSource(train), val, 3, configs, EMBED, **options)
+    assert len(grid.history) == 5  # 24 iterations: after 5, 10, 15, 20 and at the end
+    assert grid.val_accuracy[grid.best_head] > 0.9  # the classes are easy to read off
+    for index in (1, 6):
+        alone = train_linear_grid(CachedTrainSource(train), val, 3, [configs[index]], EMBED, **options)
+        assert torch.equal(alone.grid.heads[0].weight, grid.grid.heads[index].weight)
+        assert torch.equal(alone.grid.heads[0].bias, grid.grid.heads[index].bias)
+        assert alone.val_accuracy[0] == grid.val_accuracy[index]
+    # different learning rates really train differently
+    assert not torch.equal(grid.grid.heads[0].weight, grid.grid.heads[1].weight)
+
+
+class TensorImages(Dataset):
+    def __init__(self, n, seed):
+        g = torch.Generator().manual_seed(seed)
+        self.labels = torch.randint(0, 2, (n,), generator=g)
+        self.images = torch.randn(n, 3, 16, 16, generator=g)
+        self.images[self.labels == 1, 0] += 1.5  # a visible class signal in the red channel
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return self.images[i], int(self.labels[i])
+
+
+def test_online_mode_equals_cached_mode_without_augmentation():
+    model = vit_small(patch_size=4, img_size=16, embed_dim=32, depth=4, num_heads=2).eval()
+    train, val = TensorImages(48, 0), TensorImages(24, 1)
+    val_features = extract_features(model, val, feature_fn=BlockFeatures(4), batch_size=16, num_workers=0)
+    cached = extract_features(model, train, feature_fn=BlockFeatures(4), batch_size=16, num_workers=0)
+    online = OnlineTrainSource(model, train, range(len(train)), 4, "cpu", num_workers=0)
+    configs = make_head_grid([0.1, 1.0], [1, 4], [False, True])
+    options = dict(epochs=2, batch_size=8, seed=3, progress=False)
+    a = train_linear_grid(CachedTrainSource(cached), val_features, 2, configs, 32, **options)
+    b = train_linear_grid(online, val_features, 2, configs, 32, **options)
+    for head_a, head_b in zip(a.grid.heads, b.grid.heads):
+        torch.testing.assert_close(head_a.weight, head_b.weight, rtol=1e-4, atol=1e-5)
+    assert a.val_accuracy == b.val_accuracy
+    probs = a.grid.probabilities(a.best_head, val_features)
+    assert probs.shape == (24, 2) and torch.allclose(probs.sum(1), torch.ones(24))
