@@ -250,3 +250,23 @@ def test_real_quickdraw_js_package():
     assert (pixels == 255).mean() > 0.5 and (pixels < 128).any()  # dark strokes on a mostly white sheet
     holdout = make_dataset(f"QuickDraw:root={target}:split=holdout:holdout=45")
     assert len(holdout.classes) == 45 and len(holdout) == 4500
+
+
+def test_prepared_shards_are_balanced_and_load_as_webdataset(npy_root, tmp_path):
+    from dinov2.data.quickdraw_prep import write_quickdraw_shards
+
+    out = tmp_path / "shards"
+    manifest = write_quickdraw_shards(f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun", str(out),
+                                      size=32, shard_size=6)
+    assert manifest["splits"]["train"] == {**manifest["splits"]["train"], "samples": 16, "shards": 3, "classes": 2}
+    assert manifest["splits"]["holdout"]["samples"] == 10 and manifest["splits"]["test"]["samples"] == 4
+    assert (out / "classes_holdout.txt").read_text().split() == ["sun"]
+    train = make_dataset(manifest["splits"]["train"]["spec"])
+    assert train.classes == ["cat", "dog"] and len(train) == 16
+    samples = list(train)
+    assert len(samples) == 16
+    assert [t for _, t in samples[:6]] == [0, 1, 0, 1, 0, 1]  # every shard holds both classes equally
+    image, target = samples[3]  # dog drawing 1: ink at pixel 1 and the dog mark at pixel 101
+    assert image.size == (32, 32) and image.mode == "RGB" and target == 1
+    reference = make_dataset(f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun:size=32")[9][0]
+    assert np.array_equal(np.asarray(image), np.asarray(reference))

@@ -53,7 +53,12 @@ def dataset_spec_help() -> str:
     for name, cls in DATASET_KINDS.items():
         lines.append(f"{name}:")
         for key, spec_key in cls.SPEC_KEYS.items():
-            default = "required" if spec_key.required else f"default {spec_key.default!r}"
+            if spec_key.required:
+                default = "required"
+            elif spec_key.default in ("", None):
+                default = "optional"
+            else:
+                default = f"default {spec_key.default!r}"
             lines.append(f"  {key:16s} {spec_key.help} ({default})")
     return "\n".join(lines)
 
