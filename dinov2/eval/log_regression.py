@@ -1,0 +1,225 @@
+"""Logistic regression (scikit-learn, L-BFGS) on frozen features.
+
+Protocol: features are optionally L2-normalised, then standardised (mean 0, variance 1 per
+dimension, statistics from the data the model is fitted on). The inverse regularisation strength
+C is swept over a log grid, fitting on train and scoring top-1 on val; the best C (the smallest
+one among equal scores) is refitted on train + val and reported on test. Without a validation
+set a seeded share of train is held out for the sweep. The val report (used for the binary
+``val_youden`` threshold) comes from the train-only model at the chosen C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import _dist
+from .features import BlockFeatures, FeatureSet, as_numpy, class_names_of, cls_features, extract_features, gather_feature_set, group_ids_for
+from .linear import linear_input, split_train_val
+from .metrics import evaluation_report, summary_lines, youden_thresholds_of
+from .plots import plot_confusion_matrix
+from .results import write_results
+
+logger = logging.getLogger("dinov2.eval")
+
+DEFAULT_C_VALUES = tuple(float(c) for c in 10.0 ** np.arange(-4, 5))  # 1e-4 ... 1e4
+DEFAULT_MAX_ITER = 1000
+
+
+def make_classifier(c: float, max_iter: int = DEFAULT_MAX_ITER, standardize: bool = True, l2_normalize: bool = False, seed: int = 0):
+    """The scikit-learn pipeline used for every fit."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import Normalizer, StandardScaler
+
+    steps = []
+    if l2_normalize:
+        steps.append(Normalizer(norm="l2"))
+    if standardize:
+        steps.append(StandardScaler())
+    steps.append(LogisticRegression(C=c, solver="lbfgs", max_iter=max_iter, random_state=seed))
+    return make_pipeline(*steps)
+
+
+def class_probabilities(classifier, x: np.ndarray, num_classes: int) -> np.ndarray:
+    """(N, num_classes) probabilities, zero for classes absent from the fitting data."""
+    probs = np.zeros((x.shape[0], num_classes))
+    probs[:, classifier.classes_] = classifier.predict_proba(x)
+    return probs
+
+
+@dataclass
+class LogRegResult:
+    best_c: float
+    sweep: List[dict]  # {"C", "val_top1", "converged"}
+    val_probs: np.ndarray  # from the train-only model at best C
+    test_probs: Optional[np.ndarray]  # from the train+val model
+    converged: bool
+    seconds: float
+    classifier: object = field(repr=False, default=None)
+
+
+def _fit(classifier, x, y) -> bool:
+    """Fit; returns False when L-BFGS stopped at max_iter (scikit-learn's ConvergenceWarning)."""
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        classifier.fit(x, y)
+    return not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+
+
+def fit_log_regression(
+    train_x: np.ndarray,
+    train_y: np.ndarray,
+    val_x: np.ndarray,
+    val_y: np.ndarray,
+    test_x: Optional[np.ndarray] = None,
+    num_classes: Optional[int] = None,
+    c_values: Sequence[float] = DEFAULT_C_VALUES,
+    max_iter: int = DEFAULT_MAX_ITER,
+    standardize: bool = True,
+    l2_normalize: bool = False,
+    seed: int = 0,
+) -> LogRegResult:
+    """Sweep C on val, refit on train + val, predict test (see the module docstring)."""
+    if not c_values:
+        raise ValueError("c_values is empty")
+    c_values = sorted(float(c) for c in c_values)
+    num_classes = num_classes or int(max(train_y.max(), val_y.max())) + 1
+    start = time.perf_counter()
+    sweep, best, best_probs = [], None, None
+    for c in c_values:
+        classifier = make_classifier(c, max_iter, standardize, l2_normalize, seed)
+        converged = _fit(classifier, train_x, train_y)
+        probs = class_probabilities(classifier, val_x, num_classes)
+        accuracy = float(np.mean(np.argmax(probs, axis=1) == val_y))
+        sweep.append({"C": c, "val_top1": accuracy, "converged": converged})
+        logger.info("C=%g: val top-1 %.2f%%%s", c, 100 * accuracy, "" if converged else " (did not converge)")
+        if best is None or accuracy > best["val_top1"]:
+            best, best_probs = sweep[-1], probs
+    final = make_classifier(best["C"], max_iter, standardize, l2_normalize, seed)
+    converged = _fit(final, np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
+    test_probs = class_probabilities(final, test_x, num_classes) if test_x is not None else None
+    return LogRegResult(best["C"], sweep, best_probs, test_probs, converged and best["converged"], time.perf_counter() - start, final)
+
+
+# ----------------------------------------------------------------------------------- CLI
+def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
+    from .cli import add_backbone_arguments, add_data_arguments
+
+    parser = argparse.ArgumentParser("dinov2 logistic regression", add_help=add_help, description="logistic regression on frozen features")
+    add_backbone_arguments(parser)
+    add_data_arguments(parser, train_help="training set of the classifier")
+    group = parser.add_argument_group("logistic regression")
+    group.add_argument("--c-values", type=float, nargs="+", default=list(DEFAULT_C_VALUES), help="inverse regularisation strengths to sweep (default 1e-4 ... 1e4)")
+    group.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="L-BFGS iterations per fit")
+    group.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True, help="standardise features (default on)")
+    group.add_argument("--l2-normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise features first")
+    group.add_argument("--features", choices=["cls", "cls_avgpool"], default="cls", help="CLS token, or CLS + average patch token")
+    group.add_argument("--val-fraction", type=float, default=0.1, help="without --val-dataset: share of train held out for the sweep")
+    group.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def _features(model, dataset, feature_kind: str, desc: str, **common) -> FeatureSet:
+    if feature_kind == "cls":
+        local = extract_features(model, dataset, feature_fn=cls_features, desc=desc, **common)
+    else:
+        local = extract_features(model, dataset, feature_fn=BlockFeatures(1), desc=desc, **common)
+        local = FeatureSet(linear_input(local.features, 1, True), local.labels, local.indices)
+    return gather_feature_set(local).labelled()
+
+
+def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
+    from .cli import check_same_classes, load_dataset, resolve_positive_class, setup_eval
+
+    ctx = setup_eval(args, "log_regression")
+    transform = ctx.transform()
+    model = ctx.backbone.model
+    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=ctx.device, task=args.task, autocast_dtype=ctx.autocast_dtype)
+    train_dataset = load_dataset(args.train_dataset, transform, "train")
+    class_names = class_names_of(train_dataset, args.task)
+    train = _features(model, train_dataset, args.features, "train features", **common)
+    if args.val_dataset:
+        val_dataset = load_dataset(args.val_dataset, transform, "val")
+        check_same_classes(class_names, class_names_of(val_dataset, args.task), "val")
+        val = _features(model, val_dataset, args.features, "val features", **common)
+    else:
+        keep, held = split_train_val(len(train), args.val_fraction, args.seed)
+        val_dataset, val = train_dataset, train.select(torch.as_tensor(held))
+        train = train.select(torch.as_tensor(keep))
+    test_dataset, test = None, None
+    if args.test_dataset:
+        test_dataset = load_dataset(args.test_dataset, transform, "test")
+        check_same_classes(class_names, class_names_of(test_dataset, args.task), "test")
+        test = _features(model, test_dataset, args.features, "test features", **common)
+    results = None
+    if _dist.is_main_process():  # scikit-learn runs in one process; the others only extracted
+        num_classes = len(class_names) if class_names else int(max(int(f.labels.max()) for f in (train, val, test) if f is not None)) + 1
+        positive = resolve_positive_class(args.positive_class, class_names)
+        fit = fit_log_regression(
+            as_numpy(train.features), as_numpy(train.labels), as_numpy(val.features), as_numpy(val.labels),
+            as_numpy(test.features) if test is not None else None, num_classes, args.c_values, args.max_iter,
+            args.standardize, args.l2_normalize, args.seed,
+        )
+        val_report = evaluation_report(as_numpy(val.labels), fit.val_probs, class_names, group_ids_for(val_dataset, val.indices), positive)
+        results = {
+            "method": "log_regression",
+            "backbone": {"description": ctx.backbone.description, "weights": str(ctx.backbone.weights_path), "image_size": ctx.backbone.image_size},
+            "datasets": {"train": args.train_dataset, "val": args.val_dataset or f"{args.val_fraction:g} of train", "test": args.test_dataset, "task": args.task},
+            "settings": {
+                "features": args.features, "standardize": args.standardize, "l2_normalize": args.l2_normalize,
+                "max_iter": args.max_iter, "c_values": sorted(args.c_values), "seconds": fit.seconds,
+                "train_samples": len(train), "val_samples": len(val),
+            },
+            "class_names": class_names,
+            "best_c": fit.best_c,
+            "converged": fit.converged,
+            "sweep": fit.sweep,
+            "val": val_report,
+        }
+        if test is not None:
+            results["test"] = evaluation_report(
+                as_numpy(test.labels), fit.test_probs, class_names, group_ids_for(test_dataset, test.indices), positive,
+                youden_thresholds_of(val_report),
+            )
+        _write(ctx.output_dir, results, class_names)
+    _dist.barrier()
+    return results
+
+
+def _write(output_dir, results: dict, class_names) -> None:
+    lines = [
+        f"logistic regression on {results['settings']['features']} features of {results['backbone']['description']} ({results['backbone']['weights']})",
+        f"best C = {results['best_c']:g} (val top-1 {100 * max(s['val_top1'] for s in results['sweep']):.2f}%), "
+        f"refitted on train + val{'' if results['converged'] else ' -- L-BFGS hit --max-iter, consider raising it'}",
+    ]
+    for role in ("val", "test"):
+        if role in results:
+            lines.extend(summary_lines(role, results[role]))
+    path = write_results(output_dir, results, lines)
+    role = "test" if "test" in results else "val"
+    plot_confusion_matrix(results[role]["confusion_matrix"], output_dir / f"confusion_matrix_{role}.png", class_names, title=f"logistic regression on {role}")
+    print("\n".join(lines))
+    print(f"results written to {path}")
+
+
+def main(argv: Optional[Iterable[str]] = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    try:
+        run_log_regression(args)
+    finally:
+        _dist.destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
