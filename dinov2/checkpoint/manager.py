@@ -254,7 +254,10 @@ class CheckpointManager:
         state: Dict[str, Any] = {}
         for key, value in app_state.items():
             if hasattr(value, "template_for_load"):
-                state[key] = value.template_for_load(available, key, info["iteration"])
+                try:
+                    state[key] = value.template_for_load(available, key, info["iteration"])
+                except ValueError as error:
+                    raise CheckpointError(f"cannot load checkpoint {path} ('{key}'): {error}") from error
             elif hasattr(value, "state_dict"):
                 state[key] = value.state_dict()
             else:

@@ -21,7 +21,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict,
     get_state_dict,
     set_model_state_dict,
-    set_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.checkpoint._nested_dict import set_element
 
@@ -58,16 +58,45 @@ class ModelOptimizerState:
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
         return {"model": model_state, "optimizer": optim_state}
 
+    def template_for_load(self, available_keys: Iterable[str], prefix: str, iteration: int) -> Dict[str, Any]:
+        """What to read from a checkpoint whose flattened keys are ``available_keys``.
+
+        Model: every parameter and buffer, and nothing else (unknown checkpoint keys are an
+        error, not silently dropped). Optimizer: only the parameters that had optimizer state
+        when the checkpoint was written; ``get_state_dict`` fills state for *every* parameter of a
+        fresh optimizer, but a parameter without gradient so far (a frozen last layer, the mask
+        token without iBOT) has none in the file, and must have none after loading either.
+        """
+        available = set(available_keys)
+        template = self.state_dict()
+        model_prefix = f"{prefix}.model."
+        wanted = {model_prefix + name for name in template["model"]}
+        stored = {key for key in available if key.startswith(model_prefix)}
+        unexpected = sorted(stored - wanted)
+        if unexpected:
+            raise ValueError(
+                f"the checkpoint holds {len(unexpected)} model entries this model does not have: "
+                + ", ".join(key[len(model_prefix):] for key in unexpected[:20])
+            )
+        if self.optimizer is not None:
+            state_prefix = f"{prefix}.optimizer.state."
+            stored_params = {key[len(state_prefix):] for key in available if key.startswith(state_prefix)}
+            template["optimizer"]["state"] = {
+                name: value
+                for name, value in template["optimizer"]["state"].items()
+                if any(key.startswith(name + ".") for key in stored_params)
+            }
+        return template
+
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self.optimizer is None:
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
         else:
-            set_state_dict(
-                self.model,
-                self.optimizer,
-                model_state_dict=state["model"],
-                optim_state_dict=state["optimizer"],
-                options=StateDictOptions(strict=True),
+            set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
+            # Not strict: parameters without optimizer state in the file were left out on purpose
+            # by template_for_load (they had no gradient yet when it was saved).
+            set_optimizer_state_dict(
+                self.model, self.optimizer, state["optimizer"], options=StateDictOptions(strict=False)
             )
 
 

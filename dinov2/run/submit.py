@@ -67,37 +67,46 @@ def export_distributed_environment(job_env) -> None:
 
 
 class JobRunner:
-    """The submitit callable: run ``target(argv)`` in each task; requeue on timeout/preemption.
+    """The submitit callable: run ``target(argv)`` in every task; requeue on timeout/preemption.
 
-    ``target`` takes ``(argv, stop_signal=...)`` when ``stoppable`` (training), else ``(argv)``.
+    The preemption signal is forwarded to the training loop's stop handler (the SIGUSR1 handler
+    that ``dinov2.train.train.main`` installs with :class:`~dinov2.checkpoint.signals.StopSignal`),
+    so the loop checkpoints at the next step boundary and returns; task 0 then calls submitit's
+    handler, which requeues the job. When no stop handler is listening (start-up, evaluation),
+    submitit's handler runs at once: the job is requeued and restarts from the newest complete
+    checkpoint (training) or from scratch (evaluation).
     """
 
     def __init__(self, target: str, argv: Sequence[str], stoppable: bool = True):
         self.target = target
         self.argv = list(argv)
         self.stoppable = stoppable
+        self.preempted = False
 
     def __call__(self):
         import submitit
 
-        from dinov2.checkpoint.signals import DEFAULT_SIGNALS, StopSignal
-
         job_env = submitit.JobEnvironment()
         export_distributed_environment(job_env)
         function = resolve_target(self.target)
-        if not self.stoppable:
-            return function(self.argv)
-
         preempt = preemption_signal()
-        stop = StopSignal(signals=tuple(DEFAULT_SIGNALS) + (preempt,))
-        result = function(self.argv, stop_signal=stop)
-        if stop.received == preempt:
-            # The loop checkpointed at a step boundary; now let submitit requeue the job (task 0
-            # only: its handler calls self.checkpoint(), runs `scontrol requeue` and exits).
-            submitit_handler = stop.previous.get(preempt)
-            if job_env.global_rank == 0 and callable(submitit_handler):
-                submitit_handler(preempt, None)
-            # Other tasks just end; the requeue restarts every task.
+        submitit_handler = signal.getsignal(preempt)
+        self.preempted = False
+
+        def on_preemption(signum, frame):
+            self.preempted = True
+            stop_handler = signal.getsignal(signal.SIGUSR1)
+            if self.stoppable and callable(stop_handler):
+                stop_handler(signal.SIGUSR1, frame)  # only sets the loop's stop flag
+            elif callable(submitit_handler):
+                submitit_handler(signum, frame)  # checkpoint() + requeue + exit (task 0)
+
+        signal.signal(preempt, on_preemption)
+        result = function(self.argv)
+        if self.preempted and callable(submitit_handler):
+            # The loop has written its checkpoint; task 0 requeues (and exits), the others end.
+            logger.info("preempted or timed out: checkpoint written, requeueing")
+            submitit_handler(preempt, None)
         return result
 
     def checkpoint(self, *args, **kwargs):
