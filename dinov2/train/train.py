@@ -64,8 +64,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from dinov2.train.trainer import SSLTrainer  # after logging, so set-up messages are shown
 
+    from dinov2.checkpoint.signals import StopSignal
+
     trainer = SSLTrainer(cfg, output_dir=output_dir)
-    result = trainer.train()
+    # SIGTERM / SIGUSR1: checkpoint at the next iteration boundary and exit (rerun to resume).
+    with StopSignal(callback=trainer.request_stop):
+        result = trainer.train()
     logger.info("training finished at iteration %d", result["iteration"])
     return 0
 

@@ -1,0 +1,157 @@
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dinov2.checkpoint import CheckpointManager
+from dinov2.hub.weights import load_backbone_weights
+from dinov2.models import build_backbone
+from dinov2.train.knn_monitor import weighted_knn_top1
+from dinov2.train.train import main
+from dinov2.train.trainer import NonFiniteLossError, SSLTrainer
+from dinov2.utils.config import load_config, load_saved_config
+from train_helpers import make_image_folder, tiny_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+def read_lines(output_dir):
+    with open(Path(output_dir) / "training_metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
+    out = tmp_path / "run"
+    main(["--output-dir", str(out), *tiny_overrides(data_root, "train.max_iterations=10",
+                                                    "evaluation.knn_period_iterations=5",
+                                                    "evaluation.knn_max_samples=8", "evaluation.knn_k=3")])
+    cfg = load_saved_config(out)
+    assert cfg.optim.lr == pytest.approx(0.004 * math.sqrt(4 / 1024))  # scaled by the global batch
+    lines = read_lines(out)
+    assert [line["iteration"] for line in lines] == list(range(1, 11))
+    first = lines[0]
+    for key in ("total_loss", "dino_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss",
+                "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_sec", "eta_seconds",
+                "skipped_images", "nonfinite_steps", "last_layer_lr"):
+        assert key in first, key
+    assert first["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(cfg.optim.lr)  # warm-up of 5 iterations
+    assert [line["iteration"] for line in lines if "knn_top1" in line] == [5, 10]
+    assert all(0.0 <= line["knn_top1"] <= 1.0 for line in lines if "knn_top1" in line)
+    assert [p.name for p in sorted((out / "checkpoints").glob("ckpt_*"))] == ["ckpt_00000005", "ckpt_00000010"]
+    exports = sorted(p.name for p in (out / "exports").iterdir())
+    assert exports == ["teacher_backbone_00000010.pth", "teacher_backbone_latest.pth"]
+    # The export is a plain official-format state dict that loads strictly into the factory.
+    backbone = build_backbone(cfg.student, cfg.crops.global_crops_size)
+    load_backbone_weights(backbone, out / "exports" / "teacher_backbone_latest.pth")
+
+
+def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_root):
+    # Fixed teacher (momentum 1) and temperature: the student fits the teacher's targets.
+    cfg = load_config(None, tiny_overrides(data_root, "teacher.momentum_teacher=1.0", "teacher.warmup_teacher_temp=0.07",
+                                           "optim.warmup_epochs=0", "optim.base_lr=0.1", "optim.min_lr=0.1",
+                                           "student.drop_path_rate=0", "optim.freeze_last_layer_epochs=0"))
+    trainer = SSLTrainer(cfg, output_dir=tmp_path / "fit")
+    batch = next(iter(trainer.loader))
+    batch.pop("skipped_images")
+    totals = []
+    for _ in range(12):
+        result = trainer.train_step(batch)
+        assert result["finite"]
+        totals.append(result["losses"]["total_loss"])
+        trainer.iteration += 1
+    assert totals[-1] < totals[0] - 0.05, totals
+
+
+def test_resume_continues_with_the_same_losses(tmp_path, data_root):
+    common = tiny_overrides(data_root, "train.max_iterations=12", "checkpointing.period_iterations=5")
+    main(["--output-dir", str(tmp_path / "straight"), *common])
+    # Interrupted after 7 iterations (a checkpoint at 5 and the final one at 7), then resumed.
+    main(["--output-dir", str(tmp_path / "resumed"), *common, "train.max_iterations=7"])
+    with open(tmp_path / "resumed" / "training_metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"iteration": 99, "total_loss": 0.0}) + "\n")  # logged after the checkpoint
+    main(["--output-dir", str(tmp_path / "resumed"), *common])
+    straight, resumed = read_lines(tmp_path / "straight"), read_lines(tmp_path / "resumed")
+    assert [line["iteration"] for line in resumed] == list(range(1, 13))
+    for a, b in zip(straight, resumed):
+        for key in ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "lr", "teacher_temp"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["iteration"], key)
+    # The final teachers are identical too.
+    a = torch.load(tmp_path / "straight" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, data_root):
+    cfg = load_config(None, tiny_overrides(data_root, "train.max_iterations=20", "checkpointing.period_iterations=3",
+                                           "train.max_nonfinite_steps=2"))
+    trainer = SSLTrainer(cfg, output_dir=tmp_path / "nan")
+    original = trainer.model.forward_backward
+    snapshots = {}
+
+    def poisoned(data, teacher_temp, scaler=None):
+        if trainer.iteration >= 4:
+            snapshots.setdefault("state", {k: v.clone() for k, v in trainer.model.state_dict().items()
+                                           if k.startswith("teacher.") or k.endswith(".center")})
+        losses = original(data, teacher_temp, scaler)
+        if trainer.iteration >= 4:  # from the 5th iteration on, iBOT goes NaN
+            losses["ibot_loss"] = torch.tensor(float("nan"))
+            losses["total_loss"] = torch.tensor(float("nan"))
+        return losses
+
+    trainer.model.forward_backward = poisoned
+    with pytest.raises(NonFiniteLossError, match="ibot_loss"):
+        trainer.train()
+    assert trainer.iteration == 5  # iteration 5 skipped, the 6th (second in a row) stopped the run
+    # Skipped steps touched neither the teacher nor the loss centres.
+    after = trainer.model.state_dict()
+    assert any(k.endswith(".center") for k in snapshots["state"])
+    assert all(torch.equal(after[k], v) for k, v in snapshots["state"].items())
+    last_line = read_lines(tmp_path / "nan")[-1]
+    assert last_line["iteration"] == 5 and last_line["nonfinite_steps"] == 1 and "ibot_loss" not in last_line
+    latest = CheckpointManager(tmp_path / "nan" / "checkpoints").latest()
+    assert latest.name == "ckpt_00000003"
+    # The intact checkpoint resumes cleanly.
+    fresh = SSLTrainer(cfg, output_dir=tmp_path / "nan")
+    assert fresh.resume() and fresh.iteration == 3
+    assert all(torch.isfinite(p).all() for p in fresh.model.parameters())
+
+
+def test_data_stream_does_not_depend_on_the_number_of_workers(tmp_path, data_root):
+    batches = []
+    for workers in (0, 2):
+        cfg = load_config(None, tiny_overrides(data_root, f"train.num_workers={workers}"))
+        trainer = SSLTrainer(cfg, output_dir=tmp_path / f"w{workers}")
+        iterator = iter(trainer.loader)
+        batches.append([next(iterator) for _ in range(2)])
+    for first, second in zip(*batches):
+        assert torch.equal(first["collated_global_crops"], second["collated_global_crops"])
+        assert torch.equal(first["collated_local_crops"], second["collated_local_crops"])
+        assert torch.equal(first["collated_masks"], second["collated_masks"])
+
+
+def test_weighted_knn_top1():
+    bank = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [0.1, 0.9]])
+    labels = torch.tensor([0, 0, 1, 1])
+    queries = torch.tensor([[1.0, 0.05], [0.05, 1.0], [0.2, 1.0]])
+    assert weighted_knn_top1(bank, labels, queries, torch.tensor([0, 1, 1]), k=2) == 1.0
+    assert weighted_knn_top1(bank, labels, queries, torch.tensor([1, 1, 1]), k=2) == pytest.approx(2 / 3)
+
+
+def test_entry_script_help_and_bad_override(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0 and "--config-file" in capsys.readouterr().out
+    # The thin script itself, as a user runs it: an unknown key is named in the error.
+    result = subprocess.run([sys.executable, str(REPO / "train" / "train.py"), "--output-dir", str(tmp_path),
+                             "optim.nope=1"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode != 0 and "optim.nope" in result.stderr

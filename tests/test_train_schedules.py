@@ -1,0 +1,106 @@
+import math
+
+import pytest
+import torch
+
+from dinov2.train.param_groups import (
+    apply_optim_scheduler,
+    build_optimizer,
+    fuse_params_groups,
+    get_params_groups,
+    param_multipliers,
+)
+from dinov2.train.schedules import CosineSchedule, build_schedules, scaled_learning_rate
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.utils.config import load_config
+from train_helpers import TINY_OVERRIDES
+
+
+def test_cosine_schedule_warmup_middle_end():
+    s = CosineSchedule(base_value=1.0, final_value=0.1, total_iters=110, warmup_iters=10, start_warmup_value=0.0)
+    assert s(0) == 0.0
+    assert s(9) == pytest.approx(1.0)  # the last warm-up iteration reaches the base value
+    assert s(5) == pytest.approx(5 / 9)
+    assert s(10) == pytest.approx(1.0)  # cosine starts at the base value
+    assert s(60) == pytest.approx(0.55)  # half-way through the cosine: mean of base and final
+    assert s(35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
+    assert s(109) == pytest.approx(0.1, abs=1e-3)
+    assert s(110) == 0.1 and s(10_000) == 0.1
+
+
+def test_schedule_rejects_bad_lengths():
+    with pytest.raises(ValueError, match="exceed"):
+        CosineSchedule(1.0, 0.0, total_iters=5, warmup_iters=10)
+
+
+def test_lr_scaling_rules():
+    assert scaled_learning_rate(0.004, 1024, "sqrt_wrt_1024") == pytest.approx(0.004)
+    assert scaled_learning_rate(0.004, 256, "sqrt_wrt_1024") == pytest.approx(0.002)
+    assert scaled_learning_rate(0.001, 512, "linear_wrt_256") == pytest.approx(0.002)
+    assert scaled_learning_rate(0.001, 512, "none") == 0.001
+    with pytest.raises(ValueError, match="scaling_rule"):
+        scaled_learning_rate(0.001, 512, "cubic")
+
+
+def test_training_schedules_from_config():
+    cfg = load_config(None, TINY_OVERRIDES + ["optim.lr=0.5", "optim.min_lr=0.0", "optim.freeze_last_layer_epochs=1",
+                                              "teacher.momentum_teacher=0.9", "teacher.final_momentum_teacher=1.0",
+                                              "teacher.warmup_teacher_temp=0.02", "teacher.teacher_temp=0.06",
+                                              "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"])
+    s = build_schedules(cfg)  # 4 epochs x 5 iterations, warm-up 1 epoch
+    assert s.total_iters == 20
+    at_warmup_end = s.at(4)
+    assert at_warmup_end["lr"] == pytest.approx(0.5)
+    assert at_warmup_end["teacher_temp"] == pytest.approx(0.06)
+    assert s.at(0)["teacher_temp"] == pytest.approx(0.02)
+    # Last layer: 0 during the first epoch, then the same as the lr.
+    assert [s.at(i)["last_layer_lr"] for i in range(5)] == [0.0] * 5
+    assert s.last_layer_frozen(4) and not s.last_layer_frozen(5)
+    assert s.at(5)["last_layer_lr"] == s.at(5)["lr"] > 0
+    # Weight decay and momentum: cosine from start to end value over the whole run.
+    assert s.at(0)["wd"] == pytest.approx(0.04) and s.at(10)["wd"] == pytest.approx(0.22)
+    assert s.at(20)["wd"] == pytest.approx(0.4)
+    assert s.at(0)["momentum"] == pytest.approx(0.9) and s.at(10)["momentum"] == pytest.approx(0.95)
+    assert s.at(25)["momentum"] == 1.0
+    assert s.at(20)["lr"] == 0.0
+
+
+def test_param_multipliers_by_name():
+    depth, decay, pe = 2, 0.5, 0.2
+    m = lambda name: param_multipliers(name, depth, decay, pe)  # noqa: E731
+    assert m("backbone.blocks.0.attn.qkv.weight") == {"lr_multiplier": 0.25, "wd_multiplier": 1.0, "is_last_layer": False}
+    assert m("backbone.blocks.1.mlp.fc1.weight")["lr_multiplier"] == 0.5
+    assert m("backbone.blocks.1.mlp.fc1.bias")["wd_multiplier"] == 0.0
+    assert m("backbone.blocks.1.norm1.weight")["wd_multiplier"] == 0.0
+    assert m("backbone.blocks.1.ls1.gamma")["wd_multiplier"] == 0.0
+    assert m("backbone.patch_embed.proj.weight")["lr_multiplier"] == pytest.approx(0.125 * 0.2)
+    assert m("backbone.pos_embed") == {"lr_multiplier": 0.125, "wd_multiplier": 1.0, "is_last_layer": False}
+    assert m("backbone.cls_token")["lr_multiplier"] == 0.125
+    assert m("backbone.norm.weight") == {"lr_multiplier": 1.0, "wd_multiplier": 0.0, "is_last_layer": False}
+    assert m("dino_head.mlp.0.weight") == {"lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": False}
+    assert m("dino_head.last_layer.weight") == {"lr_multiplier": 1.0, "wd_multiplier": 1.0, "is_last_layer": True}
+
+
+def test_optimizer_groups_of_the_student():
+    cfg = load_config(None, TINY_OVERRIDES + ["optim.layerwise_decay=0.9", "optim.patch_embed_lr_mult=0.2",
+                                              "student.layerscale=1e-5"])
+    model = SSLMetaArch(cfg)
+    groups = get_params_groups(model.student.named_parameters(), depth=2, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
+    names = {g["names"][0]: g for g in groups}
+    # Every student parameter is in exactly one group; the teacher's are not trained.
+    assert set(names) == {n for n, _ in model.student.named_parameters()}
+    assert names["backbone.blocks.1.ls2.gamma"]["wd_multiplier"] == 0.0
+    fused = fuse_params_groups(groups)
+    assert sum(len(g["params"]) for g in fused) == len(groups)
+    assert len({(g["lr_multiplier"], g["wd_multiplier"], g["is_last_layer"]) for g in fused}) == len(fused)
+
+    optimizer = build_optimizer(model.student, 2, cfg.optim)
+    apply_optim_scheduler(optimizer, lr=1.0, wd=0.1, last_layer_lr=0.0)
+    for group in optimizer.param_groups:
+        expected_lr = 0.0 if group["is_last_layer"] else group["lr_multiplier"]
+        assert group["lr"] == pytest.approx(expected_lr)
+        assert group["weight_decay"] == pytest.approx(0.1 * group["wd_multiplier"])
+    last = [g for g in optimizer.param_groups if g["is_last_layer"]]
+    assert len(last) == 1 and last[0]["params"][0] is model.student["dino_head"].last_layer.weight
+    assert all(not p.requires_grad for p in model.teacher.parameters())
+    assert torch.is_tensor(optimizer.param_groups[0]["params"][0])
