@@ -7,8 +7,8 @@ it the bank and the queries are disjoint. Each set holds at most ``evaluation.kn
 labelled images, drawn once with a fixed seed. Images are resized and centre-cropped to
 ``crops.global_crops_size`` and normalised with ``crops.mean`` / ``crops.std``.
 
-Classification: cosine similarity to the bank, the ``knn_k`` nearest neighbours vote with weight
-``exp(similarity / knn_temperature)`` (DINO's weighted k-NN).
+Classification: :func:`dinov2.eval.knn.knn_classify` (cosine similarity to the bank, the
+``knn_k`` nearest neighbours vote with weight ``exp(similarity / knn_temperature)``).
 
 Every rank extracts features of the whole (small) subsets, so sharded (FSDP) teachers see the
 same forward calls on every rank; rank 0's result is the one logged.
@@ -25,8 +25,10 @@ from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from dinov2 import distributed
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
+from dinov2.eval.knn import knn_classify
 
 logger = logging.getLogger("dinov2")
 
@@ -40,23 +42,28 @@ def weighted_knn_top1(
     query_labels: torch.Tensor,
     k: int = 20,
     temperature: float = 0.07,
-    chunk_size: int = 1024,
 ) -> float:
-    """Top-1 accuracy (in [0, 1]) of temperature-weighted k-NN voting with cosine similarity."""
+    """Top-1 accuracy (in [0, 1]) of temperature-weighted k-NN voting with cosine similarity.
+
+    Uses :func:`dinov2.eval.knn.knn_classify`. Every rank passes the full (identical) bank and
+    queries; under torchrun each rank searches its slice of the bank and the slices are merged.
+    """
     if bank_features.shape[0] == 0 or query_features.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty bank and query set")
-    bank = nn.functional.normalize(bank_features.float(), dim=1)
-    queries = nn.functional.normalize(query_features.float(), dim=1)
-    n_classes = int(max(bank_labels.max().item(), query_labels.max().item())) + 1
-    k = min(k, bank.shape[0])
-    correct = 0
-    for start in range(0, queries.shape[0], chunk_size):
-        chunk = queries[start : start + chunk_size]
-        similarity, neighbours = (chunk @ bank.t()).topk(k, dim=1)
-        votes = torch.zeros(chunk.shape[0], n_classes, device=chunk.device)
-        votes.scatter_add_(1, bank_labels[neighbours], (similarity / temperature).exp())
-        correct += int((votes.argmax(dim=1) == query_labels[start : start + chunk_size]).sum())
-    return correct / queries.shape[0]
+    num_classes = int(max(bank_labels.max().item(), query_labels.max().item())) + 1
+    k = min(k, bank_features.shape[0])
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    indices = torch.arange(bank_features.shape[0], device=bank_features.device)
+    scores = knn_classify(
+        query_features.float(),
+        bank_features.float()[rank::world_size],
+        bank_labels[rank::world_size],
+        bank_indices=indices[rank::world_size],
+        ks=[k],
+        temperature=temperature,
+        num_classes=num_classes,
+    )[k]
+    return float((scores.argmax(dim=1) == query_labels.to(scores.device)).float().mean())
 
 
 def _labelled_indices(dataset: Dataset, source: str) -> np.ndarray:
