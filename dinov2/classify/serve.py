@@ -20,7 +20,6 @@ The model is loaded once, at start-up. Requests are checked before any decoding 
 * no ``file`` field -> 422 (FastAPI validation).
 """
 
-from __future__ import annotations
 
 import argparse
 import io

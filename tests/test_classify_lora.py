@@ -1,0 +1,107 @@
+import copy
+
+import pytest
+import torch
+
+from dinov2.classify.checkpoint import load_classifier, save_classifier
+from dinov2.classify.config import load_classify_config
+from dinov2.classify.lora import add_lora, has_lora, lora_settings, merge_lora, trainable_fraction
+from dinov2.classify.shapes import make_shapes_dataset
+from dinov2.classify.train import train_classifier
+
+from classify_helpers import tiny_classifier
+
+
+def _with_random_adapters(model, mlp=False):
+    settings = lora_settings(r=4, alpha=8, mlp=mlp)
+    add_lora(model.backbone, settings)
+    for name, param in model.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters do something
+            torch.nn.init.normal_(param, std=0.1)
+    return settings
+
+
+@pytest.mark.parametrize("mlp", [False, True])
+def test_merged_model_gives_the_same_outputs(mlp):
+    model, config = tiny_classifier()
+    _with_random_adapters(model, mlp)
+    names = [n for n, _ in model.named_parameters() if "lora_" in n]
+    assert any(".attn.qkv." in n for n in names) and any(".attn.proj." in n for n in names)
+    assert any(".mlp.fc1." in n for n in names) == mlp
+    assert not any("patch_embed" in n for n in names)
+    images = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        before = model(images)
+        merged = merge_lora(copy.deepcopy(model))
+        after = merged(images)
+    assert not has_lora(merged)
+    assert set(merged.state_dict()) == set(tiny_classifier()[0].state_dict())
+    for task in before:
+        torch.testing.assert_close(after[task], before[task], atol=1e-5, rtol=1e-5)
+
+
+def test_classifier_file_round_trip_with_and_without_adapters(tmp_path):
+    model, config = tiny_classifier()
+    settings = _with_random_adapters(model)
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(images)
+    config.lora = settings
+    save_classifier(tmp_path / "unmerged.pth", model, config)
+    config.lora = None
+    with pytest.raises(ValueError, match="LoRA"):
+        save_classifier(tmp_path / "bad.pth", model, config)
+    save_classifier(tmp_path / "merged.pth", merge_lora(copy.deepcopy(model)), config)
+    for name in ("unmerged.pth", "merged.pth"):
+        loaded, loaded_config = load_classifier(tmp_path / name)
+        assert has_lora(loaded) == (name == "unmerged.pth")
+        with torch.no_grad():
+            got = loaded(images)
+        for task in expected:
+            torch.testing.assert_close(got[task], expected[task], atol=1e-5, rtol=1e-5)
+
+
+def test_lpft_stage_two_changes_only_adapters_and_heads(tmp_path):
+    make_shapes_dataset(tmp_path / "data", count=40, size=16, seed=3)
+    cfg = load_classify_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train=CSV:path={tmp_path / 'data' / 'train.csv'}",
+            f"data.val=CSV:path={tmp_path / 'data' / 'val.csv'}",
+            "data.crop_size=16", "data.batch_size=8", "data.num_workers=0",
+            "backbone.patch_size=4", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+            "optim.mode=lpft", "optim.epochs=2", "lpft.probe_epochs=1", "lpft.r=2", "lpft.lr=0.01",
+            "optim.warmup_epochs=0", "checkpoint.keep=5",
+        ],
+    )
+    summary = train_classifier(cfg)
+    stage1 = torch.load(tmp_path / "run/checkpoints/epoch_0001.pth", weights_only=True)
+    stage2 = torch.load(tmp_path / "run/checkpoints/epoch_0002.pth", weights_only=True)
+    assert stage1["lora"] is None and stage2["lora"]["r"] == 2
+    before, after = stage1["model"], stage2["model"]
+    changed_heads = 0
+    for key, value in before.items():
+        if key.startswith("heads."):
+            changed_heads += not torch.equal(after[key], value)
+            continue
+        # Wrapped layers keep their original weight under base_layer.
+        new_key = key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        assert torch.equal(after[new_key], value), f"{key} changed in stage 2"
+    assert changed_heads == len([k for k in before if k.startswith("heads.")])
+    lora_b = [v for k, v in after.items() if "lora_B" in k]
+    assert lora_b and all(torch.count_nonzero(v) > 0 for v in lora_b)
+    fractions = summary["trainable_params"]
+    assert fractions["probe"]["fraction"] < fractions["lora"]["fraction"] < 0.5
+    # The exported model has the adapters merged in and loads as a plain classifier.
+    model, _ = load_classifier(tmp_path / "run" / "model_final.pth")
+    assert not has_lora(model)
+
+
+def test_trainable_fraction_counts():
+    model, _ = tiny_classifier()
+    model.backbone.requires_grad_(False)
+    counts = trainable_fraction(model)
+    heads = sum(p.numel() for p in model.heads.parameters())
+    assert counts["trainable"] == heads
+    assert counts["fraction"] == pytest.approx(heads / sum(p.numel() for p in model.parameters()))

@@ -1,0 +1,122 @@
+import json
+import shutil
+
+import pytest
+import torch
+
+from dinov2.classify.checkpoint import load_classifier
+from dinov2.classify.config import load_classify_config
+from dinov2.classify.heads import MultiHeadClassifier, HeadSpec
+from dinov2.classify.shapes import make_shapes_dataset
+from dinov2.classify.train import build_optimizer, set_trainable, train_classifier
+from dinov2.hub.sources import BackboneSourceError, load_backbone
+from dinov2.hub.weights import save_state_dict
+from dinov2.utils.config import ConfigError, load_config, save_config
+
+from classify_helpers import TINY_VIT
+
+TINY = ["backbone.patch_size=4", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+        "data.crop_size=16", "data.batch_size=8", "data.num_workers=0"]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes_dataset(root, count=48, size=16, seed=1)
+    return root
+
+
+def _cfg(output_dir, shapes, *extra):
+    return load_classify_config(None, [f"output_dir={output_dir}", f"data.train=CSV:path={shapes / 'train.csv'}",
+                                       f"data.val=CSV:path={shapes / 'val.csv'}", *TINY, *extra])
+
+
+def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
+    extra = ["optim.mode=full", "optim.epochs=3", "checkpoint.keep=5", "optim.warmup_epochs=0.5"]
+    summary = train_classifier(_cfg(tmp_path / "a", shapes, *extra))
+    out = tmp_path / "a"
+    for name in ("config.yaml", "metrics.jsonl", "model_final.pth", "model_best.pth", "summary.json"):
+        assert (out / name).is_file(), name
+    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    assert set(lines[0]["val"]["tasks"]) == {"presence", "closure", "circularity"}
+    assert lines[0]["val"]["tasks"]["closure"]["num_labelled"] < lines[0]["val"]["tasks"]["presence"]["num_labelled"]
+    assert summary["best_mean_top1"] == max(l["val"]["mean_top1"] for l in lines)
+
+    # Interrupt after epoch 2: drop what epoch 3 wrote, then run again with the same options.
+    shutil.copytree(out, tmp_path / "b")
+    resumed = tmp_path / "b"
+    (resumed / "checkpoints" / "epoch_0003.pth").unlink()
+    (resumed / "model_final.pth").unlink()
+    train_classifier(_cfg(resumed, shapes, *extra))
+    final_a, _ = load_classifier(out / "model_final.pth")
+    final_b, _ = load_classifier(resumed / "model_final.pth")
+    for (key, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
+        assert torch.equal(a, b), key
+    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 4  # 3 + the re-run epoch 3
+
+
+def test_probe_keeps_backbone_and_partial_unfreezes_last_blocks(tmp_path, shapes):
+    train_classifier(_cfg(tmp_path / "probe", shapes, "optim.mode=probe", "optim.epochs=1", "backbone.source=random"))
+    backbone, _ = load_backbone("random", **TINY_VIT)
+    model = MultiHeadClassifier(backbone, [HeadSpec("t", ("a", "b"))])
+    set_trainable(model, "partial", unfreeze_last_k=1)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(n.startswith(("backbone.blocks.1.", "backbone.norm.", "heads.")) for n in trainable)
+    assert any(n.startswith("backbone.blocks.1.") for n in trainable)
+    set_trainable(model, "full")
+    optimizer = build_optimizer(model, head_lr=1e-2, backbone_lr=1e-3, layer_decay=0.5, weight_decay=0.05)
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert lr_of[id(named["heads.t.weight"])] == pytest.approx(1e-2)
+    assert lr_of[id(named["backbone.norm.weight"])] == pytest.approx(1e-3)
+    assert lr_of[id(named["backbone.blocks.1.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.5)
+    assert lr_of[id(named["backbone.blocks.0.attn.qkv.weight"])] == pytest.approx(1e-3 * 0.25)
+    assert lr_of[id(named["backbone.patch_embed.proj.weight"])] == pytest.approx(1e-3 * 0.125)
+
+
+def test_backbone_from_training_output_and_consolidated_file(tmp_path, shapes):
+    ssl_cfg = load_config(None, ["student.arch=vit_small", "student.patch_size=4", "student.embed_dim=32",
+                                 "student.depth=2", "student.num_heads=2", "crops.global_crops_size=16"])
+    run = tmp_path / "ssl_run"
+    save_config(ssl_cfg, run)
+    reference, spec = load_backbone("random", **TINY_VIT, init_values=1e-5)
+    torch.nn.init.normal_(reference.pos_embed)
+    save_state_dict(reference.state_dict(), run / "exports" / "teacher_backbone_latest.pth")
+    images = torch.randn(2, 3, 16, 16)
+    for source, kwargs in ((str(run), {}), (str(run / "exports" / "teacher_backbone_latest.pth"), {"num_heads": 2})):
+        model, model_spec = load_backbone(source, **kwargs)
+        assert model_spec["kwargs"]["embed_dim"] == 32 and model_spec["kwargs"]["depth"] == 2
+        model.eval(), reference.eval()
+        torch.testing.assert_close(model(images), reference(images))
+    with pytest.raises(BackboneSourceError, match="num_heads"):
+        load_backbone(str(run / "exports" / "teacher_backbone_latest.pth"))
+    with pytest.raises(BackboneSourceError, match="no backbone export"):
+        load_backbone(str(tmp_path / "ssl_run"), weights="exports/missing.pth")
+    with pytest.raises(BackboneSourceError, match="not 'random'"):
+        load_backbone(str(tmp_path / "nothing_here"))
+    # A classifier trained from the training output keeps its weights as the starting point.
+    cfg = _cfg(tmp_path / "from_ssl", shapes, f"backbone.source={run}", "optim.mode=probe", "optim.epochs=1")
+    train_classifier(cfg)
+    classifier, config = load_classifier(tmp_path / "from_ssl")
+    torch.testing.assert_close(classifier.backbone(images), reference(images))
+    assert config.extra["backbone_source"] == str(run)
+
+
+def test_timm_backbone(tmp_path):
+    pytest.importorskip("timm", reason="timm is an optional extra and is not installed here")
+    backbone, spec = load_backbone("timm:vit_tiny_patch16_224")
+    model = MultiHeadClassifier(backbone, [HeadSpec("t", ("a", "b"), "cls+mean")])
+    assert model(torch.randn(1, 3, 224, 224))["t"].shape == (1, 2)
+    assert spec == {"kind": "timm", "name": "vit_tiny_patch16_224", "kwargs": {}}
+
+
+def test_config_errors_name_the_key(tmp_path, shapes):
+    with pytest.raises(ConfigError, match="optim.mode"):
+        _cfg(tmp_path, shapes, "optim.mode=sideways")
+    with pytest.raises(ConfigError, match="lpft.probe_epochs"):
+        _cfg(tmp_path, shapes, "optim.mode=lpft", "optim.epochs=2", "lpft.probe_epochs=2")
+    with pytest.raises(ConfigError, match="nonsense"):
+        _cfg(tmp_path, shapes, "optim.nonsense=1")
+    with pytest.raises(Exception, match="unknown tasks"):
+        train_classifier(_cfg(tmp_path / "x", shapes, "heads.tasks=[presence,colour]"))
