@@ -283,7 +283,9 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
         targets = loss.sinkhorn_knopp_teacher(mine, 0.1)
         loss.update_center(mine)
         feat_half = features.shape[0] // world_size
-        koleo = KoLeoLoss(distributed=True)(features[rank * feat_half : (rank + 1) * feat_half])
+        my_features = features[rank * feat_half : (rank + 1) * feat_half].clone().requires_grad_(True)
+        koleo = KoLeoLoss(distributed=True)(my_features)
+        koleo.backward()
         # Ranks with different numbers of masked patches still agree on the global mean/SK.
         ibot = iBOTPatchLoss(logits.shape[1])
         uneven = logits[:1] if rank == 0 else logits[1:]
@@ -295,10 +297,12 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
         except ValueError as error:
             uneven_error = str(error)
         torch.save(
-            {"targets": targets, "center": loss.center, "koleo": koleo, "ibot_targets": ibot_targets,
+            {"targets": targets, "center": loss.center, "koleo": koleo.detach(), "koleo_grad": my_features.grad,
+             "ibot_targets": ibot_targets,
              "ibot_center": ibot.center, "uneven_error": uneven_error},
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
+        dist.barrier()  # nobody tears the group down while the other rank is still in a collective
     finally:
         dist.destroy_process_group()
 
@@ -325,6 +329,11 @@ def test_targets_center_and_koleo_reduce_across_two_ranks(tmp_path):
         torch.testing.assert_close(r["ibot_center"], reference.center)
     # Averaging the per-rank losses gives the single-process loss on the whole batch.
     koleo_mean = (results[0]["koleo"] + results[1]["koleo"]) / 2
-    torch.testing.assert_close(koleo_mean, KoLeoLoss()(features))
+    full = features.clone().requires_grad_(True)
+    koleo_full = KoLeoLoss()(full)
+    koleo_full.backward()
+    torch.testing.assert_close(koleo_mean, koleo_full.detach())
+    # Each rank's gradient covers every rank's loss term: d(L0 + L1)/dx = 2 dL_full/dx.
+    torch.testing.assert_close(torch.cat([r["koleo_grad"] for r in results]), 2 * full.grad)
     for r in results:
         assert "same batch size on every rank" in r["uneven_error"]

@@ -14,6 +14,28 @@ from dinov2.loss.centering import distributed_is_active
 __all__ = ["KoLeoLoss"]
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    """Concatenate equally sized ``(b, D)`` tensors of all ranks along dim 0; the backward pass
+    sums the gradients of all ranks and returns each rank its own slice (every rank's loss
+    depends on every rank's features). Plain ``all_gather`` / ``all_reduce`` work on gloo and
+    NCCL alike."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world_size = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world_size)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.local_size = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        start = ctx.rank * ctx.local_size
+        return grad[start : start + ctx.local_size]
+
+
 class KoLeoLoss(nn.Module):
     """``-mean_i log(d_i)`` with ``d_i`` the distance of L2-normalised feature ``i`` to its
     nearest other feature.
@@ -34,7 +56,7 @@ class KoLeoLoss(nn.Module):
     Args:
         eps: smoothing of the distance (1e-8).
         distributed: search nearest neighbours among the features of all ranks
-            (``all_gather`` with autograd, every rank must pass the same batch size); the loss
+            (all-gather with autograd, every rank must pass the same batch size); the loss
             is still averaged over this rank's features. Off by default (DINOv2 uses the
             per-rank batch); without a process group it is the same as ``False``.
     """
@@ -54,15 +76,12 @@ class KoLeoLoss(nn.Module):
         x = F.normalize(student_features.float(), p=2, dim=-1, eps=1e-8)
         candidates, self_offset = x, 0
         if self.distributed and distributed_is_active():
-            from torch.distributed.nn.functional import all_gather
-
             sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
             dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
             sizes = [int(s) for s in sizes]
             if len(set(sizes)) != 1:  # every rank sees the same sizes, so all raise together
                 raise ValueError(f"distributed KoLeoLoss needs the same batch size on every rank, got {sizes}")
-            gathered = all_gather(x)
-            candidates = torch.cat(gathered, dim=0)
+            candidates = _AllGatherWithGrad.apply(x)
             self_offset = dist.get_rank() * x.shape[0]
 
         n_local, n_all = x.shape[0], candidates.shape[0]
