@@ -57,7 +57,20 @@ def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
 
 
 def test_probe_keeps_backbone_and_partial_unfreezes_last_blocks(tmp_path, shapes):
-    train_classifier(_cfg(tmp_path / "probe", shapes, "optim.mode=probe", "optim.epochs=1", "backbone.source=random"))
+    for cache in ("false", "true"):
+        out = tmp_path / f"probe_{cache}"
+        summary = train_classifier(
+            _cfg(out, shapes, "optim.mode=probe", "optim.epochs=2", f"optim.cache_features={cache}", "seed=3")
+        )
+        assert summary["final"]["tasks"]["presence"]["num_labelled"] > 0
+        probe, _ = load_classifier(out / "model_final.pth")
+        torch.manual_seed(3)  # the trainer seeds before building the backbone
+        initial, _ = load_backbone("random", **TINY_VIT)
+        for key, value in initial.state_dict().items():
+            assert torch.equal(probe.backbone.state_dict()[key], value), key
+        assert not torch.equal(probe.heads["presence"].weight, torch.zeros_like(probe.heads["presence"].weight))
+    with pytest.raises(ConfigError, match="cache_features"):
+        _cfg(tmp_path, shapes, "optim.mode=full", "optim.cache_features=true")
     backbone, _ = load_backbone("random", **TINY_VIT)
     model = MultiHeadClassifier(backbone, [HeadSpec("t", ("a", "b"))])
     set_trainable(model, "partial", unfreeze_last_k=1)

@@ -80,6 +80,9 @@ class OptimOptions:
     label_smoothing: float = 0.0
     amp: str = "none"  # none | bf16 | fp16 (CUDA)
     max_steps_per_epoch: Optional[int] = None
+    # mode=probe only: run the frozen backbone once over un-augmented train / val images and
+    # train the heads on the stored pooled features (much faster; no training augmentation).
+    cache_features: bool = False
 
 
 @dataclass
@@ -133,6 +136,8 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(
             f"'lpft.probe_epochs' ({cfg.lpft.probe_epochs}) must be in [0, optim.epochs={cfg.optim.epochs})"
         )
+    if cfg.optim.cache_features and cfg.optim.mode != "probe":
+        raise ConfigError(f"'optim.cache_features' needs optim.mode=probe (a frozen backbone), got {cfg.optim.mode!r}")
     if cfg.data.val is not None and cfg.data.val_fraction > 0:
         raise ConfigError("set either 'data.val' or 'data.val_fraction', not both")
 

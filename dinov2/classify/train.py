@@ -48,7 +48,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinov2.data.image_io import SKIPPED_KEY, SkipBadSamples
 from dinov2.eval.metrics import classification_metrics
@@ -156,6 +156,51 @@ def autocast_context(device: torch.device, amp: str):
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+class FeatureDataset(Dataset):
+    """Pooled backbone features and their targets, stored once for a frozen-backbone probe."""
+
+    def __init__(self, features: Dict[str, torch.Tensor], targets: Dict[str, torch.Tensor]):
+        self.features, self.targets = features, targets
+        self.length = len(next(iter(targets.values())))
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int):
+        return (
+            {k: v[index] for k, v in self.features.items()},
+            {k: v[index] for k, v in self.targets.items()},
+        )
+
+
+@torch.no_grad()
+def extract_features(model: MultiHeadClassifier, loader: DataLoader, device: torch.device, amp: str = "none") -> FeatureDataset:
+    """Run the (frozen) backbone once over a loader; keep pooled features on the CPU."""
+    model.eval()
+    features: Dict[str, list] = {"cls": [], "mean": []}
+    targets: Dict[str, list] = {t: [] for t in model.task_names}
+    for batch in loader:
+        if isinstance(batch, dict):  # an all-unreadable batch (skip policy)
+            continue
+        images, batch_targets = batch
+        with autocast_context(device, amp):
+            pooled = model.features(images.to(device, non_blocking=True))
+        for key in features:
+            features[key].append(pooled[key].float().cpu())
+        for task in targets:
+            targets[task].append(batch_targets[task])
+    if not targets[model.task_names[0]]:
+        raise ValueError("no readable images to extract features from")
+    return FeatureDataset({k: torch.cat(v) for k, v in features.items()}, {t: torch.cat(v) for t, v in targets.items()})
+
+
+def _forward(model: MultiHeadClassifier, inputs, device: torch.device) -> Dict[str, torch.Tensor]:
+    """Logits from images, or from stored pooled features (a dict) when probing on cached features."""
+    if isinstance(inputs, dict):
+        return model.forward_from_features({k: v.to(device, non_blocking=True) for k, v in inputs.items()})
+    return model(inputs.to(device, non_blocking=True))
+
+
 def _move_targets(targets: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {task: t.to(device, non_blocking=True) for task, t in targets.items()}
 
@@ -173,7 +218,7 @@ def collect_probabilities(
             continue
         images, targets = batch
         with autocast_context(device, amp):
-            logits = model(images.to(device, non_blocking=True))
+            logits = _forward(model, images, device)
         for task in model.task_names:
             probs[task].append(logits[task].float().softmax(dim=-1).cpu().numpy())
             labels[task].append(targets[task].numpy())
@@ -256,8 +301,11 @@ class ClassifierTrainer:
     # -- set-up
     def _build_data(self) -> None:
         cfg, d = self.cfg, self.cfg.data
-        train_tf = train_transform(self.preprocessing, min_scale=d.min_scale, hflip=d.hflip)
         eval_tf = eval_transform(self.preprocessing)
+        if cfg.optim.cache_features:  # features are computed once, so without augmentation
+            train_tf = eval_tf
+        else:
+            train_tf = train_transform(self.preprocessing, min_scale=d.min_scale, hflip=d.hflip)
         wanted = list(cfg.heads.tasks) if cfg.heads.tasks else None
         train_set, self.tasks = make_task_dataset(d.train, train_tf, wanted=wanted, single_task_name=cfg.heads.single_task_name)
         val_set = None
@@ -304,7 +352,7 @@ class ClassifierTrainer:
             dataset,
             batch_size=d.batch_size if train else (d.eval_batch_size or d.batch_size),
             shuffle=train,
-            num_workers=d.num_workers,
+            num_workers=0 if isinstance(dataset, FeatureDataset) else d.num_workers,
             collate_fn=SkipBadSamples(),
             generator=generator,
             pin_memory=self.device.type == "cuda",
@@ -371,6 +419,12 @@ class ClassifierTrainer:
             self.model.to(self.device)
             start_epoch, best, best_epoch = int(state["epoch"]), state["best_metric"], state["best_epoch"]
             logger.info("classify: resumed from %s after epoch %d", resume_path, start_epoch)
+        if cfg.optim.cache_features and start_epoch < cfg.optim.epochs:
+            started = time.time()
+            self.train_set = extract_features(self.model, self._loader(self.train_set, train=False), self.device, cfg.optim.amp)
+            if self.val_set is not None:
+                self.val_set = extract_features(self.model, self._loader(self.val_set, train=False), self.device, cfg.optim.amp)
+            logger.info("classify: cached backbone features in %.1f s", time.time() - started)
 
         stage_params: Dict[str, dict] = {}
         stage, optimizer, schedule = None, None, None
@@ -447,7 +501,7 @@ class ClassifierTrainer:
             for group in optimizer.param_groups:
                 group["lr"] = group["base_lr"] * factor
             with autocast_context(self.device, cfg.optim.amp):
-                logits = self.model(images.to(self.device, non_blocking=True))
+                logits = _forward(self.model, images, self.device)
             loss, per_task = multitask_loss(
                 logits, _move_targets(targets, self.device), weights, label_smoothing=cfg.optim.label_smoothing
             )
