@@ -252,12 +252,13 @@ def test_real_quickdraw_js_package():
     assert len(holdout.classes) == 45 and len(holdout) == 4500
 
 
-def test_prepared_shards_are_balanced_and_load_as_webdataset(npy_root, tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_prepared_shards_are_balanced_and_load_as_webdataset(npy_root, tmp_path, workers):
     from dinov2.data.quickdraw_prep import write_quickdraw_shards
 
     out = tmp_path / "shards"
     manifest = write_quickdraw_shards(f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun", str(out),
-                                      size=32, shard_size=6)
+                                      size=32, shard_size=6, workers=workers)
     assert manifest["splits"]["train"] == {**manifest["splits"]["train"], "samples": 16, "shards": 3, "classes": 2}
     assert manifest["splits"]["holdout"]["samples"] == 10 and manifest["splits"]["test"]["samples"] == 4
     assert (out / "classes_holdout.txt").read_text().split() == ["sun"]

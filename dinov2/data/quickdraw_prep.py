@@ -78,11 +78,20 @@ def _balanced_order(targets: np.ndarray, balance: bool) -> np.ndarray:
     return np.asarray(order, dtype=np.int64)
 
 
-def _encode_png(args) -> bytes:
-    dataset, index = args
-    image, _ = dataset[index]
+_WORKER_DATASET = None  # the split being rendered, built once per process (never pickled per item)
+
+
+def _set_worker_dataset(spec: str) -> None:
+    global _WORKER_DATASET
+    from dinov2.data.loaders import make_dataset
+
+    _WORKER_DATASET = make_dataset(spec)
+
+
+def _encode_png(index: int) -> bytes:
+    image, _ = _WORKER_DATASET[index]
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False)
+    image.save(buffer, format="PNG")
     return buffer.getvalue()
 
 
@@ -112,14 +121,20 @@ def write_quickdraw_shards(
     for split in splits:
         if split.startswith("holdout") and "holdout=" not in dataset_spec:
             continue
-        dataset = make_dataset(f"{dataset_spec}:split={split}:size={size}")
+        split_spec = f"{dataset_spec}:split={split}:size={size}"
+        dataset = make_dataset(split_spec)
         order = _balanced_order(dataset.get_targets(), balance)
         targets = dataset.get_targets()
         n_shards = max(1, -(-len(order) // shard_size))
-        with ProcessPoolExecutor(workers) if workers > 1 else _Inline() as pool:
+        if workers > 1:
+            pool = ProcessPoolExecutor(workers, initializer=_set_worker_dataset, initargs=(split_spec,))
+        else:
+            _set_worker_dataset(split_spec)
+            pool = _Inline()
+        with pool:
             for shard in range(n_shards):
                 chunk = order[shard * shard_size:(shard + 1) * shard_size]
-                pngs = pool.map(_encode_png, [(dataset, int(i)) for i in chunk], chunksize=32)
+                pngs = pool.map(_encode_png, [int(i) for i in chunk], chunksize=64)
                 path = os.path.join(out_dir, f"{split}-{shard:06d}.tar")
                 tmp = f"{path}.{os.getpid()}.tmp"
                 with wds.TarWriter(tmp) as sink:
