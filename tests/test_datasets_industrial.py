@@ -133,3 +133,15 @@ def test_corrupted_image_raise_and_skip(industrial_root, tmp_path):
     lenient = make_dataset(f"Industrial:root={root}:split=val:bad_images=skip")
     assert lenient[0] is None
     assert lenient[1][0].mode == "RGB"
+
+
+def test_symlinked_split_folder_inside_root_is_followed(industrial_root, tmp_path):
+    # Users keep images on another disk and link them in; only annotation paths are constrained.
+    import shutil
+
+    root = tmp_path / "linked"
+    (root).mkdir()
+    shutil.copytree(industrial_root / "annotations", root / "annotations")
+    os.symlink(industrial_root / "val", root / "val")
+    dataset = make_dataset(f"Industrial:root={root}:split=val:check_groups=false")
+    assert len(dataset) == 4 and dataset[0][0].mode == "RGB"

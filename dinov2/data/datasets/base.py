@@ -24,15 +24,16 @@ class DatasetFormatError(ValueError):
 
 
 def resolve_inside(root: str, relative: str, what: str) -> str:
-    """Join ``relative`` to ``root`` and refuse anything that lands outside ``root``
-    (absolute paths, ``..``, symlinks pointing out)."""
+    """Join ``relative`` to ``root`` and refuse anything that lands outside ``root`` (absolute paths,
+    ``..``). The check is on the path as written: symlinks the user placed inside the root (e.g. an
+    image folder on another disk) are followed, as a path from an annotation file cannot create them."""
     if not isinstance(relative, str) or not relative:
         raise DatasetFormatError(f"{what}: path must be a non-empty string, got {relative!r}")
     if os.path.isabs(relative):
         raise DatasetFormatError(f"{what}: path {relative!r} is absolute; it must be relative to the root {root}")
-    real_root = os.path.realpath(root)
-    full = os.path.realpath(os.path.join(real_root, relative))
-    if os.path.commonpath([real_root, full]) != real_root:
+    base = os.path.abspath(root)
+    full = os.path.normpath(os.path.join(base, relative))
+    if os.path.commonpath([base, full]) != base:
         raise DatasetFormatError(f"{what}: path {relative!r} escapes the dataset root {root}")
     return full
 
