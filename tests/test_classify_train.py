@@ -133,3 +133,22 @@ def test_config_errors_name_the_key(tmp_path, shapes):
         _cfg(tmp_path, shapes, "optim.nonsense=1")
     with pytest.raises(Exception, match="unknown tasks"):
         train_classifier(_cfg(tmp_path / "x", shapes, "heads.tasks=[presence,colour]"))
+
+
+def test_single_label_folders_use_the_configured_task_name(tmp_path):
+    from classify_helpers import random_image
+
+    for split in ("train", "val"):
+        for c, name in enumerate(("cats", "dogs")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(4):
+                random_image(100 * c + 10 * i + (split == "val"), size=(16, 16)).save(tmp_path / split / name / f"{i}.png")
+    cfg = load_classify_config(None, [
+        f"output_dir={tmp_path / 'run'}", f"data.train=ImageFolder:root={tmp_path / 'train'}:cache=false",
+        f"data.val=ImageFolder:root={tmp_path / 'val'}:cache=false", "heads.single_task_name=animal",
+        "optim.epochs=1", *TINY,
+    ])
+    summary = train_classifier(cfg)
+    assert summary["final"]["tasks"]["animal"]["num_labelled"] == 8
+    _, config = load_classifier(tmp_path / "run")
+    assert [(h.name, h.classes) for h in config.heads] == [("animal", ("cats", "dogs"))]

@@ -307,13 +307,14 @@ class ClassifierTrainer:
         else:
             train_tf = train_transform(self.preprocessing, min_scale=d.min_scale, hflip=d.hflip)
         wanted = list(cfg.heads.tasks) if cfg.heads.tasks else None
-        train_set, self.tasks = make_task_dataset(d.train, train_tf, wanted=wanted, single_task_name=cfg.heads.single_task_name)
+        single = cfg.heads.single_task_name
+        train_set, self.tasks = make_task_dataset(d.train, train_tf, wanted=wanted, single_task_name=single)
         val_set = None
         if d.val:
-            val_set, _ = make_task_dataset(d.val, eval_tf, tasks=self.tasks)
+            val_set, _ = make_task_dataset(d.val, eval_tf, tasks=self.tasks, single_task_name=single)
         elif d.val_fraction > 0:
             # Two views of the same files: augmented for training, plain for validation.
-            plain, _ = make_task_dataset(d.train, eval_tf, tasks=self.tasks)
+            plain, _ = make_task_dataset(d.train, eval_tf, tasks=self.tasks, single_task_name=single)
             train_idx, val_idx = split_indices(len(train_set), d.val_fraction, cfg.seed)
             train_set, val_set = Subset(train_set, train_idx.tolist()), Subset(plain, val_idx.tolist())
         self.train_set = subsample(train_set, d.max_train_samples, cfg.seed)
