@@ -18,6 +18,7 @@ from typing import Dict, Optional, Tuple, Union
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dinov2.hub.weights import check_state_dict, save_state_dict
@@ -76,7 +77,10 @@ def read_teacher_state(checkpoint: PathLike, with_heads: bool = False) -> Tuple[
             wanted[key] = torch.empty(meta.size, dtype=meta.properties.dtype)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
-        dcp.load(wanted, checkpoint_id=str(checkpoint), planner=WeightsOnlyLoadPlanner(), no_dist=True)
+        try:
+            dcp.load(wanted, checkpoint_id=str(checkpoint), planner=WeightsOnlyLoadPlanner(), no_dist=True)
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
+            raise CheckpointError(f"cannot read the teacher from {checkpoint}: {error}") from error
     backbone, heads = {}, {}
     for key, tensor in wanted.items():
         local = key[len(prefix) :]

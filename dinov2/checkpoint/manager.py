@@ -27,6 +27,7 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.api import CheckpointException
 
 from dinov2 import distributed
 
@@ -270,7 +271,7 @@ class CheckpointManager:
                     planner=WeightsOnlyLoadPlanner(),
                     no_dist=not distributed.is_enabled(),
                 )
-        except Exception as error:
+        except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             raise CheckpointError(f"cannot load checkpoint {path}: {error}") from error
         for key, value in app_state.items():
             if hasattr(value, "load_state_dict"):
