@@ -32,14 +32,14 @@ setup(
     extras_require={
         "xformers": ["xformers"],
         "lora": ["peft>=0.10"],
-        "serve": ["fastapi>=0.110", "uvicorn>=0.27", "python-multipart>=0.0.9"],
+        "serve": ["fastapi>=0.165", "uvicorn>=0.27", "python-multipart>=0.0.9"],
         "timm": ["timm>=0.9"],
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
             "httpx>=0.27",
             "peft>=0.10",
-            "fastapi>=0.110",
+            "fastapi>=0.165",
             "uvicorn>=0.27",
             "python-multipart>=0.0.9",
         ],
@@ -50,6 +50,11 @@ setup(
             "dinov2-knn=dinov2.eval.knn:main",
             "dinov2-linear=dinov2.eval.linear:main",
             "dinov2-logreg=dinov2.eval.log_regression:main",
+            "dinov2-classify=dinov2.classify.train:main",
+            "dinov2-predict=dinov2.classify.predict:main",
+            "dinov2-serve=dinov2.classify.serve:main",
+            "dinov2-check-setup=dinov2.classify.check_setup:main",
+            "dinov2-make-shapes=dinov2.classify.shapes:main",
         ]
     },
 )
