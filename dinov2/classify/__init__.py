@@ -4,7 +4,8 @@ training, inference from Python, the command line and HTTP. See docs/classify.md
 from .checkpoint import ClassifierConfig, build_classifier, load_classifier, save_classifier
 from .heads import HeadSpec, MultiHeadClassifier
 from .losses import masked_cross_entropy, multitask_loss
-from .predict import Predictor, predict
+# The predict() function stays in dinov2.classify.predict: re-exporting it here would hide the module.
+from .predict import Predictor
 
 __all__ = [
     "ClassifierConfig",
@@ -15,6 +16,5 @@ __all__ = [
     "load_classifier",
     "masked_cross_entropy",
     "multitask_loss",
-    "predict",
     "save_classifier",
 ]
