@@ -42,7 +42,7 @@ RANDOM_SHAPE = ["backbone.arch=vit_tiny", "backbone.patch_size=4", "backbone.emb
 
 def recipe(mode: str, args) -> list:
     common = ["data.crop_size=28", "data.resize_size=28", f"data.num_workers={args.workers}", "heads.pooling=cls+mean",
-              "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]", "log_every=0"]
+              "log_every=0"]
     if mode == "probe":
         return common + ["optim.mode=probe", "optim.cache_features=true", f"optim.epochs={args.probe_epochs}",
                          "optim.head_lr=3e-3", "optim.weight_decay=1e-4", "data.batch_size=256",

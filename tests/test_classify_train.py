@@ -90,7 +90,8 @@ def test_probe_keeps_backbone_and_partial_unfreezes_last_blocks(tmp_path, shapes
 
 def test_backbone_from_training_output_and_consolidated_file(tmp_path, shapes):
     ssl_cfg = load_config(None, ["student.arch=vit_small", "student.patch_size=4", "student.embed_dim=32",
-                                 "student.depth=2", "student.num_heads=2", "crops.global_crops_size=16"])
+                                 "student.depth=2", "student.num_heads=2", "crops.global_crops_size=16",
+                                 "crops.mean=[0.5,0.5,0.5]", "crops.std=[0.25,0.25,0.25]"])
     run = tmp_path / "ssl_run"
     save_config(ssl_cfg, run)
     reference, spec = load_backbone("random", **TINY_VIT, init_values=1e-5)
@@ -114,6 +115,8 @@ def test_backbone_from_training_output_and_consolidated_file(tmp_path, shapes):
     classifier, config = load_classifier(tmp_path / "from_ssl")
     torch.testing.assert_close(classifier.backbone(images), reference(images))
     assert config.extra["backbone_source"] == str(run)
+    # Images are normalised as the backbone saw them during self-supervised training.
+    assert config.preprocessing["mean"] == [0.5] * 3 and config.preprocessing["std"] == [0.25] * 3
 
 
 def test_timm_backbone(tmp_path):
@@ -152,3 +155,16 @@ def test_single_label_folders_use_the_configured_task_name(tmp_path):
     assert summary["final"]["tasks"]["animal"]["num_labelled"] == 8
     _, config = load_classifier(tmp_path / "run")
     assert [(h.name, h.classes) for h in config.heads] == [("animal", ("cats", "dogs"))]
+
+
+def test_partial_finetuning_with_bf16_autocast(tmp_path, shapes):
+    cfg = _cfg(tmp_path / "bf16", shapes, "optim.mode=partial", "optim.unfreeze_last_k=1", "optim.amp=bf16",
+               "optim.epochs=1")
+    summary = train_classifier(cfg)
+    assert summary["final"]["mean_top1"] is not None
+    line = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])
+    assert line["stage"] == "partial" and all(v == v for v in line["train"].values())  # finite, not NaN
+    model, config = load_classifier(tmp_path / "bf16")
+    assert config.preprocessing["mean"] == [0.485, 0.456, 0.406]  # ImageNet default for a random backbone
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+        train_classifier(_cfg(tmp_path / "fp16", shapes, "optim.amp=fp16", "optim.epochs=1", "device=cpu"))

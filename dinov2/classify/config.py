@@ -16,7 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.utils.config import ConfigError, parse_overrides
 
-from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 MODES = ("probe", "partial", "full", "lpft")
 AMP_MODES = ("none", "bf16", "fp16")
@@ -55,8 +54,10 @@ class DataOptions:
     max_val_samples: Optional[int] = None
     crop_size: int = 224
     resize_size: Optional[int] = None  # default crop_size * 8/7
-    mean: List[float] = field(default_factory=lambda: list(IMAGENET_MEAN))
-    std: List[float] = field(default_factory=lambda: list(IMAGENET_STD))
+    # Normalisation; default: the training run's crops.mean/std for a training-output backbone,
+    # ImageNet statistics otherwise.
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
     interpolation: str = "bicubic"
     min_scale: float = 0.35  # RandomResizedCrop scale range (min_scale, 1)
     hflip: bool = True

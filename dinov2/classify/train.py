@@ -64,7 +64,7 @@ from .device import select_device
 from .heads import HeadSpec, MultiHeadClassifier
 from .lora import add_lora, has_lora, lora_settings, merge_lora, trainable_fraction
 from .losses import MISSING_LABEL, multitask_loss
-from .transforms import eval_transform, preprocessing_settings, train_transform
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transform, preprocessing_settings, train_transform
 
 logger = logging.getLogger("dinov2")
 
@@ -287,12 +287,19 @@ class ClassifierTrainer:
         self.output_dir = Path(cfg.output_dir)
         self.device = select_device(cfg.device)
         torch.manual_seed(cfg.seed)
+        backbone = self._build_backbone()
         d = cfg.data
+        normalization = self.backbone_spec.get("normalization", {})
         self.preprocessing = preprocessing_settings(
-            crop_size=d.crop_size, resize_size=d.resize_size, mean=d.mean, std=d.std, interpolation=d.interpolation
+            crop_size=d.crop_size,
+            resize_size=d.resize_size,
+            mean=d.mean or normalization.get("mean", IMAGENET_MEAN),
+            std=d.std or normalization.get("std", IMAGENET_STD),
+            interpolation=d.interpolation,
         )
         self._build_data()
-        self._build_model()
+        self.head_specs = [HeadSpec(t, tuple(c), cfg.heads.pooling) for t, c in self.tasks.items()]
+        self.model = MultiHeadClassifier(backbone, self.head_specs, dropout=cfg.heads.dropout).to(self.device)
         self.stages = plan_stages(cfg)
         self.lora = (
             lora_settings(cfg.lpft.r, cfg.lpft.alpha, cfg.lpft.dropout, cfg.lpft.mlp) if cfg.optim.mode == "lpft" else None
@@ -328,7 +335,7 @@ class ClassifierTrainer:
             {t: len(c) for t, c in self.tasks.items()},
         )
 
-    def _build_model(self) -> None:
+    def _build_backbone(self):
         b, cfg = self.cfg.backbone, self.cfg
         backbone, self.backbone_spec = load_backbone(
             b.source,
@@ -342,8 +349,7 @@ class ClassifierTrainer:
             depth=b.depth,
             num_register_tokens=b.num_register_tokens,
         )
-        self.head_specs = [HeadSpec(t, tuple(c), cfg.heads.pooling) for t, c in self.tasks.items()]
-        self.model = MultiHeadClassifier(backbone, self.head_specs, dropout=cfg.heads.dropout).to(self.device)
+        return backbone
 
     def _loader(self, dataset, train: bool, epoch: int = 0) -> DataLoader:
         d = self.cfg.data

@@ -14,7 +14,8 @@ A *source* is one of
   ``weights=PATH``.
 
 Besides the module, :func:`load_backbone` returns a *build spec*: a dict of plain values from which
-:func:`build_backbone_from_spec` rebuilds the same architecture without weights. Classifier files
+:func:`build_backbone_from_spec` rebuilds the same architecture without weights (for a training
+output it also holds ``normalization``, the run's ``crops.mean`` / ``crops.std``). Classifier files
 store it so that loading them never needs the original source.
 """
 
@@ -227,4 +228,7 @@ def _from_training_output(directory: Path, weights: Optional[PathLike], drop_pat
         )
     model = build_backbone(cfg.student, cfg.crops.global_crops_size, drop_path_rate=drop_path_rate)
     load_backbone_weights(model, weights_path)
-    return model, _vit_spec(model)
+    spec = _vit_spec(model)
+    # How the backbone saw images in training: a good default for whatever is built on it.
+    spec["normalization"] = {"mean": [float(v) for v in cfg.crops.mean], "std": [float(v) for v in cfg.crops.std]}
+    return model, spec
