@@ -1,16 +1,12 @@
-"""The few torch.distributed helpers evaluation needs.
+"""The collectives evaluation needs, on top of :mod:`dinov2.distributed`.
 
-Evaluation runs as one process or under ``torchrun`` (several processes, one per device). The
-process group is set up from the torchrun environment (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``,
-``MASTER_PORT``, ``LOCAL_RANK``): NCCL when CUDA is available, gloo otherwise.
-
-Kept private to ``dinov2.eval`` so evaluation does not depend on the training launcher's module.
+Evaluation runs as one process, under ``torchrun`` or as an ``srun`` step; the process group is
+set up by :func:`dinov2.distributed.enable` (NCCL with CUDA, gloo otherwise). Everything here
+degrades to the single-process answer when no process group exists.
 """
 
 from __future__ import annotations
 
-import os
-from datetime import timedelta
 from typing import List, Optional
 
 import torch
@@ -34,36 +30,29 @@ def is_main_process() -> bool:
 
 
 def default_device() -> torch.device:
-    """``cuda:LOCAL_RANK`` when CUDA is available, else CPU."""
+    """``cuda:<local rank>`` when CUDA is available, else CPU."""
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        from dinov2.distributed import get_local_rank
+
+        return torch.device("cuda", get_local_rank() % max(torch.cuda.device_count(), 1))
     return torch.device("cpu")
 
 
-def init_from_env(device: Optional[torch.device] = None, timeout_minutes: float = 30.0) -> bool:
-    """Join the process group described by torchrun's variables; no-op for a single process.
+def init_from_env(device: Optional[torch.device] = None) -> bool:
+    """Join the process group of a torchrun or srun launch (no-op for a single process).
 
-    Returns True when a process group is (now) initialised.
+    Uses :func:`dinov2.distributed.enable`; ``device`` of type cpu forces gloo. Returns True when
+    a process group is (now) initialised.
     """
-    if is_initialized():
-        return True
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size <= 1:
-        return False
-    missing = [name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
-    if missing:
-        raise RuntimeError(f"WORLD_SIZE={world_size} but {missing} not set: launch with torchrun")
-    device = device or default_device()
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend=backend, timeout=timedelta(minutes=timeout_minutes))
-    return True
+    from dinov2.distributed import enable
+
+    enable(backend="gloo" if device is not None and torch.device(device).type == "cpu" else "auto")
+    return is_initialized()
 
 
 def _comm_device() -> torch.device:
     """Where tensors must live for collectives: the current CUDA device for NCCL, CPU for gloo."""
-    if is_initialized() and dist.get_backend() == "nccl":
+    if is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -114,5 +103,6 @@ def broadcast_object(obj):
 
 
 def destroy() -> None:
-    if is_initialized():
-        dist.destroy_process_group()
+    from dinov2.distributed import disable
+
+    disable()

@@ -90,8 +90,8 @@ def default_output_dir(args: argparse.Namespace, method: str) -> Path:
 
 def setup_eval(args: argparse.Namespace, method: str) -> EvalContext:
     """Join the process group (under torchrun), pick the device and load the backbone."""
+    _dist.init_from_env(torch.device(args.device) if args.device else None)
     device = torch.device(args.device) if args.device else _dist.default_device()
-    _dist.init_from_env(device)
     configure_logging()
     output_dir = default_output_dir(args, method)
     backbone = build_model_for_eval(
