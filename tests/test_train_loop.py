@@ -1,3 +1,4 @@
+import importlib.util
 import json
 import math
 import subprocess
@@ -52,6 +53,12 @@ def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
     # The export is a plain official-format state dict that loads strictly into the factory.
     backbone = build_backbone(cfg.student, cfg.crops.global_crops_size)
     load_backbone_weights(backbone, out / "exports" / "teacher_backbone_latest.pth")
+    # The metrics plot script turns the run into a PNG.
+    spec = importlib.util.spec_from_file_location("plot_training_metrics", REPO / "scripts" / "plot_training_metrics.py")
+    plot_module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_module)
+    png = plot_module.plot_training_metrics(out)
+    assert png == out / "training_metrics.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_root):

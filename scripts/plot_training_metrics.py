@@ -1,0 +1,74 @@
+"""Plot every loss term and the online k-NN top-1 of a training run against the iteration.
+
+    python scripts/plot_training_metrics.py OUT [--output OUT/training_metrics.png]
+
+Reads ``OUT/training_metrics.jsonl`` (written by ``train/train.py``) and writes one PNG with a
+panel per loss term (``*_loss``), one for ``knn_top1`` when the monitor ran, and one for the
+learning rates and one for the teacher temperature.
+"""
+
+import argparse
+import math
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from dinov2.train.metrics import METRICS_FILE_NAME, optional_float, read_metrics  # noqa: E402
+
+
+def series(records, key):
+    points = [(r["iteration"], optional_float(r.get(key))) for r in records if key in r]
+    return [(x, y) for x, y in points if y is not None and math.isfinite(y)]
+
+
+def plot_training_metrics(output_dir, output=None) -> Path:
+    output_dir = Path(output_dir)
+    records = read_metrics(output_dir / METRICS_FILE_NAME if output_dir.is_dir() else output_dir)
+    if not records:
+        raise ValueError(f"{output_dir}: no metrics lines to plot")
+    keys = sorted({k for r in records for k in r if k.endswith("_loss")}, key=lambda k: (k != "total_loss", k))
+    panels = [(k, [k]) for k in keys]
+    if any("knn_top1" in r for r in records):
+        panels.append(("k-NN top-1 (teacher)", ["knn_top1"]))
+    panels.append(("learning rate", ["lr", "last_layer_lr"]))
+    panels.append(("teacher temperature", ["teacher_temp"]))
+    columns = 3
+    rows = math.ceil(len(panels) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
+    for ax, (title, names) in zip(axes.flat, panels):
+        for name in names:
+            points = series(records, name)
+            if points:
+                xs, ys = zip(*points)
+                ax.plot(xs, ys, marker="o" if name == "knn_top1" else None, markersize=3, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("iteration")
+        ax.grid(alpha=0.3)
+        if len(names) > 1:
+            ax.legend()
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    fig.tight_layout()
+    output = Path(output) if output else (output_dir if output_dir.is_dir() else output_dir.parent) / "training_metrics.png"
+    tmp = output.with_name(f".{output.name}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(output)
+    return output
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("output_dir", help="training output directory (or a training_metrics.jsonl file)")
+    parser.add_argument("--output", default=None, help="PNG to write (default: OUT/training_metrics.png)")
+    args = parser.parse_args(argv)
+    print(plot_training_metrics(args.output_dir, args.output))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
