@@ -48,13 +48,17 @@ def _sort_neighbours(sims: torch.Tensor, indices: torch.Tensor, labels: torch.Te
 def _chunk_topk(sims: torch.Tensor, col_indices: torch.Tensor, col_labels: torch.Tensor, k: int):
     """Top-k of a (queries x bank chunk) similarity block under the (-similarity, index) order.
 
-    ``torch.topk`` picks an arbitrary member among equal values at the k-th place; rows where
-    that happens (more than k values >= the k-th) are redone with a stable full sort.
+    ``torch.topk`` picks an arbitrary member among equal values at the k-th place. Asking for
+    k + 1 values shows where that can happen (the (k+1)-th equals the k-th) without another pass
+    over the block; those rows are redone with a stable full sort.
     """
     k_eff = min(k, sims.shape[1])
-    values, positions = sims.topk(k_eff, dim=1)
-    kth = values[:, -1:]
-    ambiguous = torch.nonzero((sims >= kth).sum(dim=1) > k_eff).flatten()
+    values, positions = sims.topk(min(k_eff + 1, sims.shape[1]), dim=1)
+    if values.shape[1] > k_eff:
+        ambiguous = torch.nonzero(values[:, k_eff - 1] == values[:, k_eff]).flatten()
+        positions = positions[:, :k_eff].contiguous()
+    else:  # the whole block is kept: no choice to make
+        ambiguous = positions.new_zeros(0)
     if ambiguous.numel():
         by_index = torch.argsort(col_indices, stable=True)
         block = sims[ambiguous][:, by_index]
