@@ -10,15 +10,14 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Dict
 
-import torch
 from torch import nn
 
 from dinov2 import distributed
+from dinov2.fsdp import full_state_dict
 from dinov2.hub.weights import save_state_dict
 
-__all__ = ["full_state_dict", "export_teacher_backbone", "export_path", "LATEST_EXPORT_NAME"]
+__all__ = ["export_teacher_backbone", "export_path", "LATEST_EXPORT_NAME"]
 
 LATEST_EXPORT_NAME = "teacher_backbone_latest.pth"
 
@@ -27,23 +26,10 @@ def export_path(output_dir, iteration: int) -> Path:
     return Path(output_dir) / "exports" / f"teacher_backbone_{iteration:08d}.pth"
 
 
-def full_state_dict(module: nn.Module) -> Dict[str, torch.Tensor]:
-    """Unsharded CPU copy of ``module.state_dict()``.
-
-    FSDP2 parameters are DTensors: ``full_tensor()`` all-gathers them, so under FSDP every rank
-    must call this (in the same order).
-    """
-    state = {}
-    for key, value in module.state_dict().items():
-        full_tensor = getattr(value, "full_tensor", None)
-        if full_tensor is not None:
-            value = full_tensor()
-        state[key] = value.detach().to("cpu", copy=True)
-    return state
-
-
 def export_teacher_backbone(model: nn.Module, path, latest: bool = True) -> Path:
     """Write the teacher backbone of an ``SSLMetaArch`` to ``path`` (all ranks call, rank 0 writes).
+
+    Under FSDP2 the shards are gathered to rank 0's CPU (``dinov2.fsdp.full_state_dict``).
 
     With ``latest`` also refreshes ``teacher_backbone_latest.pth`` beside it (atomic copy).
     """
