@@ -25,6 +25,7 @@ A table is printed and ``results.json`` written to the output directory.
 
 import argparse
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -66,6 +67,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--device", default=None)
     args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
     out = Path(args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
