@@ -50,6 +50,8 @@ setup(
             "dinov2-knn=dinov2.eval.knn:main",
             "dinov2-linear=dinov2.eval.linear:main",
             "dinov2-logreg=dinov2.eval.log_regression:main",
+            "dinov2-submit=dinov2.run.submit:main",
+            "dinov2-consolidate=dinov2.checkpoint.consolidate:main",
             "dinov2-classify=dinov2.classify.train:main",
             "dinov2-predict=dinov2.classify.predict:main",
             "dinov2-serve=dinov2.classify.serve:main",
