@@ -59,8 +59,8 @@ def resolve_weights_path(pretrained_weights: PathLike) -> Path:
     if (path / ".metadata").is_file():
         raise ValueError(
             f"--pretrained-weights: {path} is a sharded training checkpoint (torch.distributed.checkpoint). "
-            f"Turn it into one backbone file with `python scripts/consolidate_checkpoint.py` "
-            f"(see its --help) and pass that file, or pass the training output directory once it has an export."
+            f"Turn it into one backbone file with `python scripts/consolidate_checkpoint.py {path} --output teacher.pth` "
+            f"and pass that file, or pass the training output directory once it has an export."
         )
     for candidate in (path / "exports" / EXPORT_NAME, path / EXPORT_NAME):
         if candidate.is_file():
@@ -68,8 +68,8 @@ def resolve_weights_path(pretrained_weights: PathLike) -> Path:
     raise FileNotFoundError(
         f"--pretrained-weights: {path} is a directory without a teacher export ({path / 'exports' / EXPORT_NAME} "
         f"does not exist yet). Training writes one every evaluation.eval_period_iterations iterations; to make "
-        f"one now from the newest checkpoint, run `python scripts/consolidate_checkpoint.py` on the run's "
-        f"checkpoints (see its --help) and pass the resulting .pth file."
+        f"one now from the newest checkpoint, run `python scripts/consolidate_checkpoint.py {path} "
+        f"--output {path / 'exports' / EXPORT_NAME}` (see its --help)."
     )
 
 
