@@ -162,3 +162,28 @@ def test_entry_script_help_and_bad_override(tmp_path, capsys):
     result = subprocess.run([sys.executable, str(REPO / "train" / "train.py"), "--output-dir", str(tmp_path),
                              "optim.nope=1"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert result.returncode != 0 and "optim.nope" in result.stderr
+
+
+def test_unreadable_images_are_skipped_and_counted(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=6)
+    (Path(data) / "c0" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    out = tmp_path / "skip"
+    # 19 images, 8 iterations x 4 = 32 samples: the broken image is drawn at least once.
+    main(["--output-dir", str(out), *tiny_overrides(data, "train.max_iterations=8", "train.bad_image_policy=skip")])
+    lines = read_lines(out)
+    assert lines[-1]["iteration"] == 8
+    assert sum(line["skipped_images"] for line in lines) >= 1
+    assert all(math.isfinite(line["total_loss"]) for line in lines)
+    with pytest.raises(Exception, match="broken.png"):
+        main(["--output-dir", str(tmp_path / "raise"), *tiny_overrides(data, "train.max_iterations=8")])
+
+
+def test_model_weights_start_a_fresh_run_from_a_training_checkpoint(tmp_path, data_root):
+    main(["--output-dir", str(tmp_path / "first"), *tiny_overrides(data_root, "train.max_iterations=5")])
+    checkpoint = tmp_path / "first" / "checkpoints" / "ckpt_00000005"
+    cfg = load_config(None, tiny_overrides(data_root, f"MODEL.WEIGHTS={checkpoint}"))
+    trainer = SSLTrainer(cfg, output_dir=tmp_path / "second")
+    assert trainer.resume() is False and trainer.iteration == 0
+    exported = torch.load(tmp_path / "first" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
+    for key, value in trainer.model.teacher["backbone"].state_dict().items():
+        assert torch.equal(value, exported[key]), key
