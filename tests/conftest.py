@@ -13,3 +13,27 @@ torch.set_num_threads(1)
 def _seed_everything():
     torch.manual_seed(0)
     yield
+
+
+_LAUNCH_VARIABLES = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@pytest.fixture(autouse=True)
+def _isolate_process_group():
+    """Each test starts as a plain single process: no launcher variables, no process group.
+
+    A test that leaks RANK/WORLD_SIZE (or a live process group) would make every later in-process
+    entry point wait for ranks that never come.
+    """
+    import os
+
+    saved = {key: os.environ.get(key) for key in _LAUNCH_VARIABLES}
+    yield
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    from dinov2 import distributed
+
+    distributed.disable()

@@ -245,7 +245,11 @@ def test_job_runner_pickles_and_resubmits_itself(monkeypatch):
         resolve_target("no_colon")
 
     for key in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
-        monkeypatch.delenv(key, raising=False)
+        # setenv first so that monkeypatch records the key and removes what the runner exports;
+        # a bare delenv of an absent key is not recorded and would leak RANK/WORLD_SIZE into
+        # every later test of the session (which then waits for a second rank forever).
+        monkeypatch.setenv(key, "")
+        monkeypatch.delenv(key)
     job = SimpleNamespace(hostnames=["vm"], num_nodes=1, job_id="42", global_rank=1, num_tasks=2, local_rank=1)
     export_distributed_environment(job)
     assert (os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"]) == ("127.0.0.1", str(20042))
