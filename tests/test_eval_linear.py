@@ -94,3 +94,74 @@ def test_online_mode_equals_cached_mode_without_augmentation():
     assert a.val_accuracy == b.val_accuracy
     probs = a.grid.probabilities(a.best_head, val_features)
     assert probs.shape == (24, 2) and torch.allclose(probs.sum(1), torch.ones(24))
+
+
+# ------------------------------------------------------------------------ 2 gloo ranks
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+OPTIONS = dict(epochs=2, batch_size=4, seed=1, progress=False)
+
+
+def _linear_rank_worker(rank, world_size, port, out_path):
+    import os
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    from dinov2.eval import _dist
+
+    _dist.init_from_env(torch.device("cpu"))
+    try:
+        train, val = block_feature_set(64, 0), block_feature_set(30, 1)
+        shard = torch.arange(rank, 64, world_size)
+        result = train_linear_grid(
+            CachedTrainSource(train.select(shard)), val.select(torch.arange(rank, 30, world_size)), 3,
+            make_head_grid([0.1, 1.0], [1, 4], [True]), EMBED, **OPTIONS,
+        )
+        weights = torch.cat([p.detach().flatten() for p in result.grid.parameters()])
+        gathered = _dist.all_gather_rows(weights[None])
+        assert torch.equal(gathered[0], gathered[1])  # gradients averaged: heads identical on all ranks
+        if rank == 0:
+            torch.save({"weights": weights, "val": result.val_accuracy}, out_path)
+    finally:
+        _dist.destroy()
+
+
+class _UnionOfShards:
+    """Single-process reference: each step's batch is rank 0's batch followed by rank 1's."""
+
+    def __init__(self, features, world_size):
+        self.features, self.world_size = features, world_size
+
+    def __len__(self):
+        return len(self.features)
+
+    def batches(self, positions):
+        shards = [self.features.select(torch.arange(r, len(self.features), self.world_size)) for r in range(self.world_size)]
+        per_rank = [
+            batch_positions(len(s), len(self.features), OPTIONS["batch_size"], OPTIONS["epochs"], OPTIONS["seed"], r, self.world_size)
+            for r, s in enumerate(shards)
+        ]
+        assert len(per_rank[0]) == len(positions)
+        for step in range(len(positions)):
+            rows = [s.select(torch.as_tensor(p[step])) for s, p in zip(shards, per_rank)]
+            yield torch.cat([r.features for r in rows]), torch.cat([r.labels for r in rows])
+
+
+def test_linear_grid_two_gloo_ranks_equals_averaged_single_process(tmp_path):
+    import torch.multiprocessing as mp
+
+    out = tmp_path / "rank0.pth"
+    mp.spawn(_linear_rank_worker, args=(2, _free_port(), str(out)), nprocs=2, join=True)
+    distributed = torch.load(out, weights_only=True)
+    train, val = block_feature_set(64, 0), block_feature_set(30, 1)
+    options = {**OPTIONS, "batch_size": 2 * OPTIONS["batch_size"]}  # same lr scale: batch * world / 256
+    reference = train_linear_grid(_UnionOfShards(train, 2), val, 3, make_head_grid([0.1, 1.0], [1, 4], [True]), EMBED, **options)
+    weights = torch.cat([p.detach().flatten() for p in reference.grid.parameters()])
+    torch.testing.assert_close(distributed["weights"], weights, rtol=1e-5, atol=1e-6)
+    assert distributed["val"] == reference.val_accuracy

@@ -172,14 +172,16 @@ class HeadGrid(nn.Module):
 
 
 # ----------------------------------------------------------------------------- data order
-def batch_positions(num_local: int, num_global: int, batch_size: int, epochs: int, seed: int, rank: int) -> List[np.ndarray]:
+def batch_positions(
+    num_local: int, num_global: int, batch_size: int, epochs: int, seed: int, rank: int, world_size: Optional[int] = None
+) -> List[np.ndarray]:
     """This rank's batches (positions in its shard) for the whole run.
 
     Each epoch is a permutation of the shard seeded by (seed, rank, epoch); epochs are
     concatenated and cut into ``batch_size`` pieces (a batch may straddle two epochs). The number
     of steps, ``epochs * ceil(num_global / (batch_size * world_size))``, is the same on every rank.
     """
-    world_size = _dist.get_world_size()
+    world_size = world_size or _dist.get_world_size()
     if num_local < 1:
         raise ValueError(f"rank {rank} has no training samples")
     steps = epochs * math.ceil(num_global / (batch_size * world_size))
