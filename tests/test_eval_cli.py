@@ -147,3 +147,27 @@ def test_backbone_loading_sources_and_errors(workspace, tmp_path):
         build_model_for_eval(None, tmp_path / "ckpt.pth")
     with pytest.raises(WeightsError, match="missing keys"):
         build_model_for_eval(None, tmp_path / "ckpt.pth", arch="dinov2_vits14")
+
+
+def test_group_metrics_through_cli_on_industrial_data(workspace, tmp_path):
+    from dinov2.data.synthetic_industrial import make_industrial_dataset
+
+    root, run, _ = workspace
+    make_industrial_dataset(str(tmp_path / "parts"), groups=15, images_per_group=2, size=24)
+    specs = {split: f"Industrial:root={tmp_path / 'parts'}:split={split}" for split in ("train", "val", "test")}
+    out = tmp_path / "knn"
+    knn.main(common_args(run, specs, out) + ["--nb-knn", "3", "--positive-class", "defect"])
+    results = json.loads((out / "results.json").read_text())
+    test = results["runs"][0]["splits"]["test"]["k=3"]
+    assert results["class_names"] == ["good", "defect"]
+    assert test["binary"]["positive_class"] == 1
+    for how in ("mean", "max"):
+        group = test["groups"][how]
+        assert group["num_samples"] * 2 == test["num_samples"]  # two photos per part
+        assert "binary" in group and set(group["binary"]["operating_points"]) >= {"default"}
+    val = results["runs"][0]["splits"]["val"]["k=3"]
+    assert val["binary"]["youden_threshold"] is not None  # every split holds both classes
+    assert test["binary"]["operating_points"]["val_youden"]["threshold"] == val["binary"]["youden_threshold"]
+    assert test["groups"]["max"]["binary"]["operating_points"]["val_youden"]["threshold"] == (
+        val["groups"]["max"]["binary"]["youden_threshold"]
+    )
