@@ -37,7 +37,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from . import _dist
@@ -365,6 +365,11 @@ def run_linear(args: argparse.Namespace) -> dict:
     feature_fn = BlockFeatures(n_max)
     eval_transform = ctx.transform()
     train = load_dataset(args.train_dataset, eval_transform, "train")
+    if isinstance(train, IterableDataset):
+        raise SystemExit(
+            f"--train-dataset {args.train_dataset!r} is a stream: the linear probe samples the train set by index, "
+            "so it needs a map-style dataset (ImageFolder, CSV, Industrial, QuickDraw, ImageNet)"
+        )
     class_names = class_names_of(train, args.task)
     common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=ctx.device, task=args.task, autocast_dtype=ctx.autocast_dtype)
 
