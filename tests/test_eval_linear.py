@@ -6,7 +6,6 @@ from torch.utils.data import Dataset
 from dinov2.eval.features import BlockFeatures, FeatureSet, extract_features
 from dinov2.eval.linear import (
     CachedTrainSource,
-    HeadConfig,
     OnlineTrainSource,
     batch_positions,
     cosine_factor,
