@@ -120,6 +120,14 @@ def test_linear_and_log_regression_cli(workspace):
     assert results["best_head"]["val_top1"] == max(h["val_top1"] for h in results["heads"])
     assert results["test"]["num_samples"] == 15 and results["test"]["top1"] >= 0.9
     assert (out / "best_linear_head.pth").is_file()
+    # on-the-fly features with the upstream augmentation (random-resized crop + flip)
+    out = root / "linear_online"
+    linear.main(common_args(run, specs, out) + ["--learning-rates", "0.1", "--n-last-blocks", "1", "--avgpool", "no",
+                                                  "--epochs", "1", "--train-batch-size", "8", "--feature-mode", "online"])
+    results = json.loads((out / "results.json").read_text())
+    assert results["settings"]["augment"] is True and len(results["heads"]) == 1
+    with pytest.raises(SystemExit, match="--augment needs --feature-mode online"):
+        linear.main(common_args(run, specs, out) + ["--augment"])
     out = root / "logreg"
     log_regression.main(common_args(run, specs, out) + ["--c-values", "0.1", "1", "--features", "cls_avgpool"])
     results = json.loads((out / "results.json").read_text())
