@@ -22,7 +22,8 @@ from dinov2.checkpoint.consolidate import read_teacher_state  # noqa: E402
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-ITERATIONS = 90  # ~30-60 s of training here: longer than the first 1-minute attempt lasts
+ITERATIONS = 400  # ~25 s of training on a quiet machine, ~60 s under load: SLURM's time-limit
+# signal reaches a 1-minute job 17-20 s after it starts, so the time-limited run is always cut
 
 
 def _slurm_problem():
@@ -79,7 +80,7 @@ def uninterrupted(tmp_path_factory, dataset_root):
     import pytest as _pytest
 
     out = tmp_path_factory.mktemp("slurm_full") / "out"
-    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=30"], 10, 60)
+    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=100", "evaluation.eval_period_iterations=100"], 10, 60)
     try:
         assert job.results() == [0, 0]  # one result per task
     except Exception as error:  # the job's own traceback is in its log
@@ -103,7 +104,7 @@ def test_time_limit_checkpoints_requeues_and_matches(uninterrupted, dataset_root
     about a minute (the requeued job waits ~30 s before it starts again)."""
     reference_out, _ = uninterrupted
     out = tmp_path / "out"
-    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=30"], 1, 15)
+    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=100", "evaluation.eval_period_iterations=100"], 1, 15)
     try:
         assert job.results() == [0, 0]
     except Exception as error:
