@@ -7,6 +7,9 @@ no sample is padded or duplicated.
 
 Labels come from the dataset's targets: ints, or for multi-task CSV datasets the entry of
 ``task`` in the target dict; ``-1`` (or a missing task) means "no label".
+
+Images a dataset skips under ``bad_images=skip`` (it returns ``None`` for them) are left out of
+the features; each was logged by the dataset and their number is logged once per extraction.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm import tqdm
+
+from dinov2.data.image_io import SKIPPED_KEY, SkipBadSamples
 
 from . import _dist
 
@@ -110,8 +115,16 @@ class _Indexed(Dataset):
 
     def __getitem__(self, i: int):
         index = self.indices[i]
-        image, target = self.dataset[index]
+        sample = self.dataset[index]
+        if sample is None:  # an unreadable image under bad_images=skip: SkipBadSamples drops it
+            return None
+        image, target = sample
         return image, target_to_label(target, self.task), index
+
+
+def is_skipped_batch(batch) -> bool:
+    """True for the ``{"skipped_images": n}`` batch SkipBadSamples makes when every sample was skipped."""
+    return isinstance(batch, dict) and SKIPPED_KEY in batch
 
 
 def _progress(total: Optional[int], desc: str):
@@ -139,13 +152,16 @@ def _batches(
 ) -> tuple[Iterator, Optional[int]]:
     """Batches of (images, labels, indices) of this rank's slice, and its size if known."""
     if isinstance(dataset, IterableDataset):
-        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=SkipBadSamples())
 
         def strided():
             # Stream position is the index; rank r keeps positions r, r + W, ... Every rank
             # reads the whole stream, so for large streams prefer one process.
             position = 0
-            for images, targets in loader:
+            for batch in loader:
+                if is_skipped_batch(batch):
+                    continue
+                images, targets = batch
                 n = len(images)
                 positions = torch.arange(position, position + n)
                 position += n
@@ -163,8 +179,9 @@ def _batches(
         shuffle=False,
         num_workers=num_workers,
         persistent_workers=False,
+        collate_fn=SkipBadSamples(),
     )
-    return ((images, labels, idx) for images, labels, idx in loader), len(local)
+    return (batch for batch in loader if not is_skipped_batch(batch)), len(local)
 
 
 def _unbatch_targets(targets, n: int) -> list:
@@ -208,6 +225,9 @@ def extract_features(
             bar.update(len(images))
     count = sum(len(p) for p in positions)
     elapsed = time.perf_counter() - start
+    if total is not None and count < total:
+        logger.warning("%s: %d of %d images on rank %d were unreadable and skipped (bad_images=skip)",
+                       desc, total - count, total, rank)
     if _dist.is_main_process():
         logger.info("%s: %d images in %.1f s (%.1f img/s on rank 0)", desc, count, elapsed, count / max(elapsed, 1e-9))
     if not features:

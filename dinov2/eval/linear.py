@@ -46,10 +46,13 @@ from .features import (
     FeatureSet,
     _Indexed,
     as_numpy,
+    is_skipped_batch,
     class_names_of,
     extract_features,
     group_ids_for,
 )
+from dinov2.data.image_io import SkipBadSamples
+
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
 from .results import write_results
@@ -130,10 +133,16 @@ class HeadGrid(nn.Module):
 
     def train_step(self, block_features: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
         """One SGD step of every head; returns the per-head losses (on this rank's batch)."""
-        losses = torch.stack([F.cross_entropy(logits, labels) for logits in self.logits(block_features)])
         for optimizer in self.optimizers:
             optimizer.zero_grad(set_to_none=False)
-        losses.sum().backward()  # heads share nothing: each gradient is that of its own loss
+        if labels.numel():
+            losses = torch.stack([F.cross_entropy(logits, labels) for logits in self.logits(block_features)])
+            losses.sum().backward()  # heads share nothing: each gradient is that of its own loss
+        else:  # a batch whose images were all skipped as unreadable: zero gradients
+            losses = torch.zeros(len(self.heads), device=self.heads[0].weight.device)
+            for p in self.parameters():
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
         if _dist.get_world_size() > 1:
             self._average_gradients()
         for optimizer, config in zip(self.optimizers, self.configs):
@@ -225,8 +234,16 @@ class OnlineTrainSource:
             _Indexed(self.dataset, self.local_indices, self.task),
             batch_sampler=[p.tolist() for p in positions],
             num_workers=self.num_workers,
+            collate_fn=SkipBadSamples(),
         )
-        for images, labels, indices in loader:
+        for batch in loader:
+            if is_skipped_batch(batch):
+                # Every image of this batch was unreadable (bad_images=skip). Still take the step,
+                # with no samples, so that all ranks keep the same number of steps.
+                width = self.feature_fn.n_last_blocks + 1
+                yield torch.zeros(0, width, self.model.embed_dim, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device)
+                continue
+            images, labels, indices = batch
             if (labels < 0).any():
                 bad = indices[labels < 0][:5].tolist()
                 raise ValueError(f"unlabelled training samples (dataset indices {bad}) in the online linear probe")
