@@ -271,3 +271,16 @@ def test_prepared_shards_are_balanced_and_load_as_webdataset(npy_root, tmp_path,
     assert image.size == (32, 32) and image.mode == "RGB" and target == 1
     reference = make_dataset(f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun:size=32")[9][0]
     assert np.array_equal(np.asarray(image), np.asarray(reference))
+
+
+def test_broken_npm_parse_cache_is_rebuilt(npm_root, tmp_path):
+    spec = f"QuickDraw:root={npm_root}:split=all:cache_dir={tmp_path / 'cache'}"
+    reference = np.asarray(make_dataset(spec)[13][0])
+    cache_dir = tmp_path / "cache" / "quickdraw-cache"
+    (meta,) = [p for p in cache_dir.iterdir() if p.suffix == ".json"]
+    for broken in ("{not json", json.dumps({"categories": CATEGORIES, "counts": [10, 10, 5]})):
+        meta.write_text(broken)
+        quickdraw._POOLS.clear()
+        again = make_dataset(spec)
+        assert len(again) == 30 and np.array_equal(np.asarray(again[13][0]), reference)
+        assert json.loads(meta.read_text())["counts"] == [10, 10, 10]  # rewritten

@@ -187,10 +187,17 @@ def load_npmjs(directory: str, cache_dir: str = "") -> BitmapPool:
     signature = _file_signature([files[c] for c in categories])
     cache = os.path.join(cache_dir or default_data_dir(), "quickdraw-cache", f"npmjs-{signature}")
     if os.path.isfile(cache + ".json") and os.path.isfile(cache + ".npy"):
-        with open(cache + ".json", encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("categories") == categories:
-            return BitmapPool(categories, meta["counts"], data=np.load(cache + ".npy"))
+        try:
+            with open(cache + ".json", encoding="utf-8") as f:
+                meta = json.load(f)
+            data = np.load(cache + ".npy", allow_pickle=False)
+            counts = meta["counts"]
+            if (meta.get("categories") == categories and data.ndim == 2 and data.shape[1] == BITMAP_SIDE * BITMAP_SIDE
+                    and data.dtype == np.uint8 and sum(counts) == data.shape[0]):
+                return BitmapPool(categories, counts, data=data)
+            logger.warning("QuickDraw cache %s does not match the package; parsing again", cache)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a broken cache is rebuilt, never trusted
+            logger.warning("ignoring unreadable QuickDraw cache %s (%s: %s)", cache, type(exc).__name__, exc)
     arrays = [_parse_npm_file(files[c]) for c in categories]
     data = np.concatenate(arrays)
     counts = [len(a) for a in arrays]
