@@ -23,7 +23,6 @@ from distributed_helpers import TINY_MODEL  # noqa: E402
 from dinov2 import distributed  # noqa: E402
 from dinov2.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, seed_all  # noqa: E402
 from dinov2.fsdp import shard_ssl_meta_arch, should_shard  # noqa: E402
-from dinov2.loss import KoLeoLoss  # noqa: E402
 from dinov2.train.ssl_meta_arch import SSLMetaArch  # noqa: E402
 from dinov2.utils.config import load_config, save_config  # noqa: E402
 
@@ -62,7 +61,7 @@ def rank_batch(global_crops, local_crops, masks):
 def run(cfg, out: Path, save: bool):
     seed_all(0)
     model = SSLMetaArch(cfg)
-    model.koleo_loss = KoLeoLoss(distributed=True)  # neighbours among the whole global batch
+    assert model.koleo_loss.distributed  # dino.koleo_distributed (default): neighbours in the global batch
     model.train()
     if should_shard(cfg):
         shard_ssl_meta_arch(model, cfg)

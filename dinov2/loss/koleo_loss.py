@@ -15,10 +15,10 @@ __all__ = ["KoLeoLoss"]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
-    """Concatenate equally sized ``(b, D)`` tensors of all ranks along dim 0; the backward pass
-    sums the gradients of all ranks and returns each rank its own slice (every rank's loss
-    depends on every rank's features). Plain ``all_gather`` / ``all_reduce`` work on gloo and
-    NCCL alike."""
+    """Concatenate equally sized ``(b, D)`` tensors of all ranks along dim 0 (callers pad to the
+    largest batch); the backward pass sums the gradients of all ranks and returns each rank its
+    own slice (every rank's loss depends on every rank's features). Plain ``all_gather`` /
+    ``all_reduce`` work on gloo and NCCL alike."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,11 @@ class KoLeoLoss(nn.Module):
     Args:
         eps: smoothing of the distance (1e-8).
         distributed: search nearest neighbours among the features of all ranks
-            (all-gather with autograd, every rank must pass the same batch size); the loss
-            is still averaged over this rank's features. Off by default (DINOv2 uses the
-            per-rank batch); without a process group it is the same as ``False``.
+            (all-gather with autograd; ranks may hold different batch sizes, e.g. after
+            skipping unreadable images); the loss is still averaged over this rank's
+            features. Off by default here (DINOv2 uses the per-rank batch); the training
+            config turns it on with ``dino.koleo_distributed``. Without a process group it is
+            the same as ``False``.
     """
 
     def __init__(self, eps: float = 1e-8, distributed: bool = False):
@@ -79,13 +81,16 @@ class KoLeoLoss(nn.Module):
             sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
             dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
             sizes = [int(s) for s in sizes]
-            if len(set(sizes)) != 1:  # every rank sees the same sizes, so all raise together
-                raise ValueError(f"distributed KoLeoLoss needs the same batch size on every rank, got {sizes}")
-            candidates = _AllGatherWithGrad.apply(x)
-            self_offset = dist.get_rank() * x.shape[0]
+            # all_gather needs equal shapes: pad every rank to the largest batch, then drop the
+            # padding rows so they can never be picked as neighbours.
+            largest = max(sizes)
+            padded = F.pad(x, (0, 0, 0, largest - x.shape[0]))
+            gathered = _AllGatherWithGrad.apply(padded)
+            candidates = torch.cat([gathered[r * largest : r * largest + n] for r, n in enumerate(sizes)])
+            self_offset = sum(sizes[: dist.get_rank()])
 
         n_local, n_all = x.shape[0], candidates.shape[0]
-        if n_all < 2:
+        if n_all < 2 or n_local == 0:
             return x.sum() * 0.0
         with torch.no_grad():
             similarity = x @ candidates.t()  # (n_local, n_all), cosine similarity

@@ -106,7 +106,9 @@ class SSLMetaArch(nn.Module):
         self.ibot_patch_loss = iBOTPatchLoss(
             ibot_prototypes, student_temp=float(cfg.dino.student_temp), weighting=cfg.ibot.patch_weighting
         )
-        self.koleo_loss = KoLeoLoss()
+        # Neighbours over the global batch, so a multi-rank run computes the same KoLeo term as
+        # one process with the whole batch (dino.koleo_distributed=false: per rank, as upstream).
+        self.koleo_loss = KoLeoLoss(distributed=bool(cfg.dino.koleo_distributed))
         self._center_backup: Optional[Dict[str, torch.Tensor]] = None
 
     @staticmethod
