@@ -25,10 +25,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from dinov2.hub.weights import load_backbone_weights
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
+from dinov2.train.warm_start import load_warm_start_weights
 
 logger = logging.getLogger("dinov2")
 
@@ -76,7 +76,8 @@ class SSLMetaArch(nn.Module):
         self.embed_dim = embed_dim
         if cfg.student.pretrained_weights:
             # Continued pretraining: both start from the given backbone, the heads start fresh.
-            load_backbone_weights(student_backbone, cfg.student.pretrained_weights)
+            # (position embeddings resampled when the file was made for another image size)
+            load_warm_start_weights(student_backbone, cfg.student.pretrained_weights)
             logger.info("student and teacher backbones initialised from %s", cfg.student.pretrained_weights)
 
         student = {"backbone": student_backbone, "dino_head": self._make_head(cfg.dino, embed_dim)}
