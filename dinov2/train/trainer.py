@@ -29,6 +29,7 @@ from torch.utils.data import Dataset
 from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, seed_all
 from dinov2.data.samplers import InfiniteSampler
+from dinov2.fsdp import shard_ssl_meta_arch
 from dinov2.train.data import build_train_data_loader
 from dinov2.train.export import export_path, export_teacher_backbone
 from dinov2.train.knn_monitor import KnnMonitor
@@ -48,16 +49,9 @@ class NonFiniteLossError(RuntimeError):
 
 
 def find_sharding_function():
-    """``shard_ssl_meta_arch(model, cfg)`` of the FSDP2 module, wherever it lives."""
-    for module_name in ("dinov2.fsdp", "dinov2.checkpoint", "dinov2.distributed"):
-        try:
-            module = __import__(module_name, fromlist=["shard_ssl_meta_arch"])
-        except ImportError:
-            continue
-        function = getattr(module, "shard_ssl_meta_arch", None)
-        if function is not None:
-            return function
-    return None
+    """``shard_ssl_meta_arch(model, cfg)`` of :mod:`dinov2.fsdp` (an import error there is raised,
+    never mistaken for "no sharding available")."""
+    return shard_ssl_meta_arch
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -165,13 +159,7 @@ class SSLTrainer:
         if not self.cfg.distributed.fsdp:
             logger.info("distributed.fsdp=false: replicated student, gradients averaged over ranks")
             return False
-        shard = find_sharding_function()
-        if shard is None:
-            raise RuntimeError(
-                "distributed.fsdp=true with several ranks, but no shard_ssl_meta_arch is available; "
-                "set distributed.fsdp=false to train a replicated model"
-            )
-        shard(self.model, self.cfg)
+        find_sharding_function()(self.model, self.cfg)
         return True
 
     # -------------------------------------------------------------- checkpoint
