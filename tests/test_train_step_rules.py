@@ -106,3 +106,27 @@ def test_sigterm_requests_a_checkpoint_and_stop():
         os.kill(os.getpid(), signal.SIGTERM)
         assert stop.received == signal.SIGTERM and calls == [1] and stop.should_stop()
     assert signal.getsignal(signal.SIGTERM) == previous
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_from_the_config(precision):
+    from dinov2.fsdp import mixed_precision_policy
+    from test_train_ssl_meta_arch import synthetic_batch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    policy = mixed_precision_policy(precision, "fp32")  # what FSDP2 gets on several ranks
+    assert (policy.param_dtype, policy.reduce_dtype) == (dtype, torch.float32)
+    cfg = load_config(None, TINY_OVERRIDES + [f"compute_precision.param_dtype={precision}",
+                                              f"compute_precision.teacher_dtype={precision}"])
+    model = SSLMetaArch(cfg)
+    model.train()
+    seen = []
+    hook = model.student["backbone"].blocks[0].attn.qkv.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    scaler = torch.amp.GradScaler("cpu") if precision == "fp16" else None
+    losses = model.forward_backward(synthetic_batch(cfg), teacher_temp=0.05, scaler=scaler)
+    hook.remove()
+    assert dtype in seen  # the matmuls ran in the low precision ...
+    assert all(torch.isfinite(v) and v.dtype == torch.float32 for v in losses.values())  # ... the losses in fp32
+    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    assert grads and all(g.dtype == torch.float32 for g in grads)  # master weights and grads stay fp32
+    assert all(p.grad is None for p in model.teacher.parameters())
