@@ -164,3 +164,18 @@ def test_linear_grid_two_gloo_ranks_equals_averaged_single_process(tmp_path):
     weights = torch.cat([p.detach().flatten() for p in reference.grid.parameters()])
     torch.testing.assert_close(distributed["weights"], weights, rtol=1e-5, atol=1e-6)
     assert distributed["val"] == reference.val_accuracy
+
+
+def test_validation_split_holds_out_whole_groups():
+    from dinov2.eval.linear import split_train_val
+
+    groups = [f"part{i // 4}" for i in range(40)]  # 10 parts photographed 4 times each
+    keep, held = split_train_val(40, 0.25, seed=3, groups=groups)
+    assert sorted(keep.tolist() + held.tolist()) == list(range(40))
+    held_groups = {groups[i] for i in held}
+    assert not held_groups & {groups[i] for i in keep}  # no part on both sides
+    assert len(held) == 12 and len(held_groups) == 3  # 25% of 40 rounded up to whole groups
+    again = split_train_val(40, 0.25, seed=3, groups=groups)
+    assert all((a == b).all() for a, b in zip(again, (keep, held)))
+    with pytest.raises(ValueError, match="single group"):
+        split_train_val(8, 0.25, seed=0, groups=["one"] * 8)

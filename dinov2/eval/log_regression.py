@@ -153,7 +153,8 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
         check_same_classes(class_names, class_names_of(val_dataset, args.task), "val")
         val = _features(model, val_dataset, args.features, "val features", **common)
     else:
-        keep, held = split_train_val(len(train), args.val_fraction, args.seed)
+        groups = group_ids_for(train_dataset, train.indices)
+        keep, held = split_train_val(len(train), args.val_fraction, args.seed, groups)
         val_dataset, val = train_dataset, train.select(torch.as_tensor(held))
         train = train.select(torch.as_tensor(keep))
     test_dataset, test = None, None
