@@ -62,8 +62,15 @@ def load_warm_start_weights(backbone: nn.Module, path: Union[str, os.PathLike]) 
     """Load an official-format backbone file strictly into ``backbone``, resampling only the
     position embeddings when the file was made for another image size."""
     state = dict(read_state_dict(path))
-    stored = state.get("pos_embed")
-    if stored is not None and stored.shape != backbone.pos_embed.shape:
+    stored, target = state.get("pos_embed"), backbone.pos_embed
+    # Only a different grid is resampled; any other mismatch (width, layout) is left for the
+    # strict load, whose error lists every bad key.
+    if (
+        stored is not None
+        and stored.shape != target.shape
+        and stored.ndim == 3
+        and (stored.shape[0], stored.shape[2]) == (target.shape[0], target.shape[2])
+    ):
         resampled = resample_pos_embed(stored, backbone, source=str(path))
         logger.info(
             "%s: position embeddings resampled from %s to %s for crops of this run",
