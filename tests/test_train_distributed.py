@@ -42,3 +42,19 @@ def test_fsdp_and_replicated_two_rank_runs_agree(tmp_path):
     assert sharded[-1]["lr"] == pytest.approx(replicated[-1]["lr"])
     assert (tmp_path / "fsdp" / "exports" / "teacher_backbone_latest.pth").is_file()
     assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").glob("ckpt_*")) == ["ckpt_00000002", "ckpt_00000004"]
+
+
+@pytest.mark.slow
+def test_a_rank_whose_whole_batch_is_unreadable_does_not_desync_the_others(tmp_path):
+    data = make_image_folder(tmp_path / "images", n_classes=2, per_class=3)
+    for i in range(6):  # as many broken files as good ones: one rank often draws only broken ones
+        (Path(data) / f"c{i % 2}" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    overrides = tiny_overrides(
+        data, "train.max_iterations=6", "train.batch_size_per_gpu=1", "train.bad_image_policy=skip",
+        "distributed.fsdp=false", "checkpointing.period_iterations=6",
+    )
+    # Batches of one image: whenever a rank draws a broken file its batch is empty, and every rank
+    # must skip that step together (the run would otherwise pair collectives of different steps).
+    lines = run_two_ranks(tmp_path / "out", overrides)
+    assert lines[-1]["iteration"] == 6
+    assert sum(line["skipped_images"] for line in lines) >= 1

@@ -169,10 +169,17 @@ def enable(backend: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT, env=None
     return environment
 
 
-def disable() -> None:
-    """Destroy the process group (if any) and forget the environment (tests, clean exits)."""
+def disable(synchronize: bool = True) -> None:
+    """Destroy the process group (if any) and forget the environment (tests, clean exits).
+
+    With ``synchronize`` every rank first meets at a barrier, so none tears down gloo while
+    another still has a collective in flight (which can abort the process at exit). After an
+    error on this rank use ``synchronize=False``: the others may never arrive.
+    """
     global _environment
     if dist.is_available() and dist.is_initialized():
+        if synchronize:
+            dist.barrier()
         dist.destroy_process_group()
     _environment = None
 

@@ -66,11 +66,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     from dinov2.checkpoint.signals import StopSignal
 
-    trainer = SSLTrainer(cfg, output_dir=output_dir)
-    # SIGTERM / SIGUSR1: checkpoint at the next iteration boundary and exit (rerun to resume).
-    with StopSignal(callback=trainer.request_stop):
-        result = trainer.train()
+    try:
+        trainer = SSLTrainer(cfg, output_dir=output_dir)
+        # SIGTERM / SIGUSR1: checkpoint at the next iteration boundary and exit (rerun to resume).
+        with StopSignal(callback=trainer.request_stop):
+            result = trainer.train()
+    except BaseException:
+        distributed.disable(synchronize=False)
+        raise
     logger.info("training finished at iteration %d", result["iteration"])
+    distributed.disable()
     return 0
 
 

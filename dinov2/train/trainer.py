@@ -325,8 +325,10 @@ class SSLTrainer:
             start = time.perf_counter()
             batch = next(data_iter)
             skipped_images += int(batch.pop("skipped_images", 0))
-            if "collated_global_crops" not in batch:
-                continue  # every image of this batch was unreadable and skipped
+            # Every image of a batch was unreadable and skipped: all ranks skip the step together,
+            # or the others would wait in the step's collectives for this one.
+            if distributed.any_rank("collated_global_crops" not in batch, self.device):
+                continue
             result = self.train_step(batch)
             self.iteration += 1
             window_seconds += time.perf_counter() - start
