@@ -22,6 +22,7 @@ import torch
 
 from dinov2.hub.sources import build_backbone_from_spec
 from dinov2.hub.weights import check_state_dict
+from dinov2.utils.io import atomic_torch_save
 
 from .heads import HeadSpec, MultiHeadClassifier
 from .lora import add_lora, has_lora
@@ -86,22 +87,13 @@ def save_classifier(path: PathLike, model: MultiHeadClassifier, config: Classifi
         raise ValueError(
             f"config.lora={config.lora!r} but the model {'has' if has_lora(model) else 'has no'} LoRA adapters"
         )
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "config": config.to_json(),
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
     }
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
+    return atomic_torch_save(payload, path)
 
 
 def resolve_classifier_path(path: PathLike) -> Path:

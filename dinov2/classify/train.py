@@ -47,7 +47,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from dinov2.data.image_io import SKIPPED_KEY, SkipBadSamples
@@ -56,6 +56,7 @@ from dinov2.hub.sources import load_backbone
 from dinov2.train.param_groups import param_multipliers
 from dinov2.train.schedules import CosineSchedule
 from dinov2.utils.config import save_config
+from dinov2.utils.io import atomic_torch_save
 
 from .checkpoint import ClassifierConfig, save_classifier
 from .config import load_classify_config
@@ -252,17 +253,6 @@ def evaluate(
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _write_atomic(payload: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
 def latest_resume_state(output_dir: Path) -> Optional[Path]:
     directory = output_dir / CHECKPOINT_DIR
     if not directory.is_dir():
@@ -458,7 +448,7 @@ class ClassifierTrainer:
             _append_jsonl(self.output_dir / "metrics.jsonl", epoch_report)
             last = epoch + 1 == cfg.optim.epochs
             if last or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
-                _write_atomic(
+                atomic_torch_save(
                     {
                         "epoch": epoch + 1,
                         "stage": stage.name,

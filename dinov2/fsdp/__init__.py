@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Dict, Optional
+from typing import Dict
 
 import torch
 from omegaconf import DictConfig

@@ -13,6 +13,8 @@ from typing import Dict, Mapping, Union
 import torch
 from torch import nn
 
+from dinov2.utils.io import atomic_path
+
 PathLike = Union[str, os.PathLike]
 
 # Where a nested checkpoint keeps its backbone, and the key prefix to strip, in lookup order.
@@ -94,18 +96,12 @@ def load_backbone_weights(model: nn.Module, path_or_state: Union[PathLike, Mappi
 def save_state_dict(state: Mapping[str, torch.Tensor], path: PathLike) -> Path:
     """Write a state dict atomically (``.safetensors`` by suffix, torch format otherwise)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
-    try:
+    with atomic_path(path) as tmp:
         if path.suffix == ".safetensors":
             from safetensors.torch import save_file
 
             save_file(tensors, str(tmp))
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return path
