@@ -42,6 +42,7 @@ setup(
             "fastapi>=0.165",
             "uvicorn>=0.27",
             "python-multipart>=0.0.9",
+            "timm>=0.9",  # the optional timm backbone is tested too
         ],
     },
     entry_points={
