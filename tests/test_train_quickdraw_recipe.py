@@ -1,0 +1,72 @@
+"""The Quick, Draw! recipe (configs/train/quickdraw_vit_tiny.yaml): its schedules mean what
+docs/quickdraw_recipe.md says, its model trains one step, and the raw-pixel baseline's features
+are ink intensities."""
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2.train.schedules import build_schedules, scaled_learning_rate
+from dinov2.train.ssl_meta_arch import SSLMetaArch
+from dinov2.utils.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPE = str(REPO / "configs/train/quickdraw_vit_tiny.yaml")
+
+
+def _recipe(*overrides):
+    cfg = load_config(RECIPE, list(overrides))
+    cfg.optim.lr = scaled_learning_rate(cfg.optim.base_lr, cfg.train.batch_size_per_gpu, cfg.optim.scaling_rule)
+    return cfg
+
+
+def test_recipe_schedules_in_25_iteration_units():
+    cfg = _recipe()
+    schedules = build_schedules(cfg)
+    assert schedules.total_iters == 500
+    assert cfg.optim.lr == pytest.approx(0.002)
+    assert schedules.lr(24) == pytest.approx(0.002)  # 25 warm-up iterations end at the peak
+    assert schedules.lr(12) < 0.002
+    assert schedules.teacher_temp(0) == pytest.approx(0.04)
+    assert schedules.teacher_temp(99) == pytest.approx(0.07)  # 100-iteration temperature warm-up
+    assert schedules.last_layer_frozen(24) and not schedules.last_layer_frozen(25)
+    assert schedules.momentum(0) == pytest.approx(0.996) and schedules.momentum(500) == pytest.approx(1.0)
+
+
+def test_recipe_model_has_no_layerscale_and_trains_one_step():
+    torch.manual_seed(0)
+    cfg = _recipe("train.batch_size_per_gpu=4")
+    model = SSLMetaArch(cfg)
+    names = [name for name, _ in model.student.named_parameters()]
+    assert not any(".ls1." in name or ".ls2." in name for name in names)
+    assert model.student["backbone"].patch_size == 4 and model.student["backbone"].n_blocks == 4
+    batch, n_local = 4, cfg.crops.local_crops_number
+    data = {
+        "collated_global_crops": torch.randn(2 * batch, 3, 28, 28),
+        "collated_local_crops": torch.randn(n_local * batch, 3, 12, 12),
+        "collated_masks": torch.zeros(2 * batch, 49, dtype=torch.bool),
+        "mask_indices_list": torch.zeros(0, dtype=torch.long),
+        "n_masked_patches": torch.tensor([0]),
+        "masks_weight": torch.zeros(0),
+    }
+    losses = model.forward_backward(data, teacher_temp=0.04)
+    assert set(losses) >= {"dino_loss", "koleo_loss", "total_loss"} and "ibot_loss" not in losses
+    assert all(math.isfinite(float(v)) for v in losses.values())
+    grads = [p.grad for p in model.student.parameters() if p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_pixel_baseline_features_are_ink_intensities():
+    spec = importlib.util.spec_from_file_location("quickdraw_pixel_knn", REPO / "scripts/quickdraw_pixel_knn.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    image = np.full((28, 28), 255, dtype=np.uint8)
+    image[3, 5] = 0  # one black stroke pixel on white paper
+    features = module.pixel_features([(Image.fromarray(image).convert("RGB"), 0)])
+    assert features.shape == (1, 784)
+    assert features[0, 3 * 28 + 5] == pytest.approx(1.0) and float(features.sum()) == pytest.approx(1.0)
