@@ -12,30 +12,22 @@ from typing import List, Optional
 import torch
 import torch.distributed as dist
 
+# Rank queries are dinov2.distributed's own, re-exported so evaluation code imports one module.
+from dinov2.distributed import barrier, get_rank, get_world_size, is_main_process
+from dinov2.distributed import get_device as default_device
+from dinov2.distributed import is_enabled as is_initialized
 
-def is_initialized() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def get_rank() -> int:
-    return dist.get_rank() if is_initialized() else 0
-
-
-def get_world_size() -> int:
-    return dist.get_world_size() if is_initialized() else 1
-
-
-def is_main_process() -> bool:
-    return get_rank() == 0
-
-
-def default_device() -> torch.device:
-    """``cuda:<local rank>`` when CUDA is available, else CPU."""
-    if torch.cuda.is_available():
-        from dinov2.distributed import get_local_rank
-
-        return torch.device("cuda", get_local_rank() % max(torch.cuda.device_count(), 1))
-    return torch.device("cpu")
+__all__ = [
+    "all_gather_rows",
+    "all_reduce_sum",
+    "barrier",
+    "default_device",
+    "get_rank",
+    "get_world_size",
+    "init_from_env",
+    "is_initialized",
+    "is_main_process",
+]
 
 
 def init_from_env(device: Optional[torch.device] = None) -> bool:
@@ -55,11 +47,6 @@ def _comm_device() -> torch.device:
     if is_initialized() and "nccl" in str(dist.get_backend()):
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
-
-
-def barrier() -> None:
-    if is_initialized():
-        dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -93,16 +80,8 @@ def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     return torch.cat(all_gather_rows(tensor), dim=0)
 
 
-def broadcast_object(obj):
-    """``obj`` from rank 0 on every rank."""
-    if not is_initialized():
-        return obj
-    holder = [obj]
-    dist.broadcast_object_list(holder, src=0)
-    return holder[0]
-
-
-def destroy() -> None:
+def destroy(synchronize: bool = True) -> None:
+    """Tear the process group down; ``synchronize=False`` after an error (see ``disable``)."""
     from dinov2.distributed import disable
 
-    disable()
+    disable(synchronize=synchronize)

@@ -519,8 +519,10 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     try:
         run_linear(args)
-    finally:
-        _dist.destroy()
+    except BaseException:
+        _dist.destroy(synchronize=False)  # the other ranks may never reach a barrier
+        raise
+    _dist.destroy()
     return 0
 
 
