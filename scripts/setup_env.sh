@@ -9,6 +9,12 @@ python=${PYTHON:-python3}
 stamp="$venv/.dinov2-$(cat "$repo/requirements-test.txt" "$repo/setup.py" | sha256sum | cut -c1-16)"
 
 if [ ! -f "$stamp" ]; then
+  # Only a venv this script built (it carries a .dinov2-* stamp) is ever replaced.
+  if [ -e "$venv" ] && ! compgen -G "$venv/.dinov2-*" >/dev/null; then
+    echo "[setup] $venv exists but was not built by scripts/setup_env.sh: not replacing it" \
+         "(remove it yourself or set VENV to another path)" >&2
+    exit 1
+  fi
   echo "[setup] building $venv"
   rm -rf "$venv"
   "$python" -m venv "$venv"
