@@ -26,5 +26,9 @@ else
   echo "[setup] reusing $venv"
 fi
 # The editable install points at this checkout; CI clones afresh, so point it here every time.
-"$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$repo" >/dev/null
+# (setuptools' editable-install warnings are noise here: shown only if the install fails)
+if ! log=$("$venv/bin/pip" install --quiet --no-deps --no-build-isolation -e "$repo" 2>&1); then
+  echo "$log" >&2
+  exit 1
+fi
 echo "$venv"
