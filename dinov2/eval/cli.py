@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,7 +53,10 @@ def add_data_arguments(parser: argparse.ArgumentParser, train_help: str) -> None
         "--positive-class", default=None, help="binary tasks: name or index of the positive class (default: class 1)"
     )
     group.add_argument("--batch-size", type=int, default=128, help="images per forward pass during feature extraction")
-    group.add_argument("--num-workers", type=int, default=4, help="data-loading worker processes")
+    group.add_argument(
+        "--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+        help="data-loading worker processes (default: 4, or the number of CPUs if fewer)",
+    )
     group.add_argument(
         "--output-dir",
         default=None,
