@@ -27,6 +27,7 @@ __all__ = [
     "init_from_env",
     "is_initialized",
     "is_main_process",
+    "run_then_destroy",
 ]
 
 
@@ -78,6 +79,17 @@ def all_gather_rows(tensor: torch.Tensor) -> List[torch.Tensor]:
 def all_gather_cat(tensor: torch.Tensor) -> torch.Tensor:
     """Rows of every rank concatenated in rank order."""
     return torch.cat(all_gather_rows(tensor), dim=0)
+
+
+def run_then_destroy(run, args) -> int:
+    """Run an evaluation, then tear the process group down (at a barrier only after success)."""
+    try:
+        run(args)
+    except BaseException:
+        destroy(synchronize=False)  # the other ranks may never reach a barrier
+        raise
+    destroy()
+    return 0
 
 
 def destroy(synchronize: bool = True) -> None:

@@ -361,13 +361,7 @@ def _write(output_dir, results: dict, runs: List[dict], class_names, plot_k: Opt
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        run_knn(args)
-    except BaseException:
-        _dist.destroy(synchronize=False)  # the other ranks may never reach a barrier
-        raise
-    _dist.destroy()
-    return 0
+    return _dist.run_then_destroy(run_knn, args)
 
 
 if __name__ == "__main__":

@@ -215,13 +215,7 @@ def _write(output_dir, results: dict, class_names) -> None:
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
-    try:
-        run_log_regression(args)
-    except BaseException:
-        _dist.destroy(synchronize=False)  # the other ranks may never reach a barrier
-        raise
-    _dist.destroy()
-    return 0
+    return _dist.run_then_destroy(run_log_regression, args)
 
 
 if __name__ == "__main__":
