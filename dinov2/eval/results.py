@@ -11,6 +11,8 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 import torch
 
+from dinov2.utils.io import atomic_write_text
+
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.txt"
 
@@ -32,19 +34,6 @@ def to_jsonable(value: Any) -> Any:
     if isinstance(value, Path):
         return str(value)
     return value
-
-
-def atomic_write_text(path: os.PathLike | str, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    return path
 
 
 def write_json(path: os.PathLike | str, data: Mapping) -> Path:

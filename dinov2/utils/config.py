@@ -14,6 +14,8 @@ from typing import Iterable, Optional, Sequence, Union
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from dinov2.utils.io import atomic_write_text
+
 CONFIG_FILE_NAME = "config.yaml"
 PathLike = Union[str, os.PathLike]
 
@@ -123,13 +125,7 @@ def load_config(config_file: Optional[PathLike] = None, overrides: Sequence[str]
 
 def save_config(cfg: DictConfig, output_dir: PathLike, name: str = CONFIG_FILE_NAME) -> Path:
     """Write the merged config to ``output_dir/config.yaml`` atomically."""
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path = output_dir / name
-    tmp = path.with_name(f".{name}.tmp{os.getpid()}")
-    tmp.write_text(OmegaConf.to_yaml(cfg), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_text(Path(output_dir) / name, OmegaConf.to_yaml(cfg))
 
 
 def load_saved_config(path: PathLike, overrides: Sequence[str] = ()) -> DictConfig:
