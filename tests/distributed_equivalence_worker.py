@@ -5,7 +5,8 @@
 
 Every rank takes its share of the same global batch of 4 images (crops and iBOT masks built
 from a fixed seed), so 1 and 2 ranks must give the same losses. All loss terms are on (DINO,
-iBOT, KoLeo across ranks), with both teacher centerings. Writes ``OUT/losses_<world>.json``;
+iBOT, KoLeo across ranks), with both teacher centerings; the Sinkhorn-Knopp run also has
+BatchNorm in the (shared) head, whose statistics must span both ranks. Writes ``OUT/losses_<world>.json``;
 the 2-rank run also writes a checkpoint, the config and the live teacher's features on a
 fixed input for the consolidation test.
 """
@@ -100,7 +101,8 @@ def main():
     out.mkdir(parents=True, exist_ok=True)
     results = {}
     for centering in ("centering", "sinkhorn_knopp"):
-        cfg = load_config(None, TINY_MODEL + [f"train.centering={centering}"])
+        head_bn = ["dino.head_use_bn=true"] if centering == "sinkhorn_knopp" else []
+        cfg = load_config(None, TINY_MODEL + [f"train.centering={centering}"] + head_bn)
         results[centering] = run(cfg, out, save=centering == "centering" and distributed.get_world_size() > 1)
     if distributed.is_main_process():
         (out / f"losses_{distributed.get_world_size()}.json").write_text(json.dumps(results, indent=1))

@@ -73,7 +73,8 @@ def _assert_same_losses(reference: dict, resumed: dict, iterations, tolerance: f
 
 
 def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
-    """FSDP2 on 2 ranks vs a plain module on 1, all loss terms on, both centerings, fp32."""
+    """FSDP2 on 2 ranks vs a plain module on 1, all loss terms on, both centerings (the
+    Sinkhorn-Knopp run with global-batch BatchNorm in the head), fp32."""
     worker = str(REPO / "tests" / "distributed_equivalence_worker.py")
     single = run([sys.executable, worker, str(tmp_path)], tmp_path / "one.log")
     assert single.returncode == 0, (tmp_path / "one.log").read_text()[-3000:]

@@ -335,3 +335,23 @@ def test_targets_center_and_koleo_reduce_across_two_ranks(tmp_path):
     # Uneven batches: each rank's mean over its own rows, weighted by the rows, is the full loss.
     uneven = (2 * results[0]["uneven_koleo"] + 3 * results[1]["uneven_koleo"]) / 5
     torch.testing.assert_close(uneven, KoLeoLoss()(features[:5]))
+
+
+def test_global_batch_norm_is_batch_norm_in_one_process():
+    from dinov2.layers.batch_norm import GlobalBatchNorm1d
+
+    torch.manual_seed(0)
+    reference, ours = torch.nn.BatchNorm1d(6), GlobalBatchNorm1d(6)
+    with torch.no_grad():
+        for bn in (reference, ours):
+            bn.weight.copy_(torch.linspace(0.5, 2, 6))
+            bn.bias.copy_(torch.linspace(-1, 1, 6))
+    x = torch.randn(9, 6) * 3 + 1
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    weights = torch.randn(9, 6)
+    (reference(x1) * weights).sum().backward()
+    (ours(x2) * weights).sum().backward()
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
+    torch.testing.assert_close(ours.running_var, reference.running_var)
+    assert set(ours.state_dict()) == set(reference.state_dict())

@@ -130,3 +130,28 @@ def test_warm_start_loads_student_and_teacher_backbones(tmp_path):
     wrong = tiny_cfg("student.embed_dim=48", f"student.pretrained_weights={path}")
     with pytest.raises(WeightsError, match="shape mismatches"):
         SSLMetaArch(wrong)
+
+
+def test_head_batch_norm_uses_batch_statistics_in_student_and_teacher():
+    cfg = tiny_cfg("dino.head_use_bn=true", "train.centering=sinkhorn_knopp")
+    model = SSLMetaArch(cfg)
+    model.train()
+    for modules in (model.student, model.teacher):
+        norms = [m for m in modules["dino_head"].modules() if isinstance(m, torch.nn.BatchNorm1d)]
+        assert len(norms) == cfg.dino.head_nlayers - 1
+        assert all(m.training for m in norms)  # batch statistics, also in the teacher
+    assert not model.teacher["backbone"].training  # the rest of the teacher stays in eval mode
+    batch = synthetic_batch(cfg)
+    before = model.teacher["dino_head"].mlp[1].running_mean.clone()
+    losses = model.forward_backward(batch, teacher_temp=0.05)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert not torch.equal(before, model.teacher["dino_head"].mlp[1].running_mean)
+    # The teacher's targets are those of its batch-normalised head: the same logits as the
+    # student's head (an exact copy at this point) on the teacher's CLS tokens.
+    with torch.no_grad():
+        cls = model.teacher["backbone"](batch["collated_global_crops"], is_training=True)["x_norm_clstoken"]
+        expected = model.student["dino_head"](cls)
+        model.teacher["dino_head"].mlp[1].running_mean.fill_(100.0)  # would matter in eval mode
+        torch.testing.assert_close(model.teacher["dino_head"](cls), expected)
+    model.eval()
+    assert not any(m.training for m in model.teacher.modules())

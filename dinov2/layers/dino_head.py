@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.layers.batch_norm import GlobalBatchNorm1d
+
 __all__ = ["DINOHead", "WeightNormalizedLinear", "build_dino_ibot_heads"]
 
 
@@ -55,7 +57,7 @@ def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, 
     for d_in, d_out in zip(dims[:-1], dims[1:]):
         layers.append(nn.Linear(d_in, d_out, bias=bias))
         if use_bn:
-            layers.append(nn.BatchNorm1d(d_out))
+            layers.append(GlobalBatchNorm1d(d_out))
         layers.append(nn.GELU())
     layers.append(nn.Linear(hidden_dim, bottleneck_dim, bias=bias))
     return nn.Sequential(*layers)
@@ -74,7 +76,8 @@ class DINOHead(nn.Module):
     Args:
         in_dim: backbone embedding size.
         out_dim: number of prototypes (65536 in DINOv2).
-        use_bn: BatchNorm1d after the hidden linear layers (3-D inputs are flattened for it).
+        use_bn: BatchNorm after the hidden linear layers (3-D inputs are flattened for it), with
+            statistics over the global batch of all ranks (:class:`GlobalBatchNorm1d`).
         nlayers: linear layers in the MLP (3).
         hidden_dim: MLP width (2048).
         bottleneck_dim: size of the normalised feature scored against the prototypes (256).

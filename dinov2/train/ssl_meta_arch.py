@@ -120,6 +120,7 @@ class SSLMetaArch(nn.Module):
             nlayers=head_cfg.head_nlayers,
             hidden_dim=head_cfg.head_hidden_dim,
             bottleneck_dim=head_cfg.head_bottleneck_dim,
+            use_bn=bool(head_cfg.head_use_bn),
         )
 
     # ---------------------------------------------------------------- helpers
@@ -136,7 +137,15 @@ class SSLMetaArch(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # the teacher never uses training-mode behaviour
+        self.teacher.eval()  # no stochastic depth or dropout in the teacher ...
+        if mode:
+            # ... but BatchNorm in its heads normalises with the statistics of the teacher's own
+            # batch, as the student's does: that batch standardisation is what makes the targets
+            # of a freshly initialised model differ from image to image (running statistics,
+            # which start at mean 0 / variance 1, would give nearly identical targets).
+            for module in self.teacher.modules():
+                if isinstance(module, nn.BatchNorm1d):
+                    module.train()
         return self
 
     # ---------------------------------------------------------------- teacher

@@ -1,0 +1,54 @@
+"""BatchNorm over the global batch of a multi-process run, on any device and backend.
+
+``torch.nn.SyncBatchNorm`` only runs on GPU-like devices; training on CPU with gloo (and the
+tests) needs the same statistics. :class:`GlobalBatchNorm1d` computes the batch mean and
+variance from sums all-reduced over the default process group with the autograd-aware
+``torch.distributed.nn.functional.all_reduce``, so its output and gradients equal those of
+``nn.BatchNorm1d`` applied to the concatenation of every rank's rows. Without a process group
+(or with one rank) it is exactly ``nn.BatchNorm1d``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+__all__ = ["GlobalBatchNorm1d"]
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class GlobalBatchNorm1d(nn.BatchNorm1d):
+    """``nn.BatchNorm1d`` on ``(rows, features)`` inputs whose training-mode statistics span all
+    ranks (same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or _world_size() == 1:
+            return super().forward(x)
+        if x.ndim != 2:
+            raise ValueError(f"GlobalBatchNorm1d expects (rows, features) inputs, got shape {tuple(x.shape)}")
+        from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
+
+        # One collective for the row count, the sums and the sums of squares (in float32).
+        rows = x.float()
+        stats = torch.cat([rows.new_tensor([rows.shape[0]]), rows.sum(0), (rows * rows).sum(0)])
+        stats = all_reduce(stats)
+        count = stats[0].clamp(min=1)
+        n_features = x.shape[1]
+        mean = stats[1 : 1 + n_features] / count
+        var = (stats[1 + n_features :] / count - mean * mean).clamp(min=0)  # biased, as BatchNorm normalises
+        if self.track_running_stats and self.running_mean is not None:
+            with torch.no_grad():
+                momentum = 0.1 if self.momentum is None else self.momentum
+                unbiased = var * count / (count - 1).clamp(min=1)
+                self.running_mean.mul_(1 - momentum).add_(mean.detach().to(self.running_mean.dtype), alpha=momentum)
+                self.running_var.mul_(1 - momentum).add_(unbiased.detach().to(self.running_var.dtype), alpha=momentum)
+                self.num_batches_tracked.add_(1)
+        out = (rows - mean) * torch.rsqrt(var + self.eps)
+        if self.affine:
+            out = out * self.weight + self.bias
+        return out.to(x.dtype)
+
