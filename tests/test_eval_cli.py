@@ -14,6 +14,7 @@ from PIL import Image
 
 from dinov2.data.loaders import make_dataset
 from dinov2.eval import knn, linear, log_regression
+from dinov2.eval.cli import setup_eval
 from dinov2.eval.features import extract_features
 from dinov2.eval.knn import knn_classify
 from dinov2.eval.metrics import classification_metrics
@@ -179,3 +180,18 @@ def test_group_metrics_through_cli_on_industrial_data(workspace, tmp_path):
     assert test["groups"]["max"]["binary"]["operating_points"]["val_youden"]["threshold"] == (
         val["groups"]["max"]["binary"]["youden_threshold"]
     )
+
+
+def test_resize_size_option_keeps_whole_small_images(workspace):
+    root, run, specs = workspace
+    args = knn.get_args_parser().parse_args(common_args(run, specs, root / "resize") + ["--resize-size", "16"])
+    ctx = setup_eval(args, "knn")
+    image = Image.fromarray(np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3))
+    whole = ctx.transform()(image)  # resized to 16, nothing cropped away
+    expected = make_eval_transform(16, ctx.backbone.mean, ctx.backbone.std, resize_size=16)(image)
+    torch.testing.assert_close(whole, expected)
+    default = setup_eval(knn.get_args_parser().parse_args(common_args(run, specs, root / "resize")), "knn")
+    assert not torch.allclose(default.transform()(image), whole)  # 18 px then a centre crop of 16
+    too_small = knn.get_args_parser().parse_args(common_args(run, specs, root / "resize") + ["--resize-size", "8"])
+    with pytest.raises(SystemExit, match="smaller than the 16 px"):
+        setup_eval(too_small, "knn")

@@ -38,6 +38,13 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
         help="official architecture name instead of --config-file, e.g. dinov2_vits14 or dinov2_vitb14_reg",
     )
     group.add_argument("--image-size", type=int, default=None, help="evaluation crop size (default: crops.global_crops_size, 224 with --arch)")
+    group.add_argument(
+        "--resize-size",
+        type=int,
+        default=None,
+        help="short side before the centre crop (default: image size x 256/224, as for ImageNet; "
+        "give the image size itself to keep whole small images such as 28 px sketches)",
+    )
     group.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype for the backbone")
     group.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
     group.add_argument("opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small")
@@ -71,10 +78,11 @@ class EvalContext:
     backbone: EvalBackbone
     output_dir: Path
     autocast_dtype: Optional[torch.dtype]
+    resize_size: Optional[int] = None
 
     def transform(self):
         b = self.backbone
-        return make_eval_transform(b.image_size, b.mean, b.std)
+        return make_eval_transform(b.image_size, b.mean, b.std, resize_size=self.resize_size)
 
 
 def configure_logging() -> None:
@@ -109,7 +117,9 @@ def setup_eval(args: argparse.Namespace, method: str) -> EvalContext:
         _dist.get_world_size(),
         device,
     )
-    return EvalContext(device, backbone, output_dir, PRECISIONS[args.precision])
+    if args.resize_size is not None and args.resize_size < backbone.image_size:
+        raise SystemExit(f"--resize-size {args.resize_size} is smaller than the {backbone.image_size} px evaluation crop")
+    return EvalContext(device, backbone, output_dir, PRECISIONS[args.precision], args.resize_size)
 
 
 def load_dataset(spec: Optional[str], transform, role: str):
