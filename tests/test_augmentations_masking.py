@@ -60,6 +60,27 @@ def test_augmentation_output_structure_for_every_input_type(image):
     assert out["global_crops"][0].min() < 0
 
 
+@pytest.mark.parametrize("policy", ["natural", "sketch"])
+@pytest.mark.parametrize(
+    "image", [_photo(), torch.randint(0, 256, (3, 50, 40), dtype=torch.uint8)], ids=["pil", "uint8-tensor"]
+)
+def test_augmentation_equals_its_v2_pipelines_under_a_seed(policy, image):
+    # __call__ runs the built steps through v2.functional for speed; it must draw the same random
+    # numbers and compute the same pixels as calling the v2 pipelines themselves.
+    aug = _aug(n_local=2, policy=policy)
+    for seed in range(8):
+        torch.manual_seed(seed)
+        out = aug(image)
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        rgb = aug.to_rgb(image)
+        expected = [aug.global_transform_1(aug.geometric_global(rgb)), aug.global_transform_2(aug.geometric_global(rgb))]
+        expected += [aug.local_transform(aug.geometric_local(rgb)) for _ in range(2)]
+        for got, want in zip(out["global_crops"] + out["local_crops"], expected, strict=True):
+            assert torch.equal(got, want)
+        assert torch.equal(torch.rand(1), after)
+
+
 def test_augmentation_normalisation_uses_configured_mean_std():
     white = Image.new("RGB", (40, 40), (255, 255, 255))
     aug = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), 0, 16, 8, policy="sketch", mean=(0.5,) * 3, std=(0.25,) * 3)
