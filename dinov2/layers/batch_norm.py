@@ -11,14 +11,11 @@ variance from sums all-reduced over the default process group with the autograd-
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
+from dinov2 import distributed
+
 __all__ = ["GlobalBatchNorm1d"]
-
-
-def _world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
@@ -26,7 +23,7 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
     ranks (same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or _world_size() == 1:
+        if not self.training or distributed.get_world_size() == 1:
             return super().forward(x)
         if x.ndim != 2:
             raise ValueError(f"GlobalBatchNorm1d expects (rows, features) inputs, got shape {tuple(x.shape)}")
@@ -51,4 +48,3 @@ class GlobalBatchNorm1d(nn.BatchNorm1d):
         if self.affine:
             out = out * self.weight + self.bias
         return out.to(x.dtype)
-
