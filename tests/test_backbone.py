@@ -7,6 +7,7 @@ import torch
 from dinov2.hub import backbones
 from dinov2.hub.weights import WeightsError, load_backbone_weights, read_state_dict, save_state_dict
 from dinov2.layers import Attention
+from dinov2.layers.attention import explicit_attention
 from dinov2.models.vision_transformer import make_vit, vit_small
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference"
@@ -114,6 +115,33 @@ def test_sdpa_attention_equals_plain_softmax_reference():
     weights = torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(12), dim=-1)
     reference = attention.proj((weights @ v).transpose(1, 2).reshape(3, 11, 48))
     torch.testing.assert_close(attention(x), reference, atol=1e-5, rtol=1e-5)
+
+
+def test_explicit_attention_matches_sdpa_values_and_gradients():
+    q, k, v = (torch.randn(2, 3, 7, 8, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    explicit = explicit_attention(q, k, v)
+    fused = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    torch.testing.assert_close(explicit, fused)
+    upstream = torch.randn_like(explicit)
+    grads_explicit = torch.autograd.grad(explicit, (q, k, v), upstream)
+    grads_fused = torch.autograd.grad(fused, (q, k, v), upstream)
+    for mine, reference in zip(grads_explicit, grads_fused):
+        torch.testing.assert_close(mine, reference)
+
+
+def test_bf16_cpu_attention_takes_the_explicit_path_and_stays_close_to_fp32(monkeypatch):
+    attention = Attention(dim=48, num_heads=4, qkv_bias=True).eval()
+    x = torch.randn(3, 11, 48)
+    reference = attention(x)
+    calls = []
+    monkeypatch.setattr("dinov2.layers.attention.explicit_attention",
+                        lambda *args, **kwargs: calls.append(args[0].dtype) or explicit_attention(*args, **kwargs))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = attention(x)
+    assert calls == [torch.bfloat16]
+    torch.testing.assert_close(low.float(), reference, atol=0.05, rtol=0.05)
+    attention(x)  # fp32 stays on scaled_dot_product_attention
+    assert calls == [torch.bfloat16]
 
 
 def test_list_forward_of_global_and_local_crops_equals_separate_forwards():
