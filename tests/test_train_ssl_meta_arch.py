@@ -155,3 +155,15 @@ def test_head_batch_norm_uses_batch_statistics_in_student_and_teacher():
         torch.testing.assert_close(model.teacher["dino_head"](cls), expected)
     model.eval()
     assert not any(m.training for m in model.teacher.modules())
+
+
+def test_batch_norm_head_normalises_global_and_local_crops_apart():
+    cfg = tiny_cfg("dino.head_use_bn=true", "train.centering=sinkhorn_knopp", "ibot.separate_head=true")
+    assert cfg.crops.local_crops_number > 0
+    model = SSLMetaArch(cfg)
+    model.train()
+    head_batches = []
+    model.student["dino_head"].register_forward_hook(lambda module, args, out: head_batches.append(args[0].shape[0]))
+    losses = model.forward_backward(synthetic_batch(cfg, batch_size=4), teacher_temp=0.05)
+    assert all(torch.isfinite(v) for v in losses.values())
+    assert head_batches == [2 * 4, cfg.crops.local_crops_number * 4]  # one BatchNorm batch per crop size

@@ -67,6 +67,7 @@ class SSLMetaArch(nn.Module):
         if not (self.do_dino or self.do_ibot or self.do_koleo):
             raise ValueError("dino.loss_weight, dino.koleo_loss_weight and ibot.loss_weight are all 0: nothing to train")
         self.separate_ibot_head = bool(cfg.ibot.separate_head)
+        self.dino_head_use_bn = bool(cfg.dino.head_use_bn)
         self.n_global_crops = 2
         self.n_local_crops = int(cfg.crops.local_crops_number)
         self.param_dtype = _precision(cfg.compute_precision.param_dtype, "param_dtype")
@@ -239,7 +240,11 @@ class SSLMetaArch(nn.Module):
             dino_inputs = [global_cls] + ([local_cls] if local_cls is not None else []) if self.do_dino else []
             dino_logits = ibot_logits = None
             if self.separate_ibot_head or not do_ibot:
-                if dino_inputs:
+                if dino_inputs and self.dino_head_use_bn:
+                    # One call per crop size: BatchNorm statistics of 28 px global and 12 px local
+                    # CLS tokens differ, and one set for both would shift each group's outputs.
+                    dino_logits = torch.cat([student["dino_head"](inputs) for inputs in dino_inputs])
+                elif dino_inputs:
                     dino_logits = student["dino_head"](torch.cat(dino_inputs))
                 if do_ibot:
                     ibot_logits = student["ibot_head"](masked_tokens)
