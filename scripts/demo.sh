@@ -4,8 +4,8 @@
 # its teacher on the held-out drawings.
 #   bash scripts/demo.sh [OUT] [key=value ...]      (default OUT: runs/demo)
 # optim.epochs=24 is 600 iterations of the recipe (its schedule unit is 25 iterations), about
-# 5 minutes on 2 CPU cores; extra key=value pairs override the recipe (the full recipe is
-# optim.epochs=144, under 30 minutes).
+# 3 minutes on 2 CPU cores; extra key=value pairs override the recipe (the full recipe is
+# optim.epochs=240, under 30 minutes).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=$(bash "$repo/scripts/setup_env.sh" | tail -n 1)

@@ -28,13 +28,13 @@ def _recipe(*overrides):
 def test_recipe_schedules_in_25_iteration_units():
     cfg = _recipe()
     schedules = build_schedules(cfg)
-    assert schedules.total_iters == 3600
+    assert schedules.total_iters == 6000
     assert cfg.optim.lr == pytest.approx(0.001)
     assert schedules.lr(99) == pytest.approx(0.001)  # 100 warm-up iterations end at the peak
-    assert schedules.lr(50) < 0.001 and schedules.lr(3599) < 1e-5
+    assert schedules.lr(50) < 0.001 and schedules.lr(5999) < 1e-5
     assert schedules.teacher_temp(0) == schedules.teacher_temp(3000) == pytest.approx(0.05)
     assert schedules.last_layer_frozen(24) and not schedules.last_layer_frozen(25)
-    assert schedules.momentum(0) == schedules.momentum(3600) == pytest.approx(0.9)  # a fast teacher
+    assert schedules.momentum(0) == schedules.momentum(6000) == pytest.approx(0.9)  # a fast teacher
 
 
 def test_recipe_model_has_batch_norm_heads_and_trains_one_step():
@@ -45,6 +45,7 @@ def test_recipe_model_has_batch_norm_heads_and_trains_one_step():
     names = [name for name, _ in model.student.named_parameters()]
     assert not any(".ls1." in name or ".ls2." in name for name in names)
     assert model.student["backbone"].patch_size == 4 and model.student["backbone"].n_blocks == 4
+    assert model.student["backbone"].blocks[0].mlp.fc1.out_features == 2 * 192  # mlp_ratio 2
     for modules in (model.student, model.teacher):  # batch statistics on both sides
         norms = [m for m in modules["dino_head"].modules() if isinstance(m, torch.nn.BatchNorm1d)]
         assert len(norms) == 2 and all(m.training for m in norms)
