@@ -280,7 +280,8 @@ def test_collate_reproducible_with_generators_and_skips_none():
 
 def test_collate_from_config_with_real_augmentation():
     cfg = OmegaConf.create(
-        {"crops": {"global_crops_size": 28}, "ibot": {"mask_ratio_min_max": [0.1, 0.5], "mask_sample_probability": 0.5}}
+        {"crops": {"global_crops_size": 28},
+         "ibot": {"loss_weight": 1.0, "mask_ratio_min_max": [0.1, 0.5], "mask_sample_probability": 0.5}}
     )
     collate = build_collate_fn_from_config(cfg, patch_size=7)
     aug = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=28, local_crops_size=14)
@@ -288,5 +289,9 @@ def test_collate_from_config_with_real_augmentation():
     assert out["collated_global_crops"].shape == (4, 3, 28, 28)
     assert out["collated_local_crops"].shape == (4, 3, 14, 14)
     assert out["collated_masks"].shape == (4, 16)
+    assert out["collated_masks"].any()  # half of the global crops are masked
+    cfg.ibot.loss_weight = 0.0  # no iBOT term: nothing to mask
+    unmasked = build_collate_fn_from_config(cfg, patch_size=7)([(aug(_photo(seed=i)), i) for i in range(2)])
+    assert not unmasked["collated_masks"].any() and int(unmasked["n_masked_patches"]) == 0
     with pytest.raises(ValueError, match="multiple of the patch size"):
         build_collate_fn_from_config(cfg, patch_size=5)
