@@ -1,16 +1,19 @@
 import importlib.util
 import json
 import math
+import random
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
 from dinov2.checkpoint import CheckpointManager
 from dinov2.hub.weights import load_backbone_weights
 from dinov2.models import build_backbone
+from dinov2.train.data import SeededSampleDataset
 from dinov2.train.knn_monitor import weighted_knn_top1
 from dinov2.train.train import main
 from dinov2.train.trainer import NonFiniteLossError, SSLTrainer
@@ -144,6 +147,27 @@ def test_data_stream_does_not_depend_on_the_number_of_workers(tmp_path, data_roo
         assert torch.equal(first["collated_global_crops"], second["collated_global_crops"])
         assert torch.equal(first["collated_local_crops"], second["collated_local_crops"])
         assert torch.equal(first["collated_masks"], second["collated_masks"])
+
+
+def test_seeded_samples_are_the_same_per_batch_or_per_item_and_leave_the_callers_rng_alone():
+    class RandomDraws(torch.utils.data.Dataset):  # one draw from each RNG the seeding covers
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return (torch.rand(1).item(), random.random(), float(np.random.rand())), index
+
+    dataset = SeededSampleDataset(RandomDraws(), seed=3)
+    keys = [(position, position % 8) for position in range(10, 14)]
+    states = torch.get_rng_state(), random.getstate(), np.random.get_state()
+    batch = dataset.__getitems__(keys)
+    one_by_one = [dataset[key] for key in keys]
+    assert torch.equal(torch.get_rng_state(), states[0])
+    assert random.getstate() == states[1]
+    assert np.array_equal(np.random.get_state()[1], states[2][1])
+    assert batch == one_by_one
+    assert len({sample[0] for sample in batch}) == len(keys)  # positions give different draws
+    assert [sample[2] for sample in batch] == [position for position, _ in keys]
 
 
 def test_weighted_knn_top1():
