@@ -8,8 +8,9 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
 
-from dinov2.data.augmentations import DataAugmentationDINO, blur_probabilities
+from dinov2.data.augmentations import DataAugmentationDINO, _gaussian_blur, blur_probabilities
 from dinov2.data.collate import build_collate_fn_from_config, collate_data_and_cast, mask_ratio_bins
 from dinov2.data.masking import MaskingGenerator
 from dinov2.data.transforms import make_classification_eval_transform
@@ -79,6 +80,17 @@ def test_augmentation_equals_its_v2_pipelines_under_a_seed(policy, image):
         for got, want in zip(out["global_crops"] + out["local_crops"], expected, strict=True):
             assert torch.equal(got, want)
         assert torch.equal(torch.rand(1), after)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_fast_gaussian_blur_equals_torchvision(dtype):
+    generator = torch.Generator().manual_seed(0)
+    for kernel_size, sigma in (([9, 9], [0.1, 0.1]), ([9, 9], [1.7, 1.7]), ([5, 3], [0.8, 1.3])):
+        image = torch.randint(0, 256, (3, 28, 21), generator=generator, dtype=torch.uint8)
+        image = image if dtype == torch.uint8 else image / 255.0
+        got = _gaussian_blur(image, kernel_size, sigma)
+        assert got.dtype == dtype and torch.equal(got, F.gaussian_blur(image, kernel_size, sigma))
+        assert sigma[0] < 0.5 or not torch.equal(got, image)  # sigma 0.1 leaves integer pixels as they were
 
 
 def test_augmentation_normalisation_uses_configured_mean_std():
