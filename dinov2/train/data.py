@@ -74,8 +74,8 @@ class SeededSampleDataset(Dataset):
         """The samples of a batch (the DataLoader fetches through this when it exists).
 
         The caller's RNG states are saved and restored once per batch, not once per sample:
-        saving numpy's global state alone costs about 0.16 ms, which was a third of the
-        per-sample loading time of the Quick, Draw! recipe."""
+        saving and restoring numpy's global state alone costs about 0.16 ms, and the per-sample
+        save / restore was about a fifth of the loading time of a Quick, Draw! sample (730 us)."""
         python_state, numpy_state = random.getstate(), np.random.get_state()
         try:
             with torch.random.fork_rng(devices=[]):
