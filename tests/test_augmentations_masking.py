@@ -74,12 +74,43 @@ def test_augmentation_equals_its_v2_pipelines_under_a_seed(policy, image):
         out = aug(image)
         after = torch.rand(1)
         torch.manual_seed(seed)
-        rgb = aug.to_rgb(image)
+        rgb = aug.prepare(image)
         expected = [aug.global_transform_1(aug.geometric_global(rgb)), aug.global_transform_2(aug.geometric_global(rgb))]
         expected += [aug.local_transform(aug.geometric_local(rgb)) for _ in range(2)]
         for got, want in zip(out["global_crops"] + out["local_crops"], expected, strict=True):
             assert torch.equal(got, want)
         assert torch.equal(torch.rand(1), after)
+
+
+def test_sketch_policy_works_on_one_channel_with_the_pixels_of_the_rgb_path():
+    # The sketch policy converts PIL inputs to luminance ("L") and expands to RGB only when it
+    # normalises; for a gray drawing stored as RGB the crops equal those of 3-channel processing.
+    from dinov2.data.transforms import ToLuminance, ToRGB
+
+    rng = np.random.default_rng(3)
+    ink = (rng.random((28, 28)) < 0.15) * rng.integers(80, 256, size=(28, 28))
+    drawing = Image.fromarray((255 - ink).astype(np.uint8), mode="L").convert("RGB")
+    aug = _aug(n_local=2, policy="sketch")
+    assert isinstance(aug.prepare, ToLuminance) and aug.prepare(drawing).mode == "L"
+    rgb_path = _aug(n_local=2, policy="sketch")
+    rgb_path.prepare = ToRGB()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        fast = aug(drawing)
+        torch.manual_seed(seed)
+        reference = rgb_path(drawing)
+        for got, want in zip(fast["global_crops"] + fast["local_crops"], reference["global_crops"] + reference["local_crops"], strict=True):
+            assert got.shape[0] == 3 and torch.equal(got, want)
+    # Colour is dropped by the sketch policy (luminance), kept by the natural one.
+    red = Image.new("RGB", (32, 32), (255, 0, 0))
+    def raw(augmentation):
+        crop = augmentation(red)["global_crops"][0]
+        return crop * torch.tensor(augmentation.std).view(3, 1, 1) + torch.tensor(augmentation.mean).view(3, 1, 1)
+
+    gray = raw(aug)
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    torch.testing.assert_close(gray[0], torch.full((32, 32), 76 / 255))  # PIL luma of pure red
+    assert _aug(policy="natural").prepare(red).getpixel((0, 0)) == (255, 0, 0)
 
 
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])

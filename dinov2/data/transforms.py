@@ -18,6 +18,7 @@ from torchvision.transforms import v2
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
+    "ToLuminance",
     "ToRGB",
     "make_blur",
     "make_normalize_transform",
@@ -65,10 +66,32 @@ class ToRGB(v2.Transform):
         return image
 
 
+class ToLuminance(v2.Transform):
+    """Bring an input to the working mode of grayscale pipelines (the ``sketch`` augmentation).
+
+    PIL images become single-channel ``L`` images (PIL's integer luma formula, which maps a gray
+    pixel ``(v, v, v)`` to exactly ``v``), so every later step touches one channel instead of
+    three identical ones; the normalisation step expands the channel back to RGB. Tensors and
+    arrays go through :class:`ToRGB` unchanged in content (3-channel uint8): the later steps
+    work on 1 or 3 channels alike.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._to_rgb = ToRGB()
+
+    def forward(self, inpt):  # one image in, one image out
+        if isinstance(inpt, Image.Image):
+            return inpt if inpt.mode == "L" else inpt.convert("L")
+        return self._to_rgb(inpt)
+
+
 def make_normalize_transform(
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD
 ) -> v2.Compose:
-    """uint8 / PIL image -> plain float32 tensor in ``[0, 1]`` -> ``(x - mean) / std``."""
+    """uint8 / PIL image -> plain float32 tensor in ``[0, 1]`` -> ``(x - mean) / std``.
+
+    Single-channel inputs (e.g. from :class:`ToLuminance`) are expanded to 3 channels first."""
     if len(mean) != 3 or len(std) != 3:
         raise ValueError(f"mean and std need 3 values (RGB), got mean={list(mean)} std={list(std)}")
     if any(s <= 0 for s in std):
@@ -76,6 +99,7 @@ def make_normalize_transform(
     return v2.Compose(
         [
             v2.ToImage(),
+            v2.RGB(),
             v2.ToDtype(torch.float32, scale=True),
             v2.Normalize(mean=list(mean), std=list(std)),
             v2.ToPureTensor(),
