@@ -258,6 +258,14 @@ def test_dino_head_variants_and_shared_or_separate_ibot_head():
     bn_head = DINOHead(16, 10, use_bn=True, nlayers=2, hidden_dim=24, bottleneck_dim=8, mlp_bias=False)
     assert bn_head(torch.randn(2, 3, 16)).shape == (2, 3, 10)
     assert DINOHead(16, 10, nlayers=1, bottleneck_dim=8)(torch.randn(4, 16)).shape == (4, 10)
+    # One layer with BatchNorm: linear then BN over the batch, so every bottleneck unit is
+    # standardised before the L2 normalisation (with BN's initial weight 1 and bias 0).
+    linear_bn = DINOHead(16, 10, use_bn=True, nlayers=1, bottleneck_dim=8)
+    assert [type(m).__name__ for m in linear_bn.mlp] == ["Linear", "GlobalBatchNorm1d"]
+    x = torch.randn(64, 16) * torch.linspace(0.1, 10, 16)
+    z = linear_bn.mlp(x)
+    torch.testing.assert_close(z.mean(0), torch.zeros(8), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z.std(0, unbiased=False), torch.ones(8), atol=1e-3, rtol=0)
     assert isinstance(bn_head.last_layer, WeightNormalizedLinear)
 
     dino, ibot = build_dino_ibot_heads(16, 12, hidden_dim=24, bottleneck_dim=8)

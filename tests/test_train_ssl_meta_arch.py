@@ -155,6 +155,9 @@ def test_head_batch_norm_uses_batch_statistics_in_student_and_teacher():
         torch.testing.assert_close(model.teacher["dino_head"](cls), expected)
     model.eval()
     assert not any(m.training for m in model.teacher.modules())
+    # A one-layer head keeps its BatchNorm (after the projection to the bottleneck).
+    one_layer = SSLMetaArch(tiny_cfg("dino.head_use_bn=true", "dino.head_nlayers=1"))
+    assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in one_layer.teacher["dino_head"].modules()) == 1
 
 
 def test_batch_norm_head_normalises_global_and_local_crops_apart():

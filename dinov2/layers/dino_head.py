@@ -51,7 +51,12 @@ def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, 
     if nlayers < 1:
         raise ValueError(f"DINOHead nlayers must be >= 1, got {nlayers}")
     if nlayers == 1:
-        return nn.Sequential(nn.Linear(in_dim, bottleneck_dim, bias=bias))
+        # A linear projection; with BatchNorm it standardises each bottleneck unit over the batch
+        # before the L2 normalisation (a "linear + BN" head, which the Quick, Draw! recipe uses).
+        layers = [nn.Linear(in_dim, bottleneck_dim, bias=bias)]
+        if use_bn:
+            layers.append(GlobalBatchNorm1d(bottleneck_dim))
+        return nn.Sequential(*layers)
     layers: list[nn.Module] = []
     dims = [in_dim] + [hidden_dim] * (nlayers - 1)
     for d_in, d_out in zip(dims[:-1], dims[1:]):
@@ -77,7 +82,8 @@ class DINOHead(nn.Module):
         in_dim: backbone embedding size.
         out_dim: number of prototypes (65536 in DINOv2).
         use_bn: BatchNorm after the hidden linear layers (3-D inputs are flattened for it), with
-            statistics over the global batch of all ranks (:class:`GlobalBatchNorm1d`).
+            statistics over the global batch of all ranks (:class:`GlobalBatchNorm1d`); a
+            one-layer head (``nlayers=1``) has it after its only linear layer instead.
         nlayers: linear layers in the MLP (3).
         hidden_dim: MLP width (2048).
         bottleneck_dim: size of the normalised feature scored against the prototypes (256).
