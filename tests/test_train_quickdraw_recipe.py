@@ -37,7 +37,7 @@ def test_recipe_schedules_in_25_iteration_units():
     assert schedules.momentum(0) == schedules.momentum(6000) == pytest.approx(0.9)  # a fast teacher
 
 
-def test_recipe_model_has_batch_norm_heads_and_trains_one_step():
+def test_recipe_model_has_linear_batch_norm_heads_and_trains_one_step():
     torch.manual_seed(0)
     cfg = _recipe("train.batch_size_per_gpu=4")
     model = SSLMetaArch(cfg)
@@ -46,9 +46,11 @@ def test_recipe_model_has_batch_norm_heads_and_trains_one_step():
     assert not any(".ls1." in name or ".ls2." in name for name in names)
     assert model.student["backbone"].patch_size == 4 and model.student["backbone"].n_blocks == 4
     assert model.student["backbone"].blocks[0].mlp.fc1.out_features == 2 * 192  # mlp_ratio 2
-    for modules in (model.student, model.teacher):  # batch statistics on both sides
-        norms = [m for m in modules["dino_head"].modules() if isinstance(m, torch.nn.BatchNorm1d)]
-        assert len(norms) == 2 and all(m.training for m in norms)
+    assert model.student["backbone"].num_heads == 6
+    for modules in (model.student, model.teacher):  # one-layer linear + BatchNorm head, batch statistics on both sides
+        layers = list(modules["dino_head"].mlp)
+        assert [type(m).__name__ for m in layers] == ["Linear", "GlobalBatchNorm1d"]
+        assert layers[0].out_features == cfg.dino.head_bottleneck_dim and layers[1].training
     batch = 4
     assert cfg.crops.local_crops_number == 0
     data = {
@@ -60,7 +62,10 @@ def test_recipe_model_has_batch_norm_heads_and_trains_one_step():
         "masks_weight": torch.zeros(0),
     }
     losses = model.forward_backward(data, teacher_temp=0.05)
-    assert set(losses) == {"dino_global_crops_loss", "dino_loss", "total_loss"}  # iBOT and KoLeo off
+    assert set(losses) == {"dino_global_crops_loss", "dino_loss", "koleo_loss", "total_loss"}  # iBOT off
+    expected_total = losses["dino_loss"] + cfg.dino.koleo_loss_weight * losses["koleo_loss"]
+    assert cfg.dino.koleo_loss_weight == pytest.approx(0.02)
+    torch.testing.assert_close(losses["total_loss"], expected_total)
     assert all(math.isfinite(float(v)) for v in losses.values())
     grads = [p.grad for p in model.student.parameters() if p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
