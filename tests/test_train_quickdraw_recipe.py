@@ -28,13 +28,13 @@ def _recipe(*overrides):
 def test_recipe_schedules_in_25_iteration_units():
     cfg = _recipe()
     schedules = build_schedules(cfg)
-    assert schedules.total_iters == 6000
+    assert schedules.total_iters == 8000
     assert cfg.optim.lr == pytest.approx(0.001)
     assert schedules.lr(99) == pytest.approx(0.001)  # 100 warm-up iterations end at the peak
-    assert schedules.lr(50) < 0.001 and schedules.lr(5999) < 1e-5
+    assert schedules.lr(50) < 0.001 and schedules.lr(7999) < 1e-5
     assert schedules.teacher_temp(0) == schedules.teacher_temp(3000) == pytest.approx(0.05)
     assert schedules.last_layer_frozen(24) and not schedules.last_layer_frozen(25)
-    assert schedules.momentum(0) == schedules.momentum(6000) == pytest.approx(0.9)  # a fast teacher
+    assert schedules.momentum(0) == schedules.momentum(8000) == pytest.approx(0.9)  # a fast teacher
 
 
 def test_recipe_model_has_linear_batch_norm_heads_and_trains_one_step():
