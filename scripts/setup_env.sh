@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Create (or reuse) a virtual environment with the pinned test stack and this package installed.
 #   VENV=path/to/venv bash scripts/setup_env.sh     (default: .venv in the repository)
-# A venv is reused only when it was built from the same requirements-test.txt and setup.py.
+# Every package comes at the version pinned in constraints-test.txt (scripts/refresh_constraints.sh
+# rewrites it). A venv is reused only when it was built from the same pins and setup.py.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${VENV:-$repo/.venv}
 python=${PYTHON:-python3}
-stamp="$venv/.dinov2-$(cat "$repo/requirements-test.txt" "$repo/setup.py" | sha256sum | cut -c1-16)"
+stamp="$venv/.dinov2-$(cat "$repo/requirements-test.txt" "$repo/constraints-test.txt" "$repo/setup.py" | sha256sum | cut -c1-16)"
 
 if [ ! -f "$stamp" ]; then
   # Only a venv this script built (it carries a .dinov2-* stamp) is ever replaced.
@@ -18,9 +19,9 @@ if [ ! -f "$stamp" ]; then
   echo "[setup] building $venv"
   rm -rf "$venv"
   "$python" -m venv "$venv"
-  "$venv/bin/pip" install --quiet --upgrade pip
-  "$venv/bin/pip" install --quiet -r "$repo/requirements-test.txt"
-  "$venv/bin/pip" install --quiet -c "$repo/requirements-test.txt" -e "$repo[dev]"
+  "$venv/bin/pip" install --quiet -c "$repo/constraints-test.txt" --upgrade pip
+  "$venv/bin/pip" install --quiet -c "$repo/constraints-test.txt" -r "$repo/requirements-test.txt"
+  "$venv/bin/pip" install --quiet -c "$repo/constraints-test.txt" -e "$repo[dev]"
   touch "$stamp"
 else
   echo "[setup] reusing $venv"
