@@ -41,17 +41,11 @@ from dinov2.utils.config import save_config
 
 logger = logging.getLogger("dinov2")
 
-__all__ = ["NonFiniteLossError", "SSLTrainer", "find_sharding_function"]
+__all__ = ["NonFiniteLossError", "SSLTrainer"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss term or gradient norm."""
-
-
-def find_sharding_function():
-    """``shard_ssl_meta_arch(model, cfg)`` of :mod:`dinov2.fsdp` (an import error there is raised,
-    never mistaken for "no sharding available")."""
-    return shard_ssl_meta_arch
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -159,7 +153,7 @@ class SSLTrainer:
         if not self.cfg.distributed.fsdp:
             logger.info("distributed.fsdp=false: replicated student, gradients averaged over ranks")
             return False
-        find_sharding_function()(self.model, self.cfg)
+        shard_ssl_meta_arch(self.model, self.cfg)
         return True
 
     # -------------------------------------------------------------- checkpoint
