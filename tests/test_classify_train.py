@@ -7,11 +7,11 @@ import torch
 from dinov2.classify.checkpoint import load_classifier
 from dinov2.classify.config import load_classify_config
 from dinov2.classify.heads import MultiHeadClassifier, HeadSpec
-from dinov2.classify.shapes import make_shapes_dataset
 from dinov2.classify.train import build_optimizer, set_trainable, train_classifier
 from dinov2.hub.sources import BackboneSourceError, load_backbone
 from dinov2.hub.weights import save_state_dict
 from dinov2.utils.config import ConfigError, load_config, save_config
+from dinov2_tools.shapes import make_shapes_dataset
 
 from classify_helpers import TINY_VIT
 
@@ -168,3 +168,37 @@ def test_partial_finetuning_with_bf16_autocast(tmp_path, shapes):
     assert config.preprocessing["mean"] == [0.485, 0.456, 0.406]  # ImageNet default for a random backbone
     with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
         train_classifier(_cfg(tmp_path / "fp16", shapes, "optim.amp=fp16", "optim.epochs=1", "device=cpu"))
+
+
+class _RunsCode:
+    def __reduce__(self):  # pickles as a call of os.system (a harmless ``true`` if ever run)
+        import os
+
+        return (os.system, ("true",))
+
+
+def test_bad_resume_state_is_refused_naming_the_file(tmp_path, shapes):
+    from dinov2.classify.checkpoint import ClassifierFileError
+
+    checkpoints = tmp_path / "run" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    state = checkpoints / "epoch_0001.pth"
+    cases = {
+        "pickled code": ("refusing to load classifier resume state", "pickled global"),
+        "empty": ("cannot read classifier resume state", "the file is empty"),
+        "garbage": ("cannot read classifier resume state", "truncated or corrupt, or not a torch file"),
+        "not a resume state": ("classifier resume state", "lacks the entries"),
+    }
+    for kind, expected in cases.items():
+        if kind == "pickled code":
+            torch.save({"epoch": 1, "model": _RunsCode()}, state)
+        elif kind == "empty":
+            state.write_bytes(b"")
+        elif kind == "garbage":
+            state.write_bytes(b"\x00garbage" * 50)
+        else:
+            torch.save({"epoch": 1}, state)
+        with pytest.raises(ClassifierFileError) as info:
+            train_classifier(_cfg(tmp_path / "run", shapes, "optim.epochs=2"))
+        message = str(info.value)
+        assert str(state) in message and all(part in message for part in expected), (kind, message)

@@ -21,7 +21,7 @@ from typing import Any, Dict, List, Mapping, Optional, Union
 import torch
 
 from dinov2.hub.sources import build_backbone_from_spec
-from dinov2.hub.weights import check_state_dict
+from dinov2.hub.weights import WeightsError, check_state_dict, load_weights_only
 from dinov2.utils.io import atomic_torch_save
 
 from .heads import HeadSpec, MultiHeadClassifier
@@ -31,6 +31,8 @@ FORMAT = "dinov2-classifier"
 FORMAT_VERSION = 1
 # Names looked for, in order, when a directory (a classifier training output) is given.
 DIRECTORY_CANDIDATES = ("model_best.pth", "model_final.pth")
+# Entries every classifier resume state (``checkpoints/epoch_<n>.pth``) has.
+RESUME_STATE_KEYS = ("epoch", "stage", "lora", "model", "optimizer", "scaler", "best_metric", "best_epoch")
 PathLike = Union[str, os.PathLike]
 
 
@@ -111,9 +113,9 @@ def resolve_classifier_path(path: PathLike) -> Path:
 def read_classifier_file(path: PathLike) -> tuple[ClassifierConfig, Dict[str, torch.Tensor], Path]:
     path = resolve_classifier_path(path)
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # weights_only refuses anything that would run code
-        raise ClassifierFileError(f"cannot read {path} as a weights-only torch file: {error}") from error
+        payload = load_weights_only(path, "classifier file")
+    except WeightsError as error:  # refused (pickled code), empty, truncated or not a torch file
+        raise ClassifierFileError(str(error)) from error.__cause__
     if not isinstance(payload, Mapping) or payload.get("format") != FORMAT:
         raise ClassifierFileError(f"{path} is not a dinov2 classifier file (no format={FORMAT!r} entry)")
     if payload.get("format_version") != FORMAT_VERSION:
@@ -123,6 +125,20 @@ def read_classifier_file(path: PathLike) -> tuple[ClassifierConfig, Dict[str, to
     except (KeyError, TypeError, ValueError) as error:
         raise ClassifierFileError(f"{path}: bad classifier config: {error}") from error
     return config, payload["state_dict"], path
+
+
+def read_resume_state(path: PathLike) -> Dict[str, Any]:
+    """A classifier training resume state, read weights-only; errors name the file and say why."""
+    try:
+        state = load_weights_only(path, "classifier resume state")
+    except WeightsError as error:
+        raise ClassifierFileError(str(error)) from error.__cause__
+    if not isinstance(state, Mapping):
+        raise ClassifierFileError(f"classifier resume state {path} holds a {type(state).__name__}, not a dict")
+    missing = [key for key in RESUME_STATE_KEYS if key not in state]
+    if missing:
+        raise ClassifierFileError(f"classifier resume state {path} lacks the entries {missing}")
+    return dict(state)
 
 
 def load_classifier(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[MultiHeadClassifier, ClassifierConfig]:

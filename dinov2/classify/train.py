@@ -58,7 +58,7 @@ from dinov2.train.schedules import CosineSchedule
 from dinov2.utils.config import save_config
 from dinov2.utils.io import atomic_torch_save
 
-from .checkpoint import ClassifierConfig, save_classifier
+from .checkpoint import ClassifierConfig, read_resume_state, save_classifier
 from .config import load_classify_config
 from .data import make_task_dataset, split_indices, subsample
 from .device import select_device
@@ -409,7 +409,7 @@ class ClassifierTrainer:
         start_epoch, best, best_epoch, state = 0, None, None, None
         resume_path = latest_resume_state(self.output_dir) if cfg.checkpoint.resume else None
         if resume_path is not None:
-            state = torch.load(resume_path, map_location="cpu", weights_only=True)
+            state = read_resume_state(resume_path)
             if state.get("lora") is not None and not has_lora(self.model):
                 add_lora(self.model.backbone, state["lora"])
             self.model.load_state_dict(state["model"], strict=True)

@@ -3,12 +3,16 @@
 Accepted files: a plain state dict in the official DINOv2 key format (``.pth``/``.pt``), a
 ``.safetensors`` file, or a checkpoint dict that nests one (``{"teacher": {...}}`` with
 ``backbone.``-prefixed keys, as upstream training writes, or ``{"model": {...}}``).
-Nothing here unpickles arbitrary objects: ``torch.load(..., weights_only=True)`` only.
+Nothing here unpickles arbitrary objects: ``torch.load(..., weights_only=True)`` only, through
+:func:`load_weights_only`, which backbone weights, classifier files and classifier resume states
+share, so that a refused, empty, truncated or foreign file gets an error that names it and says why.
 """
 
 import os
+import pickle
+import re
 from pathlib import Path
-from typing import Dict, Mapping, Union
+from typing import Any, Dict, Mapping, Optional, Union
 
 import torch
 from torch import nn
@@ -27,23 +31,97 @@ _NESTED_LOCATIONS = (
 
 
 class WeightsError(ValueError):
-    """A weights file does not match the model it is loaded into."""
+    """A weights file that cannot be read, or does not match the model it is loaded into."""
 
 
-def read_state_dict(path: PathLike) -> Dict[str, torch.Tensor]:
-    """Tensors of a weights file, unwrapped from known checkpoint layouts."""
+# How torch's weights-only unpickler names a global it refuses ("GLOBAL posix.system ...").
+_REFUSED_GLOBAL = re.compile(r"GLOBAL (\S+)")
+# The unpickler's own reason, which torch wraps in advice (including "retry with weights_only=False",
+# exactly what must not be done with a file from a stranger).
+_UNPICKLER_REASON = re.compile(r"WeightsUnpickler error:\s*(.+?)(?:\n\nCheck the documentation|$)", re.S)
+
+
+def _unpickling_refusal(error: pickle.UnpicklingError) -> Optional[str]:
+    """Why the weights-only unpickler refused the file, or None when the data is simply not a
+    pickle it can parse (garbage, truncation)."""
+    message = str(error)
+    found = _REFUSED_GLOBAL.search(message)
+    if found:
+        return (
+            f"it contains a pickled global {found.group(1)} that weights-only loading does not allow "
+            "(unpickling it could run code; only tensors and plain containers are read)"
+        )
+    reason = _UNPICKLER_REASON.search(message)
+    detail = " ".join(reason.group(1).split()) if reason else message.strip().splitlines()[-1]
+    if detail.startswith(("Unsupported operand", "String is too long")) or "WeightsUnpickler" not in message:
+        return None
+    return f"its pickle data holds objects that weights-only loading does not allow ({detail})"
+
+
+def load_weights_only(path: PathLike, what: str = "torch file") -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU, with errors that name the file and say why.
+
+    ``what`` says what the file is meant to be ("weights file", "classifier resume state", ...).
+    A pickle that needs anything beyond tensors and plain containers is refused, never retried
+    with ``weights_only=False``.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"weights file not found: {path}")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"cannot read {what} {path}: the file is empty (0 bytes)")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refusal = _unpickling_refusal(error)
+        if refusal is None:
+            raise WeightsError(_unreadable(what, path, error)) from None
+        # ``from None`` here and above: torch's own message suggests weights_only=False, the unsafe way.
+        raise WeightsError(f"refusing to load {what} {path}: {refusal}") from None
+    except RuntimeError as error:
+        if "PytorchStreamReader" not in str(error):
+            raise
+        raise WeightsError(_unreadable(what, path, error)) from error
+    except (EOFError, KeyError, ValueError, OSError, IndexError) as error:
+        raise WeightsError(_unreadable(what, path, error)) from error
 
-        state = load_file(str(path))
+
+def _unreadable(what: str, path: Path, error: BaseException) -> str:
+    # torch's messages run on with advice; the first sentence (or the unpickler's reason) is the point.
+    found = _UNPICKLER_REASON.search(str(error))
+    reason = " ".join(found.group(1).split()) if found else str(error).split(". ")[0]
+    return (
+        f"cannot read {what} {path}: the file is truncated or corrupt, or not a torch file "
+        f"({type(error).__name__}: {reason})"
+    )
+
+
+def load_safetensors_file(path: PathLike, what: str = "weights file") -> Dict[str, torch.Tensor]:
+    """Tensors of a ``.safetensors`` file (a format that cannot hold code), errors naming the file."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.stat().st_size == 0:
+        raise WeightsError(f"cannot read {what} {path}: the file is empty (0 bytes)")
+    try:
+        return load_file(str(path))
+    except SafetensorError as error:
+        raise WeightsError(f"cannot read {what} {path} as a safetensors file: {error}") from error
+
+
+def read_state_dict(path: PathLike, what: str = "weights file") -> Dict[str, torch.Tensor]:
+    """Tensors of a weights file, unwrapped from known checkpoint layouts; ``what`` names the
+    file's role in errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    if path.suffix == ".safetensors":
+        state = load_safetensors_file(path, what)
     else:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as error:  # re-raised with the file name; weights_only refuses code
-            raise WeightsError(f"cannot read {path} as a weights-only torch file: {error}") from error
+        state = load_weights_only(path, what)
     return unwrap_backbone_state_dict(state, source=str(path))
 
 

@@ -61,7 +61,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module, source: str
 def load_warm_start_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load an official-format backbone file strictly into ``backbone``, resampling only the
     position embeddings when the file was made for another image size."""
-    state = dict(read_state_dict(path))
+    state = dict(read_state_dict(path, what="warm-start weights file (student.pretrained_weights)"))
     stored, target = state.get("pos_embed"), backbone.pos_embed
     # Only a different grid is resampled; any other mismatch (width, layout) is left for the
     # strict load, whose error lists every bad key.
