@@ -3,8 +3,10 @@ the bad-image policy, ``classes`` / ``get_targets()`` / ``get_group_ids()``, and
 
 from __future__ import annotations
 
+import gzip
 import os
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import IO, Any, Callable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -21,6 +23,32 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", "
 
 class DatasetFormatError(ValueError):
     """The files on disk do not match the format; the message names the file and entry."""
+
+
+@contextmanager
+def open_text(path: str, what: str, newline: str | None = None) -> Iterator[IO[str]]:
+    """Open a user's text file (annotations, label lists, CSV, ``.ndjson[.gz]``) as UTF-8 for reading.
+
+    Every dataset reads its text files through here, so that a missing file or one in another
+    encoding (e.g. Latin-1 from a spreadsheet export) is a :class:`DatasetFormatError` naming the
+    file, also when the bad bytes come up while the caller streams the lines. A UTF-8 byte-order
+    mark, as spreadsheet programs write, is dropped. ``what`` names the file's role in the error.
+    """
+    compressed = path.endswith(".gz")
+    try:
+        f = (gzip.open if compressed else open)(path, "rt", encoding="utf-8-sig", newline=newline)
+    except FileNotFoundError:
+        raise DatasetFormatError(f"{what} {path} does not exist") from None
+    with f:
+        try:
+            yield f
+        except UnicodeDecodeError as exc:
+            bad = exc.object[exc.start:exc.end].hex(" ")
+            raise DatasetFormatError(f"{what} {path} is not UTF-8 text (bytes {bad}: {exc.reason}); save it as UTF-8") from None
+        except (gzip.BadGzipFile, EOFError) as exc:
+            if not compressed:
+                raise
+            raise DatasetFormatError(f"{what} {path} is not a complete gzip file ({exc})") from None
 
 
 def resolve_inside(root: str, relative: str, what: str) -> str:

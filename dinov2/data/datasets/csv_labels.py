@@ -15,7 +15,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, LabelledImageDataset, resolve_inside
+from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, LabelledImageDataset, open_text, resolve_inside
 from dinov2.data.image_io import load_image_file
 from dinov2.data.spec import SpecKey, parse_bool, parse_list
 
@@ -45,11 +45,8 @@ class CSVDataset(LabelledImageDataset):
         self.csv_path = path
         self.root = root or os.path.dirname(os.path.abspath(path))
         sep = sep or ("\t" if path.lower().endswith(".tsv") else ",")
-        try:
-            with open(path, newline="", encoding="utf-8") as f:
-                rows = list(csv.reader(f, delimiter=sep))
-        except FileNotFoundError:
-            raise DatasetFormatError(f"CSV file {path} does not exist") from None
+        with open_text(path, "CSV file", newline="") as f:
+            rows = list(csv.reader(f, delimiter=sep))
         if len(rows) < 2:
             raise DatasetFormatError(f"CSV file {path} needs a header line and at least one row")
         header = [h.strip() for h in rows[0]]

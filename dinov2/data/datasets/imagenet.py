@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError
+from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, open_text
 from dinov2.data.datasets.image_folder import CACHE_KEYS, ImageFolderDataset
 from dinov2.data.spec import SpecKey
 
@@ -23,11 +23,8 @@ SPLITS = ("TRAIN", "VAL", "TEST")
 def read_class_names(path: str) -> dict[str, str]:
     """``wnid -> name`` from a labels file (``wnid,name`` or ``wnid name`` per line)."""
     names: dict[str, str] = {}
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.read().splitlines()
-    except FileNotFoundError:
-        raise DatasetFormatError(f"ImageNet labels file {path} does not exist") from None
+    with open_text(path, "ImageNet labels file") as f:
+        lines = f.read().splitlines()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, LabelledImageDataset, resolve_inside
+from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, LabelledImageDataset, open_text, resolve_inside
 from dinov2.data.image_io import load_image_file
 from dinov2.data.spec import SpecKey, parse_bool
 
@@ -35,10 +35,8 @@ def annotation_path(root: str, split: str) -> str:
 def read_annotations(path: str) -> tuple[list[str], list[dict[str, Any]]]:
     """Read one annotation file; check its structure and return (classes, data_list)."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_text(path, "annotation file") as f:
             content = json.load(f)
-    except FileNotFoundError:
-        raise DatasetFormatError(f"annotation file {path} does not exist") from None
     except json.JSONDecodeError as exc:
         raise DatasetFormatError(f"annotation file {path} is not valid JSON: {exc}") from None
     if not isinstance(content, dict) or "data_list" not in content:

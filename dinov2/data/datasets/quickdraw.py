@@ -19,7 +19,6 @@ removes categories from train/test for zero-shot evaluation (``split=holdout`` /
 
 from __future__ import annotations
 
-import gzip
 import hashlib
 import json
 import logging
@@ -30,7 +29,7 @@ import threading
 import numpy as np
 from PIL import Image
 
-from dinov2.data.datasets.base import DatasetFormatError, LabelledImageDataset, default_data_dir, write_bytes_atomic
+from dinov2.data.datasets.base import DatasetFormatError, LabelledImageDataset, default_data_dir, open_text, write_bytes_atomic
 from dinov2.data.sketch_raster import ink_to_rgb, rasterize_strokes
 from dinov2.data.spec import SpecKey, parse_bool
 
@@ -71,15 +70,11 @@ def find_data_dir(root: str) -> str:
     )
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
 def detect_format(directory: str) -> str:
     files = _data_files(directory)
     if any(f.endswith(".npy") for f in files):
         return "bitmap"
-    with _open_text(os.path.join(directory, files[0])) as f:
+    with open_text(os.path.join(directory, files[0]), "QuickDraw file") as f:
         first = f.readline().lstrip()
     if first.startswith("["):
         return "npmjs"
@@ -166,7 +161,7 @@ def _file_signature(files: list[str]) -> str:
 
 def _parse_npm_file(path: str) -> np.ndarray:
     rows = []
-    with _open_text(path) as f:
+    with open_text(path, "QuickDraw file") as f:
         for number, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -245,7 +240,7 @@ def load_ndjson(directory: str, max_per_class: int = 0, recognized: str = "all",
     for file_category, path in sorted(files.items()):
         if wanted is not None and file_category not in wanted:
             continue
-        with _open_text(path) as f:
+        with open_text(path, "QuickDraw file") as f:
             for number, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -274,7 +269,7 @@ def load_ndjson(directory: str, max_per_class: int = 0, recognized: str = "all",
 def _name_list(value: str) -> list[str]:
     """Comma list of names, or a file with one name per line."""
     if os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
+        with open_text(value, "QuickDraw category list") as f:
             return [line.strip() for line in f if line.strip() and not line.startswith("#")]
     return [v.strip() for v in value.split(",") if v.strip()]
 
