@@ -13,6 +13,7 @@ from typing import Optional
 import torch
 
 from . import _dist
+from .results import prepare_output_dir
 from .setup import EvalBackbone, build_model_for_eval, make_eval_transform
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,11 +102,21 @@ def default_output_dir(args: argparse.Namespace, method: str) -> Path:
 
 
 def setup_eval(args: argparse.Namespace, method: str) -> EvalContext:
-    """Join the process group (under torchrun), pick the device and load the backbone."""
+    """Join the process group (under torchrun), pick the device, check the output directory and
+    load the backbone."""
     _dist.init_from_env(torch.device(args.device) if args.device else None)
     device = torch.device(args.device) if args.device else _dist.default_device()
     configure_logging()
     output_dir = default_output_dir(args, method)
+    problem = None
+    if _dist.is_main_process():  # the only rank that writes results
+        try:
+            prepare_output_dir(output_dir)
+        except OSError as error:
+            problem = error
+    # Every rank stops, not only the writer: the others would wait for it at the first collective.
+    if _dist.all_reduce_sum(torch.tensor([int(problem is not None)])).item():
+        raise SystemExit(f"--output-dir: {problem or 'the main process cannot write there'}")
     backbone = build_model_for_eval(
         args.config_file, args.pretrained_weights, device, arch=args.arch, overrides=args.opts, image_size=args.image_size
     )

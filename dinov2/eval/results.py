@@ -36,6 +36,32 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
+def prepare_output_dir(output_dir: os.PathLike | str) -> Path:
+    """Create ``output_dir`` and check that files can be written in it; ``OSError`` naming it and why.
+
+    Called before the backbone is loaded: an evaluation computes for minutes or hours before it
+    writes anything, and a mistyped path or a read-only mount must not cost that.
+    """
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not output_dir.is_dir():
+        raise NotADirectoryError(f"output directory {output_dir} is a file, not a directory")
+    try:
+        output_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        blocking = next((p for p in output_dir.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocking} is a file" if blocking else (error.strerror or str(error))
+        raise OSError(f"cannot create output directory {output_dir}: {why}") from error
+    # A real write, not os.access: that says yes to root and knows nothing of read-only mounts.
+    probe = output_dir / f".write_test.{os.getpid()}"
+    try:
+        probe.write_bytes(b"")
+    except OSError as error:
+        raise PermissionError(f"output directory {output_dir} is not writable: {error.strerror or error}") from error
+    finally:
+        probe.unlink(missing_ok=True)
+    return output_dir
+
+
 def write_json(path: os.PathLike | str, data: Mapping) -> Path:
     return atomic_write_text(path, json.dumps(to_jsonable(data), indent=2, sort_keys=False) + "\n")
 
