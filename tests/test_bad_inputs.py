@@ -1,13 +1,17 @@
 """Bad input files give errors naming the file: text that is not UTF-8, corrupt JPEG data."""
 
 import gzip
+import io
 import json
+import logging
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from dinov2.data import image_io
 from dinov2.data.datasets.base import DatasetFormatError
+from dinov2.data.image_io import BadImageError, decode_image_bytes, load_image_file
 from dinov2.data.loaders import make_dataset
 
 # "Prüfteil" (test part) and "Öl" (oil) in Latin-1, as a spreadsheet export on Windows writes them:
@@ -86,3 +90,69 @@ def test_quickdraw_ndjson_and_category_list_not_in_utf8(tmp_path):
     names.write_bytes("cat\nÖl\n".encode("latin-1"))
     with pytest.raises(DatasetFormatError, match=rf"QuickDraw category list {names} is not UTF-8"):
         make_dataset(f"QuickDraw:root={tmp_path}:format=ndjson:split=all:categories={names}")
+
+
+def _jpeg_bytes(**options) -> bytes:
+    rng = np.random.default_rng(0)
+    pixels = (np.kron(rng.random((6, 8, 3)), np.ones((8, 8, 1))) * 200 + rng.random((48, 64, 3)) * 55).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90, **options)
+    return buffer.getvalue()
+
+
+def _corrupt_entropy_data(data: bytes) -> bytes:
+    """Flip 32 bytes in the middle of the entropy-coded data: the header stays valid."""
+    data = bytearray(data)
+    sos = data.find(b"\xff\xda")
+    start = sos + 2 + int.from_bytes(data[sos + 2 : sos + 4], "big")  # the scan data follow the SOS header
+    middle = (start + len(data) - 2) // 2
+    for i in range(middle, middle + 32):
+        data[i] ^= 0xFF
+    return bytes(data)
+
+
+def _pillow_rgb(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        image.load()
+        return np.asarray(image.convert("RGB"))
+
+
+def test_corrupt_jpeg_data_behind_a_valid_header_is_a_bad_image(tmp_path, caplog):
+    pytest.importorskip("simplejpeg")
+    corrupt = _corrupt_entropy_data(_jpeg_bytes())
+    _pillow_rgb(corrupt)  # Pillow alone decodes it without a word: the garbage went into training
+    folder = tmp_path / "images" / "parts"
+    folder.mkdir(parents=True)
+    (folder / "corrupt.jpg").write_bytes(corrupt)
+    (folder / "sound.jpg").write_bytes(_jpeg_bytes())
+    bad = folder / "corrupt.jpg"
+    with pytest.raises(BadImageError, match=rf"cannot decode image {bad}: ValueError: Corrupt JPEG data"):
+        load_image_file(bad, "raise")
+    with caplog.at_level(logging.WARNING, logger="dinov2"):
+        assert load_image_file(bad, "skip") is None
+    assert f"skipping unreadable image {bad}" in caplog.text
+    with pytest.raises(BadImageError, match=r"shard-0/000.jpg: ValueError: Corrupt JPEG data"):
+        decode_image_bytes(corrupt, "shard-0/000.jpg")
+    # Through a dataset: the policy raises naming the file, or skips the sample.
+    spec = f"ImageFolder:root={tmp_path / 'images'}:cache=false"
+    index = {path.split("/")[-1]: i for i, path in enumerate(make_dataset(spec).get_image_path(i) for i in range(2))}
+    with pytest.raises(BadImageError, match="corrupt.jpg"):
+        make_dataset(spec)[index["corrupt.jpg"]]
+    skipping = make_dataset(spec + ":bad_images=skip")
+    assert skipping[index["corrupt.jpg"]] is None and skipping[index["sound.jpg"]] is not None
+
+
+@pytest.mark.parametrize("options", [{}, {"progressive": True}, {"subsampling": 0}, {"restart_marker_blocks": 2}])
+def test_sound_jpegs_decode_to_the_same_pixels_with_and_without_simplejpeg(monkeypatch, options):
+    data = _jpeg_bytes(**options)
+    expected = _pillow_rgb(data)
+    assert np.array_equal(np.asarray(decode_image_bytes(data, "sound.jpg")), expected)
+    for mode in ("L", "CMYK"):  # converted by Pillow either way
+        buffer = io.BytesIO()
+        Image.open(io.BytesIO(data)).convert(mode).save(buffer, "JPEG")
+        assert np.array_equal(np.asarray(decode_image_bytes(buffer.getvalue(), f"{mode}.jpg")), _pillow_rgb(buffer.getvalue()))
+    # Without the optional package, Pillow decodes: same pixels, truncation is still reported.
+    monkeypatch.setattr(image_io, "_simplejpeg", lambda: None)
+    assert np.array_equal(np.asarray(decode_image_bytes(data, "sound.jpg")), expected)
+    with pytest.raises(BadImageError, match="truncated.jpg"):
+        decode_image_bytes(data[: len(data) // 2], "truncated.jpg")

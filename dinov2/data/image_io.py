@@ -5,13 +5,24 @@ file and returns ``None``; datasets pass that ``None`` on as the whole sample an
 :class:`SkipBadSamples` (the collate wrapper that :func:`dinov2.data.loaders.make_data_loader` always
 installs) drops it and reports how many samples of the batch were dropped. The count travels inside
 the batch, so it crosses loader worker processes without any shared state.
+
+Corrupt JPEG data behind a valid header: libjpeg notices much of it (a bad Huffman code, data left
+over or missing when the last block is decoded, a restart marker out of place) but only as a
+warning, and Pillow's JPEG decoder discards libjpeg's warnings (``output_message`` is a no-op in
+its ``JpegDecode.c``): such a file decodes into garbage without an error. So JPEGs are decoded with
+the optional ``simplejpeg`` package (libjpeg-turbo) in strict mode when it is installed, which
+turns those warnings into errors for the policy above; without it, Pillow decodes them and only
+truncation and fatal errors are reported. Damage that leaves a decodable stream (JPEG has no
+checksum) cannot be detected by any decoder.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import os
+import re
 from typing import Any, Callable, Sequence
 
 from PIL import Image
@@ -47,11 +58,58 @@ def _to_rgb(image: Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
 
 
+_JPEG_MAGIC = b"\xff\xd8\xff"
+# libjpeg's words (jerror.h) for a damaged stream. Other strict-mode failures are things simplejpeg
+# does not do (e.g. CMYK to RGB) and leave the file to Pillow.
+_CORRUPT_JPEG = re.compile(
+    r"Corrupt JPEG data|Premature end of JPEG file|Bogus|Unsupported marker type|Invalid JPEG file structure"
+)
+
+
+@functools.lru_cache(maxsize=None)
+def _simplejpeg():
+    try:
+        import simplejpeg
+    except ImportError:
+        return None
+    return simplejpeg
+
+
+def _decode_jpeg_strictly(data: bytes) -> Image.Image | None:
+    """An RGB image from libjpeg-turbo in strict mode, ``None`` to leave the file to Pillow.
+
+    Raises ``ValueError`` with libjpeg's message for corrupt data. For a sound file the pixels are
+    those Pillow gives (both run libjpeg with its default, accurate DCT and fancy upsampling).
+    """
+    simplejpeg = _simplejpeg()
+    if simplejpeg is None:
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+        if colorspace in ("CMYK", "YCCK") or (Image.MAX_IMAGE_PIXELS and height * width > Image.MAX_IMAGE_PIXELS):
+            return None  # Pillow's CMYK conversion and its decompression-bomb check
+        pixels = simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError as exc:
+        if _CORRUPT_JPEG.search(str(exc)):
+            raise
+        return None
+    return Image.fromarray(pixels)
+
+
+def _decode(data: bytes) -> Image.Image:
+    if data.startswith(_JPEG_MAGIC):
+        image = _decode_jpeg_strictly(data)
+        if image is not None:
+            return image
+    with Image.open(io.BytesIO(data)) as image:
+        return _to_rgb(image)
+
+
 def load_image_file(path: str | os.PathLike, policy: str = "raise") -> Image.Image | None:
     """Open ``path`` as a fully decoded PIL RGB image; on failure raise or return ``None`` per ``policy``."""
     try:
-        with Image.open(path) as image:
-            return _to_rgb(image)
+        with open(path, "rb") as f:
+            return _decode(f.read())
     except FileNotFoundError:
         # A missing file is a dataset error, not a corrupted image: never skipped.
         raise
@@ -63,8 +121,7 @@ def load_image_file(path: str | os.PathLike, policy: str = "raise") -> Image.Ima
 def decode_image_bytes(data: bytes, name: str, policy: str = "raise") -> Image.Image | None:
     """Decode encoded image bytes (e.g. from a tar shard); ``name`` identifies them in errors."""
     try:
-        with Image.open(io.BytesIO(data)) as image:
-            return _to_rgb(image)
+        return _decode(data)
     except _DECODE_ERRORS as exc:
         _handle_failure(name, exc, policy)
         return None
