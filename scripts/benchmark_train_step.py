@@ -32,9 +32,14 @@ import sys
 import tempfile
 import time
 from itertools import cycle
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def matmul_rate(size: int = 1024, repeats: int = 1, dtype: torch.dtype = torch.float32) -> float:

@@ -7,8 +7,14 @@ Idempotent: an existing complete copy is reused.
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-from dinov2.data.quickdraw_prep import NPM_VERSION, fetch_quickdraw_npm
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2_tools.quickdraw_prep import NPM_VERSION, fetch_quickdraw_npm  # noqa: E402
 
 
 def main() -> None:

@@ -6,8 +6,14 @@
 """
 
 import argparse
+import sys
+from pathlib import Path
 
-from dinov2.data.synthetic_industrial import make_industrial_dataset
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2_tools.synthetic_industrial import make_industrial_dataset  # noqa: E402
 
 
 def main() -> None:

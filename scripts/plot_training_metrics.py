@@ -17,6 +17,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from dinov2.train.metrics import METRICS_FILE_NAME, optional_float, read_metrics  # noqa: E402
 
 

@@ -9,8 +9,14 @@ Writes train-/test-/holdout-NNNNNN.tar, classes_<split>.txt and manifest.json (w
 import argparse
 import json
 import logging
+import sys
+from pathlib import Path
 
-from dinov2.data.quickdraw_prep import write_quickdraw_shards
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2_tools.quickdraw_prep import write_quickdraw_shards  # noqa: E402
 
 
 def main() -> None:

@@ -13,12 +13,17 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 
-from dinov2.data.loaders import make_dataset
-from dinov2.eval.knn import knn_classify
+# Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
+# ahead of this script's folder and of any installed copy.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2.data.loaders import make_dataset  # noqa: E402
+from dinov2.eval.knn import knn_classify  # noqa: E402
 
 
 def default_root() -> str:

