@@ -10,10 +10,16 @@ from PIL import Image
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from dinov2.data.augmentations import DataAugmentationDINO, _gaussian_blur, blur_probabilities
+from dinov2.data.augmentations import (
+    DataAugmentationDINO,
+    FastDataAugmentationDINO,
+    _fast_kernel,
+    _gaussian_blur,
+    blur_probabilities,
+)
 from dinov2.data.collate import build_collate_fn_from_config, collate_data_and_cast, mask_ratio_bins
 from dinov2.data.masking import MaskingGenerator
-from dinov2.data.transforms import make_classification_eval_transform
+from dinov2.data.transforms import make_classification_eval_transform, make_normalize_transform
 from dinov2.loss import masks_weight_from_masks
 
 
@@ -22,8 +28,8 @@ def _photo(h=60, w=80, seed=0):
     return Image.fromarray(rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8))
 
 
-def _aug(n_local=2, **kwargs):
-    return DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), n_local, global_crops_size=32, local_crops_size=16, **kwargs)
+def _aug(n_local=2, cls=FastDataAugmentationDINO, **kwargs):
+    return cls((0.32, 1.0), (0.05, 0.32), n_local, global_crops_size=32, local_crops_size=16, **kwargs)
 
 
 def _has(pipeline, kind):
@@ -36,50 +42,158 @@ def _has(pipeline, kind):
 # ---------------------------------------------------------------- augmentation
 
 
-@pytest.mark.parametrize(
-    "image",
-    [
-        _photo(),
-        _photo().convert("L"),  # grayscale PIL
-        torch.randint(0, 256, (3, 50, 40), dtype=torch.uint8),
-        torch.rand(1, 50, 40),  # float grayscale tensor
-        np.random.default_rng(1).integers(0, 256, size=(40, 50, 3), dtype=np.uint8),
-    ],
-    ids=["pil-rgb", "pil-gray", "uint8-tensor", "float-gray-tensor", "numpy"],
-)
-def test_augmentation_output_structure_for_every_input_type(image):
-    out = _aug(n_local=3)(image)
+def _sketch(size=28, seed=3):
+    rng = np.random.default_rng(seed)
+    ink = (rng.random((size, size)) < 0.15) * rng.integers(80, 256, size=(size, size))
+    return Image.fromarray((255 - ink).astype(np.uint8), mode="L").convert("RGB")
+
+
+_INPUTS = {
+    "pil-rgb": _photo(),
+    "pil-gray": _photo().convert("L"),
+    "sketch": _sketch(),
+    "uint8-tensor": torch.randint(0, 256, (3, 50, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+    "float-gray-tensor": torch.rand(1, 50, 40, generator=torch.Generator().manual_seed(1)),
+    "numpy": np.random.default_rng(1).integers(0, 256, size=(40, 50, 3), dtype=np.uint8),
+}
+
+
+@pytest.mark.parametrize("cls", [DataAugmentationDINO, FastDataAugmentationDINO])
+@pytest.mark.parametrize("name", ["pil-rgb", "pil-gray", "uint8-tensor", "float-gray-tensor", "numpy"])
+def test_augmentation_output_structure_for_every_input_type(name, cls):
+    out = _aug(n_local=3, cls=cls)(_INPUTS[name])
     assert set(out) == {"global_crops", "global_crops_teacher", "local_crops", "offsets"}
     assert len(out["global_crops"]) == 2 and len(out["local_crops"]) == 3
     for crop in out["global_crops"]:
         assert type(crop) is torch.Tensor and crop.shape == (3, 32, 32) and crop.dtype == torch.float32
     for crop in out["local_crops"]:
-        assert crop.shape == (3, 16, 16)
+        assert type(crop) is torch.Tensor and crop.shape == (3, 16, 16)
     assert out["global_crops_teacher"][0] is out["global_crops"][0]
     assert out["offsets"] == ()
     # Normalised with ImageNet statistics: values leave [0, 1].
     assert out["global_crops"][0].min() < 0
 
 
-@pytest.mark.parametrize("policy", ["natural", "sketch"])
-@pytest.mark.parametrize(
-    "image", [_photo(), torch.randint(0, 256, (3, 50, 40), dtype=torch.uint8)], ids=["pil", "uint8-tensor"]
-)
-def test_augmentation_equals_its_v2_pipelines_under_a_seed(policy, image):
-    # __call__ runs the built steps through v2.functional for speed; it must draw the same random
-    # numbers and compute the same pixels as calling the v2 pipelines themselves.
-    aug = _aug(n_local=2, policy=policy)
-    for seed in range(8):
+def _reference_crops(aug, image, seed):
+    """Crops of ``aug``'s own v2 pipelines (the reference ``__call__``) and the next draw of the RNG."""
+    torch.manual_seed(seed)
+    out = DataAugmentationDINO.__call__(aug, image)
+    return out["global_crops"] + out["local_crops"], torch.rand(1)
+
+
+def _set_probabilities(aug, p):
+    """Set every random on/off step (flip, colour jitter, grayscale, blur, solarisation) to ``p``."""
+    for pipeline in (aug.geometric_global, aug.geometric_local, aug.global_transform_1, aug.global_transform_2, aug.local_transform):
+        for step in pipeline.transforms:
+            if hasattr(step, "p"):
+                step.p = p
+
+
+# (policy, constructor options, probability forced on every random on/off step or None)
+_CONFIGURATIONS = {
+    "natural": ("natural", {}, None),
+    "natural-upstream-blur": ("natural", {"upstream_blur_probs": True}, None),  # global 1: blur p=0
+    "natural-all-steps-on": ("natural", {}, 1.0),  # every flip, jitter, grayscale, blur, solarisation
+    "natural-all-steps-off": ("natural", {}, 0.0),
+    "sketch": ("sketch", {}, None),
+    "sketch-upstream-blur": ("sketch", {"upstream_blur_probs": True}, None),
+    "sketch-all-steps-on": ("sketch", {"mean": (1.0,) * 3, "std": (0.3,) * 3}, 1.0),
+}
+
+
+@pytest.mark.parametrize("configuration", sorted(_CONFIGURATIONS))
+@pytest.mark.parametrize("name", ["pil-rgb", "pil-gray", "sketch", "uint8-tensor"])
+def test_fast_augmentation_gives_the_reference_crops_under_a_seed(configuration, name):
+    # FastDataAugmentationDINO runs most steps without the v2 Transform classes; it must draw the
+    # same random numbers and compute the same pixels as the v2 pipelines it built, bit for bit.
+    policy, options, p = _CONFIGURATIONS[configuration]
+    aug = _aug(n_local=2, policy=policy, **options)
+    if p is not None:
+        _set_probabilities(aug, p)
+    image = _INPUTS[name]
+    for seed in range(6):
+        want, want_next = _reference_crops(aug, image, seed)
         torch.manual_seed(seed)
         out = aug(image)
-        after = torch.rand(1)
+        got, got_next = out["global_crops"] + out["local_crops"], torch.rand(1)
+        for a, b in zip(got, want, strict=True):
+            assert type(a) is torch.Tensor and torch.equal(a, b)
+        assert torch.equal(got_next, want_next)  # the same number of draws
+    # The comparison is not vacuous: the crop, flip, blur, solarisation and normalisation take the
+    # fast path; the colour steps run as v2 transforms.
+    fast = {type(step).__name__ for pipeline in (aug.geometric_global, aug.global_transform_2)
+            for step in pipeline.transforms if _fast_kernel(step) is not None}
+    expected = {"RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "Compose"}
+    if policy == "natural":
+        assert fast == expected | {"RandomSolarize"}
+        assert [_fast_kernel(step) for step in aug.local_transform.transforms[:2]] == [None, None]  # jitter, grayscale
+    else:
+        assert fast == expected
+
+
+def _pixels(image):
+    return F.pil_to_tensor(image) if isinstance(image, Image.Image) else image
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        v2.RandomResizedCrop(16, scale=(0.05, 1.0), interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+        v2.RandomResizedCrop(12, scale=(0.3, 0.6), ratio=(0.5, 2.0)),  # bilinear, other aspect ratios
+        v2.RandomHorizontalFlip(p=0.5),
+        v2.RandomHorizontalFlip(p=1.0),
+        v2.RandomHorizontalFlip(p=0.0),
+        v2.RandomSolarize(threshold=128, p=0.5),
+        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5),
+        v2.RandomApply([v2.GaussianBlur(5, sigma=(0.5, 1.0))], p=1.0),
+        v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.0),
+        make_normalize_transform((0.5, 0.4, 0.3), (0.2, 0.25, 0.3)),
+    ],
+    ids=lambda step: repr(step).split("(")[0] + str(getattr(step, "p", "")),
+)
+def test_each_fast_step_draws_and_computes_like_the_v2_transform(step):
+    # Locks the fast path to the installed torchvision: for one image, each replacement must
+    # consume the global RNG exactly as the transform's forward does and give the same pixels.
+    kernel = _fast_kernel(step)
+    assert kernel is not None
+    images = [_photo(40, 30), _photo(40, 30).convert("L"), torch.randint(0, 256, (3, 30, 40), dtype=torch.uint8)]
+    for image in images:
+        for seed in range(12):
+            torch.manual_seed(seed)
+            want, want_next = step(image), torch.rand(1)
+            torch.manual_seed(seed)
+            got, got_next = kernel(step, image), torch.rand(1)
+            assert torch.equal(_pixels(got), _pixels(want)) and torch.equal(got_next, want_next)
+
+
+class _BlurSubclass(v2.GaussianBlur):
+    """A subclass may compute differently: it must not be taken for the blur it derives from."""
+
+
+@pytest.mark.parametrize("name", ["pil-rgb", "uint8-tensor"])
+def test_fast_augmentation_runs_steps_it_does_not_know_as_v2(name):
+    aug = _aug(n_local=2, policy="natural")
+    added = {
+        "rotation": v2.RandomRotation(20),
+        "blur-and-invert": v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0)), v2.RandomInvert(p=1.0)], p=0.7),
+        "blur-subclass": v2.RandomApply([_BlurSubclass(9, sigma=(0.1, 2.0))], p=0.7),
+        "other-normalisation": v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.2] * 3)]),
+    }
+    aug.geometric_global.transforms.insert(0, added["rotation"])
+    aug.local_transform.transforms[2] = added["blur-and-invert"]
+    aug.global_transform_2.transforms[2] = added["blur-subclass"]
+    aug.global_transform_1.transforms[-1] = added["other-normalisation"]
+    aug.geometric_local = v2.RandomResizedCrop(16, scale=(0.05, 0.32))  # a single step instead of a Compose
+    assert all(_fast_kernel(step) is None for step in added.values())
+    image = _INPUTS[name]
+    for seed in range(6):
+        want, want_next = _reference_crops(aug, image, seed)
         torch.manual_seed(seed)
-        rgb = aug.prepare(image)
-        expected = [aug.global_transform_1(aug.geometric_global(rgb)), aug.global_transform_2(aug.geometric_global(rgb))]
-        expected += [aug.local_transform(aug.geometric_local(rgb)) for _ in range(2)]
-        for got, want in zip(out["global_crops"] + out["local_crops"], expected, strict=True):
-            assert torch.equal(got, want)
-        assert torch.equal(torch.rand(1), after)
+        out = aug(image)
+        for got, expected in zip(out["global_crops"] + out["local_crops"], want, strict=True):
+            assert torch.equal(got, expected)
+        assert torch.equal(torch.rand(1), want_next)
+    assert out["local_crops"][0].shape == (3, 16, 16)
 
 
 def test_sketch_policy_works_on_one_channel_with_the_pixels_of_the_rgb_path():
