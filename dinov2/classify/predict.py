@@ -41,7 +41,7 @@ from torchvision.transforms import v2
 
 from dinov2.data.image_io import load_image_file
 
-from .checkpoint import load_classifier
+from .checkpoint import load_classifier, resolve_classifier_path
 from .device import select_device
 from .transforms import normalise_transform, resize_transform
 
@@ -64,7 +64,10 @@ class Predictor:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.device = select_device(device)
-        self.model, self.config = load_classifier(model, self.device)
+        # The file itself (a training output directory names one of its files), so that its
+        # checksum can identify the model without showing where it lives.
+        self.model_file = resolve_classifier_path(model)
+        self.model, self.config = load_classifier(self.model_file, self.device)
         self.model_path = str(model)
         self.tta, self.multi_crop, self.batch_size = bool(tta), bool(multi_crop), int(batch_size)
         settings = self.config.preprocessing
