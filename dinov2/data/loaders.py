@@ -85,14 +85,28 @@ def _seed_worker(worker_id: int) -> None:
     random.seed(seed)
 
 
+def is_resumable_stream(dataset: Any) -> bool:
+    """An iterable dataset whose position :class:`ResumableDataLoader` can save and restore: it has
+    ``stream_state()`` and ``start_at_batch(batches, batch_size)`` (see :class:`WebDatasetStream`)."""
+    return isinstance(dataset, IterableDataset) and hasattr(dataset, "start_at_batch") and hasattr(dataset, "stream_state")
+
+
 class ResumableDataLoader(DataLoader):
     """A DataLoader that counts the batches the training loop received, so ``state_dict()`` is the
-    exact position (global samples consumed) even though workers prefetch ahead."""
+    exact position (global samples consumed) even though workers prefetch ahead.
+
+    Resumable: an :class:`InfiniteSampler` (map-style datasets), or a resumable stream
+    (:func:`is_resumable_stream`; the WebDataset kind). A stream is split over ranks and loader
+    workers, so it continues exactly only with the world size, ``num_workers`` and batch size it was
+    saved with; with others, each reader skips its share of the global samples consumed (an
+    approximate continuation, logged as a warning).
+    """
 
     def __init__(self, *args, world_size: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self._world_size = world_size
         self._batches_received = 0
+        self._start_batches = 0  # a stream's batches delivered before a resume
 
     def __iter__(self):
         self._batches_received = 0
@@ -100,20 +114,62 @@ class ResumableDataLoader(DataLoader):
             self._batches_received += 1
             yield batch
 
+    @property
+    def resumable(self) -> bool:
+        """Whether ``state_dict()`` / ``load_state_dict()`` can save and restore the position."""
+        return isinstance(self.sampler, InfiniteSampler) or is_resumable_stream(self.dataset)
+
+    def _stream_layout(self) -> dict[str, int]:
+        return {"batch_size": int(self.batch_size), "world_size": int(self._world_size),
+                "workers_per_rank": max(int(self.num_workers), 1)}
+
     def state_dict(self) -> dict[str, int]:
-        if not isinstance(self.sampler, InfiniteSampler):
-            raise TypeError("only loaders built with sampler_type='infinite' can save their position")
-        state = self.sampler.state_dict()
-        state["consumed_samples"] = self.sampler.start + self._batches_received * self.batch_size * self._world_size
-        return state
+        if isinstance(self.sampler, InfiniteSampler):
+            state = self.sampler.state_dict()
+            state["consumed_samples"] = self.sampler.start + self._batches_received * self.batch_size * self._world_size
+            return state
+        if is_resumable_stream(self.dataset):
+            batches = self._start_batches + self._batches_received
+            state = {"consumed_samples": batches * self.batch_size * self._world_size, **self._stream_layout()}
+            state.update({f"stream_{name}": int(value) for name, value in self.dataset.stream_state().items()})
+            return state
+        raise TypeError("only loaders built with sampler_type='infinite' or over a resumable stream can save their position")
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Call before iterating: the next batch is the one after the saved position."""
-        if not isinstance(self.sampler, InfiniteSampler):
-            raise TypeError("only loaders built with sampler_type='infinite' can restore their position")
-        self.sampler.load_state_dict(state)
+        if isinstance(self.sampler, InfiniteSampler):
+            self.sampler.load_state_dict(state)
+        elif is_resumable_stream(self.dataset):
+            self._load_stream_state(state)
+        else:
+            raise TypeError("only loaders built with sampler_type='infinite' or over a resumable stream can restore "
+                            "their position")
         self._batches_received = 0
 
+    def _load_stream_state(self, state: dict[str, Any]) -> None:
+        if self._iterator is not None:  # persistent workers hold their own copy of the dataset
+            raise RuntimeError("load_state_dict() must come before the loader's workers start")
+        for name, mine in self.dataset.stream_state().items():
+            saved = state.get(f"stream_{name}")
+            if saved is None or int(saved) != int(mine):
+                raise ValueError(
+                    f"stream state has {name}={saved} but this dataset has {name}={mine}; "
+                    "resuming would not continue the same sample stream"
+                )
+        layout = self._stream_layout()
+        changed = [f"{name} {int(state[name])} -> {mine}" for name, mine in layout.items() if int(state[name]) != mine]
+        global_batch = layout["batch_size"] * layout["world_size"]
+        batches = int(state["consumed_samples"]) // global_batch
+        if changed:
+            # Readers (rank, worker) own other shards now: no exact continuation exists. Each
+            # reader skips its share of what was consumed, so the run goes on about as far into
+            # the data as it was, but some samples of the current pass are seen twice or not at all.
+            logger.warning(
+                "resuming a WebDataset stream with a different %s: the stream is not continued exactly; "
+                "each reader skips its share of the %d samples consumed", ", ".join(changed), int(state["consumed_samples"])
+            )
+        self.dataset.start_at_batch(batches, layout["batch_size"])
+        self._start_batches = batches
 
 def make_data_loader(
     dataset: Dataset,

@@ -9,12 +9,17 @@ batch's masks come from a ``random.Random`` seeded from its first sample's posit
 come from the infinite sampler (rank ``r`` of ``W`` takes positions ``start + r + k * W``), so the
 data stream is also the same for any number of workers and any world size.
 
-Iterable datasets (WebDataset shards) have no positions: they are streamed with per-worker
-randomness and restart from the beginning of their shards on resume (documented limitation).
+Streamed datasets (WebDataset shards) number their samples per reader instead (rank ``r`` and
+loader worker ``w`` of ``K``: the ``n``-th sample of reader ``r * K + w`` is at position
+``n * W * K + r * K + w``) and are seeded the same way; their stream resumes after the batches the
+rank consumed (:class:`~dinov2.data.datasets.webdataset_shards.WebDatasetStream`), so a resumed run
+sees the same samples, crops and masks, for the same world size and ``train.num_workers``.
+Other iterable datasets are streamed with per-worker randomness and restart on resume.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from typing import Any, Iterator, List, Optional, Tuple
@@ -25,20 +30,51 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, IterableDataset
 
 from dinov2.checkpoint import derive_seed
-from dinov2.data.augmentations import DataAugmentationDINO
+from dinov2.data.augmentations import FastDataAugmentationDINO
 from dinov2.data.collate import build_collate_fn_from_config
 from dinov2.data.image_io import SkipBadSamples
+from dinov2.data.datasets.webdataset_shards import WebDatasetStream
 from dinov2.data.loaders import ResumableDataLoader, dataset_kind, make_data_loader, make_dataset
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.data.spec import parse_dataset_spec
 
 logger = logging.getLogger("dinov2")
 
-__all__ = ["PositionedInfiniteSampler", "SeededSampleDataset", "SeededCollate", "build_train_data_loader", "train_dataset_spec"]
+__all__ = ["PositionedInfiniteSampler", "SeededSampleDataset", "SeededSampleStream", "SeededCollate",
+           "build_train_data_loader", "train_dataset_spec"]
 
 # Streams of derive_seed(seed, position, stream): kept apart so crops and masks are independent.
 _AUGMENTATION_STREAM = 1
 _MASK_STREAM = 2
+
+
+@contextlib.contextmanager
+def _callers_rng_kept():
+    """Restore the torch (CPU), numpy and ``random`` states of the caller on exit."""
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            yield
+    finally:
+        random.setstate(python_state)
+        np.random.set_state(numpy_state)
+
+
+def _seeded_sample(seed: int, position: int, load):
+    """``load()`` -> ``(image, target)`` (or ``None``) under RNG states seeded by ``(seed, position)``;
+    returns ``(image, target, position)`` (or ``None``)."""
+    value = derive_seed(seed, position, _AUGMENTATION_STREAM)
+    # The CPU generator only: torch.manual_seed would also queue lazy CUDA seeding, which
+    # records a formatted stack on every call in a CUDA build without a GPU (half of the
+    # main-process loading time of the Quick, Draw! recipe).
+    torch.default_generator.manual_seed(value)
+    random.seed(value)
+    np.random.seed(value % 2**32)
+    sample = load()
+    if sample is None:
+        return None
+    image, target = sample
+    return image, target, position
 
 
 class PositionedInfiniteSampler(InfiniteSampler):
@@ -76,27 +112,32 @@ class SeededSampleDataset(Dataset):
         The caller's RNG states are saved and restored once per batch, not once per sample:
         saving and restoring numpy's global state alone costs about 0.16 ms, and the per-sample
         save / restore was about a fifth of the loading time of a Quick, Draw! sample (730 us)."""
-        python_state, numpy_state = random.getstate(), np.random.get_state()
-        try:
-            with torch.random.fork_rng(devices=[]):
-                return [self._seeded_sample(position, index) for position, index in keys]
-        finally:
-            random.setstate(python_state)
-            np.random.set_state(numpy_state)
+        with _callers_rng_kept():
+            return [_seeded_sample(self.seed, position, lambda: self.dataset[index]) for position, index in keys]
 
-    def _seeded_sample(self, position: int, index: int):
-        value = derive_seed(self.seed, position, _AUGMENTATION_STREAM)
-        # The CPU generator only: torch.manual_seed would also queue lazy CUDA seeding, which
-        # records a formatted stack on every call in a CUDA build without a GPU (half of the
-        # main-process loading time of the Quick, Draw! recipe).
-        torch.default_generator.manual_seed(value)
-        random.seed(value)
-        np.random.seed(value % 2**32)
-        sample = self.dataset[index]
-        if sample is None:
-            return None
-        image, target = sample
-        return image, target, position
+
+class SeededSampleStream(IterableDataset):
+    """The streamed counterpart of :class:`SeededSampleDataset`: iterating yields
+    ``(crops, target, position)`` for each sample of a :class:`WebDatasetStream` (``None`` for a
+    skipped image), transformed under RNG states seeded by ``(seed, position)``; the caller's RNG
+    states are restored around every sample. Saving and restoring the stream position goes to the
+    wrapped stream (``stream_state`` / ``start_at_batch``)."""
+
+    def __init__(self, stream: WebDatasetStream, seed: int):
+        self.stream = stream
+        self.seed = int(seed)
+
+    def __iter__(self):
+        for position, raw in self.stream.positioned_samples():
+            with _callers_rng_kept():
+                sample = _seeded_sample(self.seed, position, lambda: self.stream.decode_sample(raw))
+            yield sample
+
+    def stream_state(self) -> dict:
+        return self.stream.stream_state()
+
+    def start_at_batch(self, batches: int, batch_size: int) -> None:
+        self.stream.start_at_batch(batches, batch_size)
 
 
 class SeededCollate:
@@ -144,7 +185,7 @@ def build_train_data_loader(
     ``dataset`` replaces ``train.dataset_path`` (tests, programmatic use); its transform must be
     unset: the multi-crop augmentation from ``crops.*`` is installed here.
     """
-    augmentation = DataAugmentationDINO.from_config(cfg.crops)
+    augmentation = FastDataAugmentationDINO.from_config(cfg.crops)  # the v2 reference's crops, faster
     if dataset is None:
         dataset = make_dataset(train_dataset_spec(cfg), transform=augmentation)
     else:
@@ -155,6 +196,30 @@ def build_train_data_loader(
     batch_size = int(cfg.train.batch_size_per_gpu)
     num_workers = int(cfg.train.num_workers)
     seed = int(cfg.train.seed)
+
+    if isinstance(dataset, WebDatasetStream):
+        readers = world_size * max(num_workers, 1)
+        if len(dataset.shards) < readers:
+            raise ValueError(
+                f"the training WebDataset has {len(dataset.shards)} shard(s) for {world_size} rank(s) x "
+                f"{max(num_workers, 1)} loader worker(s): every reader needs at least one shard (the loader takes "
+                "batches from its workers in turn); write more shards or lower train.num_workers"
+            )
+        dataset.rank, dataset.world_size = rank, world_size  # this rank's shards
+        generator = torch.Generator()
+        generator.manual_seed(seed)  # worker base seeds: drawn from this, not from the global RNG
+        loader = ResumableDataLoader(
+            SeededSampleStream(dataset, seed),
+            batch_size=batch_size,
+            num_workers=num_workers,
+            collate_fn=SkipBadSamples(SeededCollate(collate, seed)),
+            drop_last=True,
+            persistent_workers=num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            generator=generator,
+            world_size=world_size,
+        )
+        return loader, dataset
 
     if isinstance(dataset, IterableDataset):
         logger.warning(
