@@ -238,9 +238,10 @@ def test_fast_gaussian_blur_equals_torchvision(dtype):
         assert sigma[0] < 0.5 or not torch.equal(got, image)  # sigma 0.1 leaves integer pixels as they were
 
 
-def test_augmentation_normalisation_uses_configured_mean_std():
+@pytest.mark.parametrize("cls", [DataAugmentationDINO, FastDataAugmentationDINO])
+def test_augmentation_normalisation_uses_configured_mean_std(cls):
     white = Image.new("RGB", (40, 40), (255, 255, 255))
-    aug = DataAugmentationDINO((0.5, 1.0), (0.2, 0.5), 0, 16, 8, policy="sketch", mean=(0.5,) * 3, std=(0.25,) * 3)
+    aug = cls((0.5, 1.0), (0.2, 0.5), 0, 16, 8, policy="sketch", mean=(0.5,) * 3, std=(0.25,) * 3)
     # A white image stays white under crops, flips and blur: (1 - 0.5) / 0.25 = 2.
     torch.testing.assert_close(aug(white)["global_crops"][0], torch.full((3, 16, 16), 2.0))
 
@@ -452,3 +453,4 @@ def test_collate_from_config_with_real_augmentation():
     assert not unmasked["collated_masks"].any() and int(unmasked["n_masked_patches"]) == 0
     with pytest.raises(ValueError, match="multiple of the patch size"):
         build_collate_fn_from_config(cfg, patch_size=5)
+
