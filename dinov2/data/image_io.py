@@ -23,7 +23,7 @@ import io
 import logging
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, BinaryIO, Callable, Sequence
 
 from PIL import Image
 
@@ -96,12 +96,15 @@ def _decode_jpeg_strictly(data: bytes) -> Image.Image | None:
     return Image.fromarray(pixels)
 
 
-def _decode(data: bytes) -> Image.Image:
-    if data.startswith(_JPEG_MAGIC):
-        image = _decode_jpeg_strictly(data)
+def _decode(source: BinaryIO) -> Image.Image:
+    is_jpeg = source.read(len(_JPEG_MAGIC)) == _JPEG_MAGIC
+    source.seek(0)
+    if is_jpeg and _simplejpeg() is not None:  # only JPEGs are read whole before the header is checked
+        image = _decode_jpeg_strictly(source.read())
         if image is not None:
             return image
-    with Image.open(io.BytesIO(data)) as image:
+        source.seek(0)
+    with Image.open(source) as image:
         return _to_rgb(image)
 
 
@@ -109,7 +112,7 @@ def load_image_file(path: str | os.PathLike, policy: str = "raise") -> Image.Ima
     """Open ``path`` as a fully decoded PIL RGB image; on failure raise or return ``None`` per ``policy``."""
     try:
         with open(path, "rb") as f:
-            return _decode(f.read())
+            return _decode(f)
     except FileNotFoundError:
         # A missing file is a dataset error, not a corrupted image: never skipped.
         raise
@@ -121,7 +124,7 @@ def load_image_file(path: str | os.PathLike, policy: str = "raise") -> Image.Ima
 def decode_image_bytes(data: bytes, name: str, policy: str = "raise") -> Image.Image | None:
     """Decode encoded image bytes (e.g. from a tar shard); ``name`` identifies them in errors."""
     try:
-        return _decode(data)
+        return _decode(io.BytesIO(data))
     except _DECODE_ERRORS as exc:
         _handle_failure(name, exc, policy)
         return None
