@@ -240,18 +240,87 @@ def test_dino_head_shapes_and_normalised_prototypes():
     out = head(torch.randn(5, 16))
     assert out.shape == (5, 40)
     assert head(torch.randn(2, 7, 16)).shape == (2, 7, 40)
-    assert out.abs().max() <= 1.0 + 1e-5  # unit bottleneck x unit prototype rows
+    assert out.abs().max() <= 1.0 + 1e-5  # unit bottleneck x unit prototype rows (magnitudes start at 1)
     row_norms = head.last_layer.normalized_weight().norm(dim=1)
     torch.testing.assert_close(row_norms, torch.ones(40))
-    # Rescaling the raw prototype weights changes nothing: the magnitude is fixed to 1.
+    # Rescaling the prototype directions changes nothing; the magnitudes scale the logits.
     x = torch.randn(3, 16)
     before = head(x)
     with torch.no_grad():
-        head.last_layer.weight.mul_(torch.rand(40, 1) * 10 + 0.1)
+        head.last_layer.weight_v.mul_(torch.rand(40, 1) * 10 + 0.1)
     torch.testing.assert_close(head(x), before)
-    assert [n for n, _ in head.last_layer.named_parameters()] == ["weight"]
+    scale = torch.rand(40, 1) + 0.5
+    with torch.no_grad():
+        head.last_layer.weight_g.copy_(scale)
+    torch.testing.assert_close(head(x), before * scale.T)
+    assert [n for n, _ in head.last_layer.named_parameters()] == ["weight_g", "weight_v"]  # trained, as DINOv2
     linears = [m for m in head.mlp if isinstance(m, torch.nn.Linear)]
     assert [(m.in_features, m.out_features) for m in linears] == [(16, 32), (32, 32), (32, 8)]
+
+    fixed = DINOHead(in_dim=16, out_dim=40, hidden_dim=32, bottleneck_dim=8, norm_last_layer=True)
+    assert [n for n, _ in fixed.last_layer.named_parameters()] == ["weight_v"]
+    assert set(fixed.state_dict()) == set(head.state_dict())  # magnitudes kept as a buffer of ones
+    assert torch.equal(fixed.last_layer.weight_g, torch.ones(40, 1))
+
+
+def test_weight_normalized_linear_is_torch_weight_norm_with_its_state_dict():
+    """Upstream's prototype layer is ``torch.nn.utils.weight_norm(nn.Linear(..., bias=False))``:
+    its state dict (``weight_g``, ``weight_v``) loads strictly and gives the same outputs, also
+    through the current parametrization API."""
+    torch.manual_seed(0)
+    with pytest.warns(FutureWarning):  # the deprecated hook, as upstream DINOv2 uses it
+        upstream = torch.nn.utils.weight_norm(torch.nn.Linear(8, 40, bias=False))
+    with torch.no_grad():
+        upstream.weight_g.uniform_(0.5, 2.0)  # trained magnitudes
+    assert {k: tuple(v.shape) for k, v in upstream.state_dict().items()} == {"weight_g": (40, 1), "weight_v": (40, 8)}
+    ours = WeightNormalizedLinear(8, 40)
+    ours.load_state_dict(upstream.state_dict(), strict=True)
+    x = torch.randn(5, 8)
+    torch.testing.assert_close(ours(x), upstream(x))
+    parametrized = torch.nn.utils.parametrizations.weight_norm(torch.nn.Linear(8, 40, bias=False))
+    parametrized.load_state_dict(upstream.state_dict(), strict=True)  # torch maps weight_g / weight_v itself
+    torch.testing.assert_close(ours(x), parametrized(x))
+    # Gradients reach both tensors, as for upstream's weight_g / weight_v.
+    ours(x).square().sum().backward()
+    upstream(x).square().sum().backward()
+    torch.testing.assert_close(ours.weight_g.grad, upstream.weight_g.grad)
+    # (float32 rounding: torch computes the same expression in another order)
+    torch.testing.assert_close(ours.weight_v.grad, upstream.weight_v.grad, rtol=1e-4, atol=1e-4)
+
+    fixed = WeightNormalizedLinear(8, 40, fixed_magnitude=True)
+    fixed.load_state_dict(upstream.state_dict(), strict=True)  # DINO-style files (weight_g of ones) load too
+    torch.testing.assert_close(fixed(x), upstream(x))
+
+
+@pytest.mark.parametrize("nlayers", [1, 3])
+@pytest.mark.parametrize("use_bn", [False, True], ids=["no_bn", "bn"])
+def test_dino_head_normalises_each_token_group_with_its_own_statistics(nlayers, use_bn):
+    torch.manual_seed(0)
+    head = DINOHead(16, 24, use_bn=use_bn, nlayers=nlayers, hidden_dim=32, bottleneck_dim=8)
+    head.train()
+    # Three groups with different distributions (as global CLS, local CLS and patch tokens).
+    groups = [torch.randn(6, 16) * 3 + 1, torch.randn(10, 16) - 2, torch.randn(2, 5, 16) * 0.5]
+    out = head(groups)
+    assert isinstance(out, list) and [o.shape for o in out] == [(6, 24), (10, 24), (2, 5, 24)]
+    alone = [head(g) for g in groups]  # one call per group: each its own BatchNorm statistics
+    for grouped, single in zip(out, alone):
+        torch.testing.assert_close(grouped, single)
+    concatenated = head(torch.cat([g.reshape(-1, 16) for g in groups]))
+    if use_bn:  # one call on the concatenation mixes the statistics of the groups
+        assert not torch.allclose(torch.cat([o.reshape(-1, 24) for o in out]), concatenated, atol=1e-3)
+        # eval() leaves the head's BatchNorm on batch statistics (the teacher runs in eval mode).
+        head.eval()
+        assert all(m.training for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+        for grouped, evaluated in zip(out, head(groups)):
+            torch.testing.assert_close(grouped, evaluated)
+    else:
+        torch.testing.assert_close(torch.cat([o.reshape(-1, 24) for o in out]), concatenated)
+    # Gradients flow back to every group.
+    inputs = [g.clone().requires_grad_() for g in groups]
+    sum(o.square().sum() for o in head(inputs)).backward()
+    assert all(i.grad is not None and i.grad.abs().sum() > 0 for i in inputs)
+    with pytest.raises(ValueError, match="empty list"):
+        head([])
 
 
 def test_dino_head_variants_and_shared_or_separate_ibot_head():

@@ -51,6 +51,8 @@ def test_recipe_model_has_linear_batch_norm_heads_and_trains_one_step():
         layers = list(modules["dino_head"].mlp)
         assert [type(m).__name__ for m in layers] == ["Linear", "GlobalBatchNorm1d"]
         assert layers[0].out_features == cfg.dino.head_bottleneck_dim and layers[1].training
+        assert modules["dino_head"].last_layer.fixed_magnitude  # the measured runs' settings, pinned
+    assert cfg.optim.clip_grad_scope == "global"
     batch = 4
     assert cfg.crops.local_crops_number == 0
     data = {

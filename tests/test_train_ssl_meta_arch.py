@@ -80,7 +80,8 @@ def test_separate_ibot_head_and_sinkhorn_knopp():
     model = SSLMetaArch(cfg)
     losses = model.forward_backward(synthetic_batch(cfg), teacher_temp=0.05)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert model.student["ibot_head"].last_layer.weight.grad is not None
+    assert model.student["ibot_head"].last_layer.weight_v.grad is not None
+    assert model.student["ibot_head"].last_layer.weight_g.grad is not None  # magnitudes trained, as DINOv2
     assert torch.count_nonzero(model.dino_loss.center) == 0  # Sinkhorn-Knopp uses no centre
 
 
@@ -154,19 +155,117 @@ def test_head_batch_norm_uses_batch_statistics_in_student_and_teacher():
         model.teacher["dino_head"].mlp[1].running_mean.fill_(100.0)  # would matter in eval mode
         torch.testing.assert_close(model.teacher["dino_head"](cls), expected)
     model.eval()
-    assert not any(m.training for m in model.teacher.modules())
+    assert not model.teacher["backbone"].training and not model.student["backbone"].training
+    assert all(m.training for m in norms)  # the head's BatchNorm keeps using batch statistics
     # A one-layer head keeps its BatchNorm (after the projection to the bottleneck).
     one_layer = SSLMetaArch(tiny_cfg("dino.head_use_bn=true", "dino.head_nlayers=1"))
     assert sum(isinstance(m, torch.nn.BatchNorm1d) for m in one_layer.teacher["dino_head"].modules()) == 1
 
 
-def test_batch_norm_head_normalises_global_and_local_crops_apart():
-    cfg = tiny_cfg("dino.head_use_bn=true", "train.centering=sinkhorn_knopp", "ibot.separate_head=true")
-    assert cfg.crops.local_crops_number > 0
+@pytest.mark.parametrize("separate_head", [False, True], ids=["shared_ibot_head", "separate_ibot_head"])
+@pytest.mark.parametrize("nlayers", [1, 3])
+@pytest.mark.parametrize("use_bn", [False, True], ids=["no_bn", "bn"])
+def test_each_head_layout_normalises_every_token_group_on_its_own(separate_head, nlayers, use_bn):
+    """One call per head module and step; with BatchNorm every BatchNorm layer sees each token
+    group (global-crop CLS, local-crop CLS, masked patches) in a call of its own."""
+    bn = str(use_bn).lower()
+    cfg = tiny_cfg(f"ibot.separate_head={str(separate_head).lower()}", f"dino.head_use_bn={bn}",
+                   f"ibot.head_use_bn={bn}", f"dino.head_nlayers={nlayers}", f"ibot.head_nlayers={nlayers}",
+                   "train.centering=sinkhorn_knopp")
+    batch_size = 4
     model = SSLMetaArch(cfg)
     model.train()
-    head_batches = []
-    model.student["dino_head"].register_forward_hook(lambda module, args, out: head_batches.append(args[0].shape[0]))
-    losses = model.forward_backward(synthetic_batch(cfg, batch_size=4), teacher_temp=0.05)
+    head_calls, norm_rows = [], []
+    for side in ("student", "teacher"):
+        for name, head in getattr(model, side).items():
+            if name == "backbone":
+                continue
+            head.register_forward_hook(lambda module, args, out, key=(side, name): head_calls.append(key))
+            norms = [m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+            assert len(norms) == (nlayers if nlayers == 1 else nlayers - 1) * use_bn
+            for index, norm in enumerate(norms):
+                norm.register_forward_hook(
+                    lambda module, args, out, key=(side, name, index): norm_rows.append((key, args[0].shape[0]))
+                )
+    data = synthetic_batch(cfg, batch_size=batch_size)
+    losses = model.forward_backward(data, teacher_temp=0.05)
     assert all(torch.isfinite(v) for v in losses.values())
-    assert head_batches == [2 * 4, cfg.crops.local_crops_number * 4]  # one BatchNorm batch per crop size
+
+    n_global, n_local, n_masked = 2 * batch_size, cfg.crops.local_crops_number * batch_size, int(data["n_masked_patches"])
+    assert 0 < n_masked < 2 * batch_size * 16
+    if separate_head:
+        groups = {("teacher", "dino_head"): [n_global], ("teacher", "ibot_head"): [n_masked],
+                  ("student", "dino_head"): [n_global, n_local], ("student", "ibot_head"): [n_masked]}
+    else:
+        groups = {("teacher", "dino_head"): [n_global, n_masked], ("student", "dino_head"): [n_global, n_local, n_masked]}
+    assert sorted(head_calls) == sorted(groups)  # each head module called once per side
+    expected_rows = [
+        ((side, name, index), rows)
+        for (side, name), sizes in groups.items()
+        for index in range(len([m for m in getattr(model, side)[name].modules() if isinstance(m, torch.nn.BatchNorm1d)]))
+        for rows in sizes
+    ]
+    assert sorted(norm_rows) == sorted(expected_rows)
+
+
+def _upstream_head_state(prefix, in_dim, hidden_dim, bottleneck_dim, n_prototypes, generator):
+    """Key names and shapes of upstream DINOv2's 3-layer DINOHead (no BatchNorm) state dict, as in
+    its training checkpoints: ``mlp`` = Linear, GELU, Linear, GELU, Linear; ``last_layer`` made by
+    ``torch.nn.utils.weight_norm`` (magnitudes ``weight_g`` of shape (K, 1)); random values."""
+    shapes = {
+        "mlp.0.weight": (hidden_dim, in_dim), "mlp.0.bias": (hidden_dim,),
+        "mlp.2.weight": (hidden_dim, hidden_dim), "mlp.2.bias": (hidden_dim,),
+        "mlp.4.weight": (bottleneck_dim, hidden_dim), "mlp.4.bias": (bottleneck_dim,),
+        "last_layer.weight_g": (n_prototypes, 1), "last_layer.weight_v": (n_prototypes, bottleneck_dim),
+    }
+    return {prefix + key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
+
+
+@pytest.mark.parametrize("norm_last_layer", [False, True])
+def test_an_upstream_training_state_with_heads_loads_strictly(norm_last_layer):
+    flag = str(norm_last_layer).lower()
+    cfg = tiny_cfg("ibot.separate_head=true", f"dino.head_norm_last_layer={flag}", f"ibot.head_norm_last_layer={flag}")
+    model = SSLMetaArch(cfg)
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for side in ("student", "teacher"):
+        state.update({f"{side}.backbone.{k}": torch.randn(v.shape, generator=g)
+                      for k, v in model.student["backbone"].state_dict().items()})
+        for head in ("dino_head", "ibot_head"):
+            state.update(_upstream_head_state(f"{side}.{head}.", 32, 64, 32, 64, g))
+    state["dino_loss.center"] = torch.randn(1, 64, generator=g)
+    state["ibot_patch_loss.center"] = torch.randn(1, 64, generator=g)
+    model.load_state_dict(state, strict=True)
+    for key in ("student.dino_head.last_layer.weight_g", "teacher.ibot_head.last_layer.weight_v"):
+        assert torch.equal(model.state_dict()[key], state[key])
+    # The loaded magnitudes are applied: logits = weight_g * cosine.
+    head = model.teacher["dino_head"]
+    x = torch.randn(3, 32, generator=g)
+    with torch.no_grad():
+        features = head.forward_bottleneck(x)
+        directions = torch.nn.functional.normalize(state["teacher.dino_head.last_layer.weight_v"], dim=1)
+        expected = features @ (state["teacher.dino_head.last_layer.weight_g"] * directions).T
+        torch.testing.assert_close(head(x), expected)
+
+
+def test_prototype_magnitudes_train_in_the_prototype_group_unless_fixed():
+    cfg = tiny_cfg()
+    model = SSLMetaArch(cfg)
+    last_layer = model.student["dino_head"].last_layer
+    assert [n for n, _ in last_layer.named_parameters()] == ["weight_g", "weight_v"]
+    assert torch.equal(last_layer.weight_g, torch.ones(64, 1))
+    optimizer = build_optimizer(model.student, 2, cfg.optim)
+    group = next(g for g in optimizer.param_groups if any(p is last_layer.weight_g for p in g["params"]))
+    # As upstream: the prototype group (lr frozen at first), full lr multiplier, weight-decayed.
+    assert group["is_last_layer"] and group["lr_multiplier"] == 1.0 and group["wd_multiplier"] == 1.0
+    assert any(p is last_layer.weight_v for p in group["params"])
+    model.forward_backward(synthetic_batch(cfg), teacher_temp=0.05)
+    assert last_layer.weight_g.grad is not None and last_layer.weight_g.grad.abs().sum() > 0
+    assert {id(p) for p in model.last_layer_parameters()} == {id(last_layer.weight_g), id(last_layer.weight_v)}
+
+    fixed = SSLMetaArch(tiny_cfg("dino.head_norm_last_layer=true"))
+    last_layer = fixed.student["dino_head"].last_layer
+    assert [n for n, _ in last_layer.named_parameters()] == ["weight_v"]
+    assert "dino_head.last_layer.weight_g" in fixed.student.state_dict()  # same keys: a buffer of ones
+    assert torch.equal(last_layer.weight_g, torch.ones(64, 1))
+    assert fixed.last_layer_parameters() == [last_layer.weight_v]

@@ -2,6 +2,7 @@
 the first epoch, gradient clipping before the optimizer step, warm start from a backbone file made
 for another image size, KoLeo across ranks by config, SIGTERM as a stop request."""
 
+import math
 import os
 import signal
 
@@ -31,7 +32,8 @@ def test_prototypes_stay_frozen_for_the_first_epoch_then_train(tmp_path, data_ro
     cfg = load_config(None, tiny_overrides(data_root, "train.OFFICIAL_EPOCH_LENGTH=2", "optim.warmup_epochs=0",
                                            "optim.freeze_last_layer_epochs=1", "optim.base_lr=0.05"))
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "run")
-    assert len(trainer.model.last_layer_parameters()) == 1  # the shared DINO/iBOT head's prototypes
+    # The shared DINO/iBOT head's prototype directions and (trained) magnitudes.
+    assert len(trainer.model.last_layer_parameters()) == 2
     iterator = iter(trainer.loader)
     start = _prototypes(trainer)
     backbone_start = trainer.model.student["backbone"].blocks[0].attn.qkv.weight.detach().clone()
@@ -48,23 +50,62 @@ def test_prototypes_stay_frozen_for_the_first_epoch_then_train(tmp_path, data_ro
     assert not all(torch.equal(a, b) for a, b in zip(start, _prototypes(trainer)))
 
 
-def test_gradients_are_clipped_to_the_configured_norm_before_the_step(tmp_path, data_root):
-    cfg = load_config(None, tiny_overrides(data_root, "optim.clip_grad=0.01"))
+def _norm(grads):
+    return float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])))
+
+
+@pytest.mark.parametrize("scope", ["per_module", "global"])
+def test_gradients_are_clipped_to_the_configured_norm_before_the_step(tmp_path, data_root, scope):
+    cfg = load_config(None, tiny_overrides(data_root, "optim.clip_grad=0.01", "ibot.separate_head=true",
+                                           f"optim.clip_grad_scope={scope}"))
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "run")
     seen = []
     original_step = trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
-        grads = [p.grad for p in trainer.model.student.parameters() if p.grad is not None]
-        seen.append(float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))))
+        seen.append({name: _norm([p.grad for p in module.parameters() if p.grad is not None])
+                     for name, module in trainer.model.student.items()})
         return original_step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
     batch = next(iter(trainer.loader))
     batch.pop("skipped_images")
     result = trainer.train_step(batch)
-    assert result["grad_norm"] > 0.01  # the logged norm is the one before clipping
-    assert seen and seen[0] == pytest.approx(0.01, rel=1e-3)
+    norms = seen[0]
+    assert set(norms) == {"backbone", "dino_head", "ibot_head"}
+    assert result["grad_norm"] > 0.03  # the logged norm is the one of all gradients before clipping
+    if scope == "per_module":  # as upstream: each module on its own
+        for name, norm in norms.items():
+            assert norm == pytest.approx(0.01, rel=1e-3), name
+    else:  # one norm over the whole student
+        assert _norm(torch.tensor(list(norms.values()))) == pytest.approx(0.01, rel=1e-3)
+        assert not all(norm == pytest.approx(0.01, rel=1e-2) for norm in norms.values())
+
+
+def test_clip_student_gradients_returns_the_norm_before_clipping_and_sees_non_finite():
+    from dinov2.train.grad_clip import clip_student_gradients
+
+    student = torch.nn.ModuleDict({"backbone": torch.nn.Linear(3, 4), "dino_head": torch.nn.Linear(4, 2),
+                                   "ibot_head": torch.nn.Linear(4, 2)})
+
+    def set_grads(scale_backbone, scale_head):
+        for name, module in student.items():
+            for param in module.parameters():
+                param.grad = None if name == "ibot_head" else torch.full_like(param, scale_backbone if name == "backbone" else scale_head)
+
+    set_grads(1.0, 0.01)  # 16 entries of 1 -> norm 4; 10 of 0.01 -> norm 0.0316
+    expected = math.sqrt(16 + 10 * 1e-4)
+    norm = clip_student_gradients(student, 1.0, "per_module")
+    assert float(norm) == pytest.approx(expected)
+    assert _norm([p.grad for p in student["backbone"].parameters()]) == pytest.approx(1.0)
+    assert _norm([p.grad for p in student["dino_head"].parameters()]) == pytest.approx(math.sqrt(10) * 0.01)  # under the limit
+    set_grads(1.0, 0.01)
+    assert float(clip_student_gradients(student, 1.0, "global")) == pytest.approx(expected)
+    assert _norm([p.grad for m in student.values() for p in m.parameters() if p.grad is not None]) == pytest.approx(1.0)
+    set_grads(1.0, float("inf"))
+    assert not math.isfinite(float(clip_student_gradients(student, 1.0, "per_module")))
+    with pytest.raises(ValueError, match="optim.clip_grad_scope"):
+        clip_student_gradients(student, 1.0, "per_layer")
 
 
 def test_warm_start_resamples_position_embeddings_of_another_image_size(tmp_path):

@@ -14,6 +14,8 @@ below at ``layerwise_decay`` times the one above.
 
 Names are those of ``SSLMetaArch.student`` (``backbone.blocks.3.attn.qkv.weight``,
 ``dino_head.mlp.0.bias``...). FSDP2 keeps parameter names, so this works on a sharded model too.
+The prototypes (``last_layer.weight_v``) and their trained magnitudes (``last_layer.weight_g``,
+unless ``head_norm_last_layer``) share the prototype group, both weight-decayed, as upstream.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from typing import Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
+
+from dinov2.train.grad_clip import check_clip_grad_scope
 
 __all__ = ["param_multipliers", "get_params_groups", "fuse_params_groups", "apply_optim_scheduler", "build_optimizer"]
 
@@ -95,7 +99,10 @@ def build_optimizer(student: nn.Module, depth: int, optim_cfg) -> torch.optim.Ad
 
     ``optim_cfg`` is the ``optim`` config section (``layerwise_decay``, ``patch_embed_lr_mult``,
     ``adamw_beta1``, ``adamw_beta2``). lr and weight decay are set by the loop every iteration.
+    ``optim.clip_grad_scope`` is checked here as well, so a wrong value fails at start-up rather
+    than at the first step.
     """
+    check_clip_grad_scope(optim_cfg.clip_grad_scope)
     groups = fuse_params_groups(
         get_params_groups(
             student.named_parameters(),

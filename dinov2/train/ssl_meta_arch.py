@@ -12,19 +12,23 @@ Layout (also the layout of ``state_dict()``, so of checkpoints)::
 
 The teacher never receives gradients (``requires_grad=False``, forward under ``no_grad``) and
 sees the global crops only; the student sees the (iBOT-masked) global crops and the local crops
-in one list forward. A loss whose weight is 0 is not computed at all.
+in one list forward. Each head module is called once per step with its token groups (global-crop
+CLS tokens, local-crop CLS tokens, masked patch tokens); how each group is normalised is the
+head's business (:class:`~dinov2.layers.dino_head.DINOHead`). A loss whose weight is 0 is not
+computed at all.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from dinov2 import distributed
 from dinov2.layers.dino_head import DINOHead
 from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
@@ -67,7 +71,6 @@ class SSLMetaArch(nn.Module):
         if not (self.do_dino or self.do_ibot or self.do_koleo):
             raise ValueError("dino.loss_weight, dino.koleo_loss_weight and ibot.loss_weight are all 0: nothing to train")
         self.separate_ibot_head = bool(cfg.ibot.separate_head)
-        self.dino_head_use_bn = bool(cfg.dino.head_use_bn)
         self.n_global_crops = 2
         self.n_local_crops = int(cfg.crops.local_crops_number)
         self.param_dtype = _precision(cfg.compute_precision.param_dtype, "param_dtype")
@@ -122,11 +125,26 @@ class SSLMetaArch(nn.Module):
             hidden_dim=head_cfg.head_hidden_dim,
             bottleneck_dim=head_cfg.head_bottleneck_dim,
             use_bn=bool(head_cfg.head_use_bn),
+            norm_last_layer=bool(head_cfg.head_norm_last_layer),
+            # BatchNorm statistics over every rank's batch (the model is built after distributed.enable()).
+            bn_all_reduce=distributed.differentiable_all_reduce_sum if distributed.is_enabled() else None,
         )
 
     # ---------------------------------------------------------------- helpers
-    def _head(self, modules: nn.ModuleDict, kind: str) -> nn.Module:
-        return modules["ibot_head"] if kind == "ibot" and self.separate_ibot_head else modules["dino_head"]
+    def _head_logits(
+        self, modules: nn.ModuleDict, cls_groups: List[torch.Tensor], masked_tokens: Optional[torch.Tensor]
+    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
+        """(DINO logits of each CLS group, iBOT logits of the masked patch tokens or None).
+
+        One call per head module, with every group it scores (an FSDP-wrapped head is then
+        gathered once); the head keeps the groups apart where it normalises over the batch.
+        """
+        if masked_tokens is not None and not self.separate_ibot_head:
+            logits = modules["dino_head"](cls_groups + [masked_tokens])
+            return logits[:-1], logits[-1]
+        dino_logits = modules["dino_head"](cls_groups) if cls_groups else []
+        ibot_logits = modules["ibot_head"](masked_tokens) if masked_tokens is not None else None
+        return dino_logits, ibot_logits
 
     def _autocast(self, dtype: torch.dtype, device: torch.device):
         if dtype == torch.float32:
@@ -138,15 +156,9 @@ class SSLMetaArch(nn.Module):
 
     def train(self, mode: bool = True):
         super().train(mode)
-        self.teacher.eval()  # no stochastic depth or dropout in the teacher ...
-        if mode:
-            # ... but BatchNorm in its heads normalises with the statistics of the teacher's own
-            # batch, as the student's does: that batch standardisation is what makes the targets
-            # of a freshly initialised model differ from image to image (running statistics,
-            # which start at mean 0 / variance 1, would give nearly identical targets).
-            for module in self.teacher.modules():
-                if isinstance(module, nn.BatchNorm1d):
-                    module.train()
+        # No stochastic depth or dropout in the teacher (BatchNorm in its heads still normalises
+        # with the statistics of its own batch: DINOHead.train).
+        self.teacher.eval()
         return self
 
     # ---------------------------------------------------------------- teacher
@@ -158,18 +170,14 @@ class SSLMetaArch(nn.Module):
             out = self.teacher["backbone"](global_crops, is_training=True)
             cls_tokens = out["x_norm_clstoken"]
             batch = cls_tokens.shape[0] // self.n_global_crops
-            dino_logits = ibot_logits = None
+            masked_tokens = None
             if self.do_ibot:
                 patch_tokens = out["x_norm_patchtokens"].flatten(0, 1)
                 masked_tokens = torch.index_select(patch_tokens, 0, mask_indices)
-                if self.separate_ibot_head:
-                    dino_logits = self.teacher["dino_head"](cls_tokens) if self.do_dino else None
-                    ibot_logits = self.teacher["ibot_head"](masked_tokens)
-                else:  # one head call for both (an FSDP-wrapped head is then gathered once)
-                    logits = self.teacher["dino_head"](torch.cat([cls_tokens, masked_tokens]))
-                    dino_logits, ibot_logits = logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0] :]
-            elif self.do_dino:
-                dino_logits = self.teacher["dino_head"](cls_tokens)
+            # The teacher's CLS tokens of both global crops are one group (one crop size).
+            cls_groups = [cls_tokens] if self.do_dino else []
+            dino_groups, ibot_logits = self._head_logits(self.teacher, cls_groups, masked_tokens)
+            dino_logits = dino_groups[0] if dino_groups else None
 
         dino_targets = ibot_targets = None
         if dino_logits is not None:
@@ -236,28 +244,15 @@ class SSLMetaArch(nn.Module):
             if do_ibot:
                 masked_tokens = torch.index_select(global_out["x_norm_patchtokens"].flatten(0, 1), 0, mask_indices)
 
-            # Head calls: one per head module, with everything that module scores concatenated.
-            dino_inputs = [global_cls] + ([local_cls] if local_cls is not None else []) if self.do_dino else []
-            dino_logits = ibot_logits = None
-            if self.separate_ibot_head or not do_ibot:
-                if dino_inputs and self.dino_head_use_bn:
-                    # One call per crop size: the CLS tokens of global and (smaller) local crops
-                    # have different BatchNorm statistics; one set for both would shift each group.
-                    dino_logits = torch.cat([student["dino_head"](inputs) for inputs in dino_inputs])
-                elif dino_inputs:
-                    dino_logits = student["dino_head"](torch.cat(dino_inputs))
-                if do_ibot:
-                    ibot_logits = student["ibot_head"](masked_tokens)
-            else:
-                logits = student["dino_head"](torch.cat(dino_inputs + [masked_tokens]))
-                n_dino = sum(t.shape[0] for t in dino_inputs)
-                dino_logits, ibot_logits = (logits[:n_dino] if n_dino else None), logits[n_dino:]
+            # One group per crop size: the CLS tokens of small local crops are distributed
+            # differently from those of global crops.
+            cls_groups = [global_cls] + ([local_cls] if local_cls is not None else []) if self.do_dino else []
+            dino_groups, ibot_logits = self._head_logits(student, cls_groups, masked_tokens)
 
         losses: Dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device, dtype=torch.float32)
         if self.do_dino:
-            dino_logits = dino_logits.float()
-            global_logits = list(dino_logits[:n_global_images].chunk(self.n_global_crops))
+            global_logits = list(dino_groups[0].float().chunk(self.n_global_crops))
             teacher_list = list(dino_targets.unbind(0))
             # Pairs: every student global crop against the *other* teacher global crop(s), and
             # every local crop against every teacher global crop; dino_loss is their mean.
@@ -269,7 +264,7 @@ class SSLMetaArch(nn.Module):
             dino_loss = global_share
             losses["dino_global_crops_loss"] = global_share
             if local_cls is not None:
-                local_logits = list(dino_logits[n_global_images:].chunk(self.n_local_crops))
+                local_logits = list(dino_groups[1].float().chunk(self.n_local_crops))
                 local_loss = self.dino_loss(local_logits, teacher_list, skip_same_view=False)
                 local_share = local_loss * (n_local_pairs / n_pairs)
                 dino_loss = dino_loss + local_share
@@ -334,7 +329,8 @@ class SSLMetaArch(nn.Module):
 
     # -------------------------------------------------------------- freezing
     def last_layer_parameters(self) -> List[nn.Parameter]:
-        """The student's prototype weights (``*.last_layer.*``), frozen for the first epoch(s)."""
+        """The student's trainable prototype tensors (``*.last_layer.weight_v``, and ``weight_g``
+        unless ``head_norm_last_layer``), frozen for the first epoch(s)."""
         return [p for name, p in self.student.named_parameters() if "last_layer" in name]
 
     def zero_last_layer_grads(self) -> None:
