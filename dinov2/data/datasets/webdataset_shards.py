@@ -7,10 +7,14 @@ The ``webdataset`` library reads the tars and groups their members into samples.
 Every pass (epoch ``e``) over the shards is a deterministic function of ``(seed, e, rank, worker)``,
 so a resumed run can continue exactly where it stopped:
 
-* shard order: a permutation seeded by ``(seed, e)`` (the listed order without ``shuffle``), the
-  same on every rank; shards are then dealt to ranks (``order[rank::world_size]``, rank and world
-  size taken when the dataset is built) and to loader workers (``[worker::num_workers]``), so every
-  (rank, worker) *reader* gets disjoint shards: use at least ``world_size * num_workers`` shards;
+* shards: dealt to ranks (``shards[rank::world_size]``, rank and world size taken when the dataset
+  is built) and then to loader workers (``[worker::num_workers]``), so every (rank, worker)
+  *reader* owns disjoint shards (use at least ``world_size * num_workers`` shards). A reader keeps
+  its shards in every pass; with ``shuffle`` their order is a permutation seeded by
+  ``(seed, e, rank, worker)``. Keeping them makes every pass of a reader equally long, so a
+  resume skips whole passes by arithmetic and counts only the reader's own shards. (A batch comes
+  from one worker and a shuffle run spans one or two shards either way, so re-dealing shards each
+  pass would barely change what a batch mixes.)
 * samples: ``shuffle=N`` permutes each run of ``N`` consecutive samples of a reader's pass with a
   generator seeded by ``(seed, e, rank, worker, run)``. (webdataset's own shuffle buffer is not used:
   its state cannot be saved, and replaying it means reading the whole pass again.)
@@ -137,10 +141,11 @@ class WebDatasetStream(IterableDataset):
                 "epoch": self.epoch}
 
     def _reader_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
-        order = self.shards
-        if self.shuffle:
-            order = [self.shards[i] for i in np.random.default_rng([self.seed, epoch]).permutation(len(self.shards))]
-        return order[self.rank :: self.world_size][worker::num_workers]
+        own = self.shards[self.rank :: self.world_size][worker::num_workers]
+        if not self.shuffle:
+            return own
+        order = np.random.default_rng([self.seed, epoch, self.rank, worker]).permutation(len(own))
+        return [own[i] for i in order.tolist()]
 
     def _shard_size(self, url: str) -> int:
         if url not in self._shard_sizes:
@@ -197,15 +202,15 @@ class WebDatasetStream(IterableDataset):
         # Batches b < start_batches with b % num_workers == worker came from this reader.
         skip = (self.start_batches - worker + num_workers - 1) // num_workers * self.start_batch_size
         n, epoch = skip, self.epoch
+        if skip:
+            # Every pass of a reader covers the same shards: whole passes are skipped by arithmetic.
+            length = sum(self._shard_size(url) for url in self._reader_shards(epoch, worker, num_workers))
+            if length == 0 or (skip >= length and not self.repeat):
+                return
+            passes, skip = divmod(skip, length)
+            epoch += passes
         while True:
             shards = self._reader_shards(epoch, worker, num_workers)
-            if skip:
-                length = sum(self._shard_size(url) for url in shards)
-                if skip >= length:  # this whole pass was consumed
-                    if not self.repeat or length == 0:
-                        return
-                    skip, epoch = skip - length, epoch + 1
-                    continue
             count = 0
             for raw in self._pass_samples(shards, epoch, worker, skip):
                 yield n * readers + reader, raw
