@@ -226,6 +226,17 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def differentiable_all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks as a new tensor through which gradients flow back to every rank (the
+    gradient of each rank's input is the sum of all ranks' output gradients); the tensor itself
+    in a single process. For statistics of the global batch, such as GlobalBatchNorm1d's."""
+    if not is_enabled():
+        return tensor
+    from torch.distributed.nn.functional import all_reduce  # the autograd-aware collective
+
+    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     """Mean over ranks, in place; returns the tensor (unchanged in a single process)."""
     if is_enabled():
@@ -266,6 +277,7 @@ __all__ = [
     "any_rank",
     "barrier",
     "broadcast_object",
+    "differentiable_all_reduce_sum",
     "disable",
     "enable",
     "free_port",

@@ -2,37 +2,50 @@
 
 ``torch.nn.SyncBatchNorm`` only runs on GPU-like devices; training on CPU with gloo (and the
 tests) needs the same statistics. :class:`GlobalBatchNorm1d` computes the batch mean and
-variance from sums all-reduced over the default process group with the autograd-aware
-``torch.distributed.nn.functional.all_reduce``, so its output and gradients equal those of
-``nn.BatchNorm1d`` applied to the concatenation of every rank's rows. Without a process group
-(or with one rank) it is exactly ``nn.BatchNorm1d``.
+variance from sums that an injected ``all_reduce`` adds up over the ranks sharing the batch. With
+an autograd-aware reduction (``dinov2.distributed.differentiable_all_reduce_sum``, which
+``SSLMetaArch`` passes to its heads in a multi-process run) its output and gradients equal those of
+``nn.BatchNorm1d`` applied to the concatenation of every rank's rows. Without one it is exactly
+``nn.BatchNorm1d``. The layer itself knows nothing of process groups.
 """
 
 from __future__ import annotations
 
+from typing import Callable, Optional
+
 import torch
 from torch import nn
 
-from dinov2 import distributed
+__all__ = ["AllReduce", "GlobalBatchNorm1d"]
 
-__all__ = ["GlobalBatchNorm1d"]
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
+"""Sums a tensor over the ranks that share a batch and returns the result as a new tensor, with
+gradients flowing back to every rank."""
 
 
 class GlobalBatchNorm1d(nn.BatchNorm1d):
     """``nn.BatchNorm1d`` on ``(rows, features)`` inputs whose training-mode statistics span all
-    ranks (same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``)."""
+    ranks (same parameters, buffers and state-dict keys as ``nn.BatchNorm1d``).
+
+    Args:
+        num_features, eps, momentum, affine, track_running_stats: as for ``nn.BatchNorm1d``.
+        all_reduce: the reduction over the ranks (:data:`AllReduce`); None for one process: the
+            statistics of this process's rows, computed by ``nn.BatchNorm1d`` itself.
+    """
+
+    def __init__(self, num_features: int, *args, all_reduce: Optional[AllReduce] = None, **kwargs):
+        super().__init__(num_features, *args, **kwargs)
+        self.all_reduce = all_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training or distributed.get_world_size() == 1:
+        if not self.training or self.all_reduce is None:
             return super().forward(x)
         if x.ndim != 2:
             raise ValueError(f"GlobalBatchNorm1d expects (rows, features) inputs, got shape {tuple(x.shape)}")
-        from torch.distributed.nn.functional import all_reduce  # autograd-aware collective
-
         # One collective for the row count, the sums and the sums of squares (in float32).
         rows = x.float()
         stats = torch.cat([rows.new_tensor([rows.shape[0]]), rows.sum(0), (rows * rows).sum(0)])
-        stats = all_reduce(stats)
+        stats = self.all_reduce(stats)
         count = stats[0].clamp(min=1)
         n_features = x.shape[1]
         mean = stats[1 : 1 + n_features] / count
