@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -69,14 +70,33 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         trainer = SSLTrainer(cfg, output_dir=output_dir)
         # SIGTERM / SIGUSR1: checkpoint at the next iteration boundary and exit (rerun to resume).
-        with StopSignal(callback=trainer.request_stop):
+        with StopSignal(callback=trainer.request_stop) as stop:
             result = trainer.train()
     except BaseException:
         distributed.disable(synchronize=False)
         raise
-    logger.info("training finished at iteration %d", result["iteration"])
+    _log_outcome(result, stop.received)
     distributed.disable()
     return 0
+
+
+def _log_outcome(result, received_signal: Optional[int]) -> None:
+    """The run's last log line: finished or stopped by a signal, at which iteration, and the
+    checkpoint a rerun resumes from."""
+    checkpoint = result["checkpoint"]
+    if result["stopped"]:
+        cause = signal.Signals(received_signal).name if received_signal else "a signal received by another rank"
+        outcome = f"training stopped on {cause} at iteration {result['iteration']}"
+    else:
+        outcome = f"training finished at iteration {result['iteration']}"
+    if result["checkpoint_skipped"]:
+        resumes = f"resumes from {checkpoint}" if checkpoint else "starts from iteration 0"
+        logger.warning("%s without a checkpoint (non-finite steps since the previous checkpoint boundary); a rerun %s",
+                       outcome, resumes)
+    elif result["stopped"]:
+        logger.info("%s; checkpoint %s written, rerun the same command to resume", outcome, checkpoint)
+    else:
+        logger.info("%s; final checkpoint %s", outcome, checkpoint)
 
 
 if __name__ == "__main__":

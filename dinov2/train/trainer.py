@@ -12,6 +12,13 @@ One iteration: set lr / wd from the schedules -> ``forward_backward`` -> (replic
 runs: average gradients) -> mean loss terms over ranks, stop on non-finite values -> clip
 gradients -> zero the prototype gradients while frozen -> optimizer step -> EMA teacher update.
 Then, by period: k-NN monitor, metrics line, teacher export, checkpoint.
+
+Non-finite steps guard what is written: while any step since the previous checkpoint boundary
+(written or skipped) was non-finite, teacher exports and checkpoints write nothing, so a run that
+blows up cannot replace a good state by a damaged one, and one that recovers writes again after
+its next clean checkpoint window. The newest checkpoint written before the latest non-finite step
+is protected from retention (its iteration travels in the checkpoint's ``extra`` state, so a
+resumed run protects it too).
 """
 
 from __future__ import annotations
@@ -28,10 +35,11 @@ from torch.utils.data import Dataset
 
 from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, seed_all
-from dinov2.data.samplers import InfiniteSampler
+from dinov2.checkpoint.manager import checkpoint_keys, checkpoint_name, validate_checkpoint
 from dinov2.fsdp import shard_ssl_meta_arch
 from dinov2.train.data import build_train_data_loader
-from dinov2.train.export import export_path, export_teacher_backbone
+from dinov2.train.export import LATEST_EXPORT_NAME, export_path, export_teacher_backbone
+from dinov2.train.grad_clip import clip_student_gradients
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.metrics import MetricsLogger, WindowAverager
 from dinov2.train.param_groups import apply_optim_scheduler, build_optimizer
@@ -68,6 +76,10 @@ def _all_reduce_gradients(module: torch.nn.Module) -> None:
         offset += grad.numel()
 
 
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
+
+
 def _as_float(value) -> float:
     full_tensor = getattr(value, "full_tensor", None)
     if full_tensor is not None:
@@ -83,7 +95,8 @@ class SSLTrainer:
         dataset: Optional[Dataset] = None,
         device: Optional[torch.device] = None,
     ):
-        """Build model, optimizer, schedules and data for ``cfg``; write ``config.yaml``.
+        """Build model, optimizer, schedules and data for ``cfg`` (``config.yaml`` is written by
+        :meth:`resume`, once it is known that the run's checkpoint fits this config).
 
         Args:
             output_dir: overrides ``train.output_dir``.
@@ -101,8 +114,6 @@ class SSLTrainer:
 
         self.global_batch_size = int(cfg.train.batch_size_per_gpu) * self.world_size
         cfg.optim.lr = scaled_learning_rate(float(cfg.optim.base_lr), self.global_batch_size, cfg.optim.scaling_rule)
-        if self.is_main:
-            save_config(cfg, self.output_dir)
         logger.info("rank %d/%d on %s; global batch %d, lr %.3g", self.rank, self.world_size, self.device,
                     self.global_batch_size, cfg.optim.lr)
 
@@ -145,6 +156,10 @@ class SSLTrainer:
         self._stop_requested = False
         self._last_checkpoint_iteration = -1
         self._last_export_iteration = -1
+        # Non-finite steps since the previous checkpoint boundary (written or skipped).
+        self._nonfinite_since_checkpoint = 0
+        # The newest checkpoint written before the latest non-finite step: retention keeps it.
+        self.protected_checkpoint: Optional[int] = None
 
     # ------------------------------------------------------------------ set-up
     def _shard_model(self) -> bool:
@@ -161,12 +176,15 @@ class SSLTrainer:
         """The ``app_state`` given to :class:`CheckpointManager`:
 
         * ``train``: model (student, teacher, loss centres) and optimizer, by parameter names;
-        * ``extra``: ``iteration``, ``nonfinite_streak`` and ``sampler`` (global samples consumed);
+        * ``extra``: ``iteration``, ``nonfinite_streak``, ``protected_checkpoint`` (the iteration
+          retention keeps, -1 for none) and ``sampler`` (global samples consumed);
         * ``rng``: each rank's torch / numpy / random (/ CUDA) states;
         * ``scaler``: the fp16 GradScaler, when used.
         """
-        extra: Dict[str, Any] = {"iteration": self.iteration, "nonfinite_streak": self.nonfinite_streak}
-        if isinstance(self.loader.sampler, InfiniteSampler):
+        extra: Dict[str, Any] = {"iteration": self.iteration, "nonfinite_streak": self.nonfinite_streak,
+                                 "protected_checkpoint": -1 if self.protected_checkpoint is None
+                                 else self.protected_checkpoint}
+        if self.loader.resumable:  # an infinite sampler or a WebDataset stream
             extra["sampler"] = self.loader.state_dict()
         state: Dict[str, Any] = {
             "train": ModelOptimizerState(self.model, self.optimizer),
@@ -184,35 +202,69 @@ class SSLTrainer:
                 raise NonFiniteLossError(f"refusing to checkpoint: {name} holds non-finite values")
 
     def save_checkpoint(self) -> Path:
+        """Write ``ckpt_<iteration>`` (refused if a parameter or buffer is non-finite); retention
+        keeps :attr:`protected_checkpoint`."""
         self._check_finite_state()
-        path = self.checkpointer.save(self.iteration, self.checkpoint_state())
+        protect = () if self.protected_checkpoint is None else (self.protected_checkpoint,)
+        path = self.checkpointer.save(self.iteration, self.checkpoint_state(), protect=protect)
         self._last_checkpoint_iteration = self.iteration
         return path
+
+    def last_checkpoint_path(self) -> Optional[Path]:
+        """The newest checkpoint this run wrote or resumed from (None before the first one)."""
+        if self._last_checkpoint_iteration < 0:
+            return None
+        return self.checkpointer.directory / checkpoint_name(self._last_checkpoint_iteration)
+
+    def describe_last_checkpoint(self) -> str:
+        """Where a rerun resumes from, checked on disk (for messages after non-finite steps)."""
+        path = self.last_checkpoint_path()
+        if path is None:
+            return f"no checkpoint has been written to {self.checkpointer.directory} yet (a rerun starts from iteration 0)"
+        problem = validate_checkpoint(path)
+        if problem:
+            return f"the last checkpoint written, {path}, is not usable: {problem}"
+        return f"the last checkpoint, {path}, was written before these non-finite steps and is intact"
 
     def resume(self) -> bool:
         """Load the newest complete checkpoint of ``output_dir/checkpoints``; False if none.
 
         Without one, ``MODEL.WEIGHTS`` (a training checkpoint directory) initialises the model
-        only (a fresh run from those weights).
+        only (a fresh run from those weights). Then metrics lines past the resumed iteration
+        (all of them on a fresh start: a killed attempt's) are dropped and ``config.yaml`` is
+        written; a failed load leaves both files as they were.
         """
         path = self.checkpointer.latest()
         if path is None:
             if self.cfg.MODEL.WEIGHTS:
                 self.checkpointer.load(self.cfg.MODEL.WEIGHTS, {"train": ModelOptimizerState(self.model)})
                 logger.info("model initialised from training checkpoint %s (MODEL.WEIGHTS)", self.cfg.MODEL.WEIGHTS)
+            self._record_start()
             return False
         state = self.checkpoint_state()
+        if "extra.protected_checkpoint" not in checkpoint_keys(path):
+            del state["extra"]["protected_checkpoint"]  # written before retention protection existed
         self.checkpointer.load(path, state)
         extra = state["extra"]
         self.iteration = int(extra["iteration"])
         self.nonfinite_streak = int(extra["nonfinite_streak"])
+        protected = int(extra.get("protected_checkpoint", -1))
+        self.protected_checkpoint = None if protected < 0 else protected
         if "sampler" in extra:
             self.loader.load_state_dict(extra["sampler"])
-        self.metrics.truncate_after(self.iteration)
         self._last_checkpoint_iteration = self.iteration
         self.resumed_from = path
+        self._record_start()
         logger.info("resumed from %s at iteration %d", path, self.iteration)
         return True
+
+    def _record_start(self) -> None:
+        """The run's files once its starting point is known: metrics lines of iterations that
+        will be redone are dropped (a killed attempt's, before or after its last checkpoint), and
+        ``config.yaml`` describes the run from here on."""
+        self.metrics.truncate_after(self.iteration)
+        if self.is_main:
+            save_config(self.cfg, self.output_dir)
 
     # -------------------------------------------------------------------- stop
     def request_stop(self) -> None:
@@ -251,7 +303,7 @@ class SSLTrainer:
             if self.scaler is not None:
                 self.scaler.unscale_(self.optimizer)
             if self.clip_grad > 0:
-                norm = torch.nn.utils.clip_grad_norm_(self.model.student.parameters(), self.clip_grad)
+                norm = clip_student_gradients(self.model.student, self.clip_grad, self.cfg.optim.clip_grad_scope)
                 grad_norm = _as_float(norm)
                 if not math.isfinite(grad_norm) and self.scaler is None:
                     bad.append("grad_norm")
@@ -261,14 +313,20 @@ class SSLTrainer:
             self.model.revert_centers()
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
+            # The next checkpoint and export boundaries write nothing; no checkpoint has been
+            # written since this window began, so the last one predates the trouble: keep it.
+            self._nonfinite_since_checkpoint += 1
+            if self._last_checkpoint_iteration >= 0:
+                self.protected_checkpoint = self._last_checkpoint_iteration
             described = ", ".join(f"{name}={loss_values.get(name, grad_norm)}" for name in bad)
             logger.warning("iteration %d: non-finite %s; step skipped (%d in a row)", it + 1, described,
                            self.nonfinite_streak)
             if self.nonfinite_streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive iterations with non-finite values (last at iteration "
-                    f"{it + 1}: {described}); stopping. The last checkpoint in {self.checkpointer.directory} "
-                    "is intact: lower optim.base_lr, raise teacher.warmup_teacher_temp_epochs or check the data"
+                    f"{it + 1}: {described}); stopping without a checkpoint or export. "
+                    f"{_sentence(self.describe_last_checkpoint())}. Lower optim.base_lr, raise "
+                    "teacher.warmup_teacher_temp_epochs or check the data, then rerun the same command"
                 )
             return {"losses": loss_values, "finite": False, "bad_terms": bad, "grad_norm": grad_norm, "schedules": values}
 
@@ -297,21 +355,48 @@ class SSLTrainer:
         logger.info("exported the teacher backbone to %s", path)
         return path
 
+    def _export_boundary(self) -> Optional[Path]:
+        """Export the teacher unless a step since the previous checkpoint boundary was
+        non-finite (then warn and leave the previous export)."""
+        if self._nonfinite_since_checkpoint:
+            logger.warning("iteration %d: teacher export skipped, %d non-finite step(s) since the previous checkpoint "
+                           "boundary; %s stays as it was", self.iteration, self._nonfinite_since_checkpoint,
+                           self.output_dir / "exports" / LATEST_EXPORT_NAME)
+            return None
+        return self.export_teacher()
+
+    def _checkpoint_boundary(self) -> Optional[Path]:
+        """Checkpoint unless the window since the previous checkpoint boundary held a non-finite
+        step (then warn and write nothing); a new window starts either way, so a run that
+        recovers checkpoints again after one clean window."""
+        skipped, self._nonfinite_since_checkpoint = self._nonfinite_since_checkpoint, 0
+        if skipped:
+            logger.warning("iteration %d: checkpoint skipped, %d non-finite step(s) since the previous checkpoint "
+                           "boundary; %s (retention keeps it)", self.iteration, skipped,
+                           self.describe_last_checkpoint())
+            return None
+        return self.save_checkpoint()
+
     # -------------------------------------------------------------------- loop
     def train(self) -> Dict[str, Any]:
         """Resume if possible, then train until ``max_iterations`` (or a stop request).
 
-        Returns ``{"iteration", "last_record"}``: where it stopped and the last metrics line.
+        Returns ``{"iteration", "last_record", "stopped", "checkpoint", "checkpoint_skipped"}``:
+        where it stopped, the last metrics line, whether a stop request ended it, the newest
+        checkpoint (where a rerun resumes; None if there is none) and whether the final checkpoint
+        was skipped because of non-finite steps.
         """
         self.resume()
         if self.iteration >= self.max_iterations:
             logger.info("nothing to do: iteration %d >= max iterations %d", self.iteration, self.max_iterations)
-            return {"iteration": self.iteration, "last_record": None}
+            return {"iteration": self.iteration, "last_record": None, "stopped": False,
+                    "checkpoint": self.last_checkpoint_path(), "checkpoint_skipped": False}
         epoch_length = int(self.cfg.train.OFFICIAL_EPOCH_LENGTH)
         window = WindowAverager()
         window_seconds, window_iterations, window_images = 0.0, 0, 0
         skipped_images, nonfinite_steps = 0, 0
         last_record: Optional[Dict[str, Any]] = None
+        stop = checkpoint_skipped = False
         data_iter = iter(self.loader)
         logger.info("training from iteration %d to %d", self.iteration, self.max_iterations)
 
@@ -358,10 +443,11 @@ class SSLTrainer:
                 skipped_images, nonfinite_steps = 0, 0
 
             if (self.export_period > 0 and it % self.export_period == 0) or last:
-                self.export_teacher()
+                self._export_boundary()
+            checkpoint_skipped = False
             if (self.checkpoint_period > 0 and it % self.checkpoint_period == 0) or last or stop:
-                self.save_checkpoint()
+                checkpoint_skipped = self._checkpoint_boundary() is None
             if stop:
-                logger.info("stop requested: checkpointed at iteration %d", it)
                 break
-        return {"iteration": self.iteration, "last_record": last_record}
+        return {"iteration": self.iteration, "last_record": last_record, "stopped": stop,
+                "checkpoint": self.last_checkpoint_path(), "checkpoint_skipped": checkpoint_skipped}
