@@ -454,3 +454,22 @@ def test_collate_from_config_with_real_augmentation():
     with pytest.raises(ValueError, match="multiple of the patch size"):
         build_collate_fn_from_config(cfg, patch_size=5)
 
+
+def test_training_loader_installs_the_fast_augmentation():
+    from dinov2.train.data import build_train_data_loader
+    from dinov2.utils.config import load_config
+
+    class Photos(torch.utils.data.Dataset):
+        transform = None
+
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, index):
+            return self.transform(_photo(seed=index)), 0
+
+    cfg = load_config(overrides=["train.batch_size_per_gpu=4", "train.num_workers=0", "crops.global_crops_size=28",
+                                 "crops.local_crops_size=14", "crops.local_crops_number=1"])
+    loader, dataset = build_train_data_loader(cfg, patch_size=7, rank=0, world_size=1, dataset=Photos())
+    assert type(dataset.transform) is FastDataAugmentationDINO
+    assert next(iter(loader))["collated_global_crops"].shape == (8, 3, 28, 28)
