@@ -5,6 +5,8 @@ checkpoint: the tensors are allocated from the checkpoint's own metadata and rea
 ``torch.distributed.checkpoint.load`` (which reassembles the shards), so no optimizer state
 is read and no model has to be built. When the training ``config.yaml`` is found, the result is
 also loaded with ``strict=True`` into the backbone that config describes, as a check.
+The checkpoint's files are verified against the checksums of its ``COMPLETE`` marker first, and
+its ``.metadata`` is read with the restricted unpickler of :mod:`dinov2.checkpoint.metadata`.
 """
 
 from __future__ import annotations
@@ -17,13 +19,13 @@ from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from dinov2.hub.weights import check_state_dict, save_state_dict
 
-from .manager import CheckpointError, CheckpointManager, validate_checkpoint
+from .manager import CheckpointError, CheckpointManager, validate_checkpoint, verify_checksums
+from .metadata import METADATA_FILE, SafeFileSystemReader, read_metadata
 from .state import WeightsOnlyLoadPlanner
 
 logger = logging.getLogger("dinov2")
@@ -34,21 +36,22 @@ _HEAD_NAMES = ("dino_head", "ibot_head")
 
 
 def resolve_checkpoint(path: PathLike) -> Path:
-    """A checkpoint directory as given, or the newest complete one of a training output
-    directory (``<output>/checkpoints/ckpt_*``) or of a checkpoints directory."""
+    """A checkpoint directory as given, or the newest intact one of a training output directory
+    (``<output>/checkpoints/ckpt_*``) or of a checkpoints directory; its checksums are verified
+    (a corrupted newest checkpoint is skipped with a warning, a corrupted given one is an error)."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"no such checkpoint or directory: {path}")
-    if (path / ".metadata").is_file():
-        problem = validate_checkpoint(path)
+    if (path / METADATA_FILE).is_file():
+        problem = validate_checkpoint(path) or verify_checksums(path)
         if problem:
-            raise CheckpointError(f"{path} is not a complete checkpoint: {problem}")
+            raise CheckpointError(f"{path} is not a complete, intact checkpoint: {problem}")
         return path
     for candidate in (path / "checkpoints", path):
         if candidate.is_dir():
-            complete = CheckpointManager(candidate).complete_checkpoints()
-            if complete:
-                return complete[-1][1]
+            found = CheckpointManager(candidate).newest_verified()
+            if found is not None:
+                return found
     raise CheckpointError(f"no complete checkpoint in {path} (looked in {path / 'checkpoints'} and {path})")
 
 
@@ -66,7 +69,7 @@ def read_teacher_state(checkpoint: PathLike, with_heads: bool = False) -> Tuple[
     """(backbone state in official keys, heads state with ``dino_head.`` / ``ibot_head.`` keys)
     of the teacher in a DCP checkpoint; heads empty unless ``with_heads``."""
     checkpoint = Path(checkpoint)
-    metadata = FileSystemReader(str(checkpoint)).read_metadata().state_dict_metadata
+    metadata = read_metadata(checkpoint).state_dict_metadata
     prefix = _find_prefix(metadata, TEACHER_BACKBONE_MARK, checkpoint) + "teacher."
     wanted = {}
     for key, meta in metadata.items():
@@ -78,7 +81,12 @@ def read_teacher_state(checkpoint: PathLike, with_heads: bool = False) -> Tuple[
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*assuming the intent is to load in a single process.*")
         try:
-            dcp.load(wanted, checkpoint_id=str(checkpoint), planner=WeightsOnlyLoadPlanner(), no_dist=True)
+            dcp.load(
+                wanted,
+                storage_reader=SafeFileSystemReader(str(checkpoint)),
+                planner=WeightsOnlyLoadPlanner(),
+                no_dist=True,
+            )
         except (Exception, CheckpointException) as error:  # CheckpointException is a BaseException
             raise CheckpointError(f"cannot read the teacher from {checkpoint}: {error}") from error
     backbone, heads = {}, {}

@@ -61,23 +61,15 @@ class ModelOptimizerState:
     def template_for_load(self, available_keys: Iterable[str], prefix: str, iteration: int) -> Dict[str, Any]:
         """What to read from a checkpoint whose flattened keys are ``available_keys``.
 
-        Model: every parameter and buffer, and nothing else (unknown checkpoint keys are an
-        error, not silently dropped). Optimizer: only the parameters that had optimizer state
-        when the checkpoint was written; ``get_state_dict`` fills state for *every* parameter of a
-        fresh optimizer, but a parameter without gradient so far (a frozen last layer, the mask
-        token without iBOT) has none in the file, and must have none after loading either.
+        Model: every parameter and buffer (checkpoint keys the model lacks are reported by the
+        checkpoint manager, see :meth:`owned_prefixes`). Optimizer: only the parameters that had
+        optimizer state when the checkpoint was written; ``get_state_dict`` fills state for
+        *every* parameter of a fresh optimizer, but a parameter without gradient so far (a frozen
+        last layer, the mask token without iBOT) has none in the file, and must have none after
+        loading either.
         """
         available = set(available_keys)
         template = self.state_dict()
-        model_prefix = f"{prefix}.model."
-        wanted = {model_prefix + name for name in template["model"]}
-        stored = {key for key in available if key.startswith(model_prefix)}
-        unexpected = sorted(stored - wanted)
-        if unexpected:
-            raise ValueError(
-                f"the checkpoint holds {len(unexpected)} model entries this model does not have: "
-                + ", ".join(key[len(model_prefix):] for key in unexpected[:20])
-            )
         if self.optimizer is not None:
             state_prefix = f"{prefix}.optimizer.state."
             stored_params = {key[len(state_prefix):] for key in available if key.startswith(state_prefix)}
@@ -87,6 +79,15 @@ class ModelOptimizerState:
                 if any(key.startswith(name + ".") for key in stored_params)
             }
         return template
+
+    def owned_prefixes(self, prefix: str) -> Dict[str, str]:
+        """Checkpoint keys under these prefixes (with what they are) must all be loaded: one that
+        the template lacks (a block of a deeper model, state of a parameter this model does not
+        have) is a mismatch, not silently dropped. Without an optimizer its state is not read."""
+        owned = {f"{prefix}.model.": "model entries this model does not have"}
+        if self.optimizer is not None:
+            owned[f"{prefix}.optimizer."] = "optimizer entries this model and optimizer do not have"
+        return owned
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         if self.optimizer is None:

@@ -3,19 +3,22 @@
 ``exports/teacher_backbone_<iter:08d>.pth`` loads with ``strict=True`` into the factory of the same
 architecture (``dinov2.hub.weights.load_backbone_weights``) and is what the evaluation scripts take
 as ``--pretrained-weights``; ``exports/teacher_backbone_latest.pth`` is a copy of the newest one.
+Both are written atomically: a failed write (a full disk is reported as ``OSError(ENOSPC)`` naming
+the file) leaves the previous files as they were and no temporary file behind.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 from pathlib import Path
+from typing import Optional
 
 from torch import nn
 
 from dinov2 import distributed
 from dinov2.fsdp import full_state_dict
 from dinov2.hub.weights import save_state_dict
+from dinov2.utils.io import atomic_path
 
 __all__ = ["export_teacher_backbone", "export_path", "LATEST_EXPORT_NAME"]
 
@@ -32,15 +35,22 @@ def export_teacher_backbone(model: nn.Module, path, latest: bool = True) -> Path
     Under FSDP2 the shards are gathered to rank 0's CPU (``dinov2.fsdp.full_state_dict``).
 
     With ``latest`` also refreshes ``teacher_backbone_latest.pth`` beside it (atomic copy).
+    A write error on rank 0 is raised on every rank (the others would wait for it otherwise).
     """
     path = Path(path)
     state = full_state_dict(model.teacher["backbone"])
+    failure: Optional[Exception] = None
     if distributed.is_main_process():
-        save_state_dict(state, path)
-        if latest:
-            target = path.with_name(LATEST_EXPORT_NAME)
-            tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, target)
-    distributed.barrier()
+        try:
+            save_state_dict(state, path)
+            if latest:
+                with atomic_path(path.with_name(LATEST_EXPORT_NAME)) as tmp:
+                    shutil.copyfile(path, tmp)
+        except Exception as error:
+            failure = error
+    message = distributed.broadcast_object(None if failure is None else str(failure))
+    if failure is not None:
+        raise failure
+    if message is not None:
+        raise RuntimeError(f"rank 0 could not write the teacher export {path}: {message}")
     return path
