@@ -182,9 +182,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype) if args.dtype else None
-    written = consolidate_checkpoint(
-        args.checkpoint, args.output, with_heads=args.with_heads, safetensors=args.safetensors, config=args.config, dtype=dtype
-    )
+    try:
+        written = consolidate_checkpoint(
+            args.checkpoint, args.output, with_heads=args.with_heads, safetensors=args.safetensors, config=args.config, dtype=dtype
+        )
+    except (CheckpointError, OSError) as error:  # the message names the file and the reason; no traceback
+        raise SystemExit(f"consolidate_checkpoint: {error}") from None
     for kind, path in written.items():
         print(f"{kind}: {path}")
     return 0
