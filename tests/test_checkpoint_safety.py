@@ -321,3 +321,54 @@ def test_resume_with_another_depth_lists_the_blocks_it_lacks(trained_run, data_r
     for name in ("student", "teacher"):
         for parameter in ("norm1.weight", "attn.qkv.weight", "mlp.fc2.bias"):
             assert f"train.model.{name}.backbone.blocks.1.{parameter}" in message, (name, parameter)
+
+
+# ------------------------------------------------------------------ two ranks
+_TWO_RANK_WORKER = '''
+import json, os, sys, warnings
+import torch
+from dinov2 import distributed
+from dinov2.checkpoint import CheckpointError, CheckpointManager
+
+directory, out = sys.argv[1], sys.argv[2]
+distributed.enable("gloo")
+rank = distributed.get_rank()
+manager = CheckpointManager(directory, keep_last=0)
+state = {"extra": {f"rank_{rank}": torch.full((20000,), float(rank + 1))}}
+older, newer = manager.save(1, state), manager.save(2, state)
+if rank == 0:  # 4 KB of rank 1's shard overwritten in place: only rank 1 hashes it
+    shard = newer / "__1_0.distcp"
+    with open(shard, "r+b") as handle:
+        handle.seek(shard.stat().st_size // 2)
+        handle.write(os.urandom(4096))
+distributed.barrier()
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    chosen = manager.latest()
+try:
+    manager.load(newer, state)
+    refused = ""
+except CheckpointError as error:
+    refused = str(error)
+with open(f"{out}.{rank}.json", "w") as handle:
+    json.dump({"chosen": str(chosen), "warnings": [str(w.message) for w in caught], "refused": refused}, handle)
+distributed.disable()
+'''
+
+
+def test_two_ranks_share_the_checksum_work_and_agree_on_a_corrupted_shard(tmp_path):
+    from distributed_helpers import run, torchrun_command
+
+    from dinov2.distributed import free_port
+
+    worker = tmp_path / "worker.py"
+    worker.write_text(_TWO_RANK_WORKER)
+    checkpoints, out = tmp_path / "checkpoints", tmp_path / "result"
+    result = run(torchrun_command(2, str(worker), [str(checkpoints), str(out)], free_port()), tmp_path / "log.txt", timeout=180)
+    assert result.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
+    ranks = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
+    shard = checkpoints / "ckpt_00000002" / "__1_0.distcp"
+    for rank, seen in enumerate(ranks):
+        assert seen["chosen"] == str(checkpoints / "ckpt_00000001"), rank
+        assert f"{shard} does not match its recorded SHA-256" in seen["refused"], rank
+    assert any("skipping corrupted checkpoint" in w and str(shard) in w for w in ranks[0]["warnings"])
