@@ -37,7 +37,7 @@ def test_wrong_types_are_errors_naming_the_key(tmp_path):
     recipe = _write(tmp_path / "recipe.yaml", "crops:\n  global_crops_scale: 0.5\n")
     with pytest.raises(ConfigError, match=r"crops\.global_crops_scale.*list"):
         load_config(recipe)
-    # An int where the default is a float is fine, and so is anything for a null default.
+    # An int where the default is a float is fine; null-default options have declared types.
     cfg = load_config(None, ["optim.base_lr=1", "student.embed_dim=64", "train.max_iterations=10"])
     assert cfg.optim.base_lr == 1 and cfg.student.embed_dim == 64
 
@@ -72,3 +72,46 @@ def test_packaged_recipes_are_valid():
     recipes = sorted((configs_dir() / "train").glob("*.yaml"))
     for recipe in recipes:
         load_config(recipe)
+
+
+def test_null_sections_and_scalar_sections_are_errors_naming_the_section(tmp_path):
+    # `optim:` with nothing under it is YAML null; it used to replace the whole section and fail
+    # later with an AttributeError inside the training code.
+    for text in ("optim:\n", "optim: null\n", "student:\n  arch: vit_small\noptim:\n"):
+        recipe = _write(tmp_path / "recipe.yaml", text)
+        with pytest.raises(ConfigError, match=r"recipe\.yaml: 'optim' is a section.*null"):
+            load_config(recipe)
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: 'crops' is a section.*got 'big'"):
+        load_config(_write(tmp_path / "recipe.yaml", "crops: big\n"))
+    with pytest.raises(ConfigError, match=r"command-line override: 'optim' is a section.*None"):
+        load_config(None, ["optim=null"])
+    with pytest.raises(ConfigError, match=r"'student' is a section.*got 3"):
+        load_config(None, ["student=3"])
+
+
+def test_options_with_a_null_default_are_typed(tmp_path):
+    with pytest.raises(ConfigError, match=r"command-line override: 'train\.max_iterations' must be of type int.*'abc'"):
+        load_config(None, ["train.max_iterations=abc"])
+    with pytest.raises(ConfigError, match=r"'train\.max_iterations' must be of type int.*1\.5"):
+        load_config(None, ["train.max_iterations=1.5"])
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: 'student\.embed_dim' must be of type int.*'sixty'"):
+        load_config(_write(tmp_path / "recipe.yaml", "student:\n  embed_dim: sixty\n"))
+    with pytest.raises(ConfigError, match=r"'student\.mlp_ratio' must be of type float.*True"):
+        load_config(None, ["student.mlp_ratio=true"])
+    # Right types, an int for a float, and null ("not set") are accepted.
+    cfg = load_config(None, ["train.max_iterations=10", "student.mlp_ratio=4", "student.depth=null"])
+    assert cfg.train.max_iterations == 10 and cfg.student.mlp_ratio == 4 and cfg.student.depth is None
+
+
+def test_every_null_default_has_a_declared_type():
+    from dinov2.utils.config import NULL_DEFAULT_TYPES, get_default_config
+
+    def null_keys(node, prefix=""):
+        for key, value in node.items():
+            if isinstance(value, dict):
+                yield from null_keys(value, f"{prefix}{key}.")
+            elif value is None:
+                yield f"{prefix}{key}"
+
+    defaults = OmegaConf.to_container(get_default_config())
+    assert sorted(null_keys(defaults)) == sorted(NULL_DEFAULT_TYPES)

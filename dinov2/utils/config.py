@@ -1,13 +1,14 @@
 """Training configuration: defaults, then an experiment file, then ``key=value`` overrides.
 
 Every option lives in ``configs/ssl_default_config.yaml``. An experiment file may only set keys
-that exist there, and a value must have the default's type (an int is accepted for a float;
-options whose default is ``null`` take anything). Mistakes raise ``ConfigError`` naming the key
-and where it came from, instead of being silently ignored.
+that exist there, and a value must have the default's type (an int is accepted for a float).
+Options whose default is ``null`` ("not set") have their type in :data:`NULL_DEFAULT_TYPES`. A
+section (``optim``, ``student``, ...) stays a mapping: it can be neither null nor a single value.
+Mistakes raise ``ConfigError`` naming the key and where it came from, instead of being silently
+ignored or failing later inside the training code.
 """
 
 import os
-from importlib import resources
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -24,9 +25,23 @@ class ConfigError(ValueError):
     """A config file or override names an unknown key or has a value of the wrong type."""
 
 
+# An installed package carries the configs as dinov2/configs/ (setup.py ships the top-level
+# configs/ as ``dinov2.configs``); a clone, used as is or through ``pip install -e .``, has them
+# beside dinov2/. Looked up from this file rather than through the import system, so a clone run
+# without installing, or beside an install of another checkout, reads its own configs.
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
 def configs_dir() -> Path:
-    """The directory holding ``ssl_default_config.yaml`` and the ``train/`` and ``eval/`` recipes."""
-    return Path(str(resources.files("dinov2.configs")))
+    """The directory holding ``ssl_default_config.yaml`` and the ``train/`` recipes."""
+    candidates = (_PACKAGE_DIR / "configs", _PACKAGE_DIR.parent / "configs")
+    for candidate in candidates:
+        if (candidate / "ssl_default_config.yaml").is_file():
+            return candidate
+    raise ConfigError(
+        "ssl_default_config.yaml not found in " + " or ".join(str(c) for c in candidates)
+        + " (installed package, source checkout): reinstall dinov2 or restore configs/"
+    )
 
 
 def default_config_path() -> Path:
@@ -48,6 +63,17 @@ def resolve_config_path(config_file: PathLike) -> Path:
     raise ConfigError(f"config file not found: {config_file} (also looked in {configs_dir()})")
 
 
+# The type of each option whose default is null: the YAML default cannot carry it. A null value
+# stays allowed (it means "not set"). tests/test_config.py checks that every null default is here.
+NULL_DEFAULT_TYPES = {
+    "train.max_iterations": "int",
+    "student.embed_dim": "int",
+    "student.depth": "int",
+    "student.num_heads": "int",
+    "student.mlp_ratio": "float",
+}
+
+
 def _type_name(value) -> str:
     if isinstance(value, (DictConfig, dict)):
         return "mapping"
@@ -56,14 +82,13 @@ def _type_name(value) -> str:
     return type(value).__name__
 
 
-def _compatible(default, value) -> bool:
-    if default is None or value is None:
-        return True
-    if isinstance(default, bool) or isinstance(value, bool):
-        return isinstance(default, bool) and isinstance(value, bool)
-    if isinstance(default, float) and isinstance(value, (int, float)):
-        return True
-    return _type_name(default) == _type_name(value)
+def _compatible(expected: str, value) -> bool:
+    """Whether ``value`` fits an option of type ``expected`` (a :func:`_type_name`)."""
+    if value is None:
+        return True  # null is "not set" (e.g. student.layerscale: null turns LayerScale off)
+    if expected == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return _type_name(value) == expected
 
 
 def _check_types(default: dict, update: dict, source: str, prefix: str = "") -> None:
@@ -72,11 +97,25 @@ def _check_types(default: dict, update: dict, source: str, prefix: str = "") -> 
             continue  # unknown keys are reported by struct mode in _merge (open sections accept them)
         full_key = f"{prefix}{key}"
         default_value = default[key]
-        if isinstance(default_value, dict) and isinstance(new_value, dict):
-            _check_types(default_value, new_value, source, prefix=f"{full_key}.")
-        elif not _compatible(default_value, new_value):
+        if isinstance(default_value, dict):
+            if isinstance(new_value, dict):
+                _check_types(default_value, new_value, source, prefix=f"{full_key}.")
+                continue
+            # `optim:` with nothing under it is null, which would replace the whole section.
+            keys = ", ".join(list(default_value)[:3])
             raise ConfigError(
-                f"{source}: '{full_key}' must be of type {_type_name(default_value)} "
+                f"{source}: '{full_key}' is a section and must map its keys ({keys}, ...) to values, "
+                f"got {new_value!r}" + (" (a key with nothing under it is null)" if new_value is None else "")
+            )
+        if default_value is None:
+            expected = NULL_DEFAULT_TYPES.get(full_key)
+            if expected is None:
+                continue  # not a default of ssl_default_config.yaml (the test keeps the table complete)
+        else:
+            expected = _type_name(default_value)
+        if not _compatible(expected, new_value):
+            raise ConfigError(
+                f"{source}: '{full_key}' must be of type {expected} "
                 f"(default {default_value!r}), got {new_value!r} ({_type_name(new_value)})"
             )
 
