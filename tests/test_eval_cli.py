@@ -159,7 +159,7 @@ def test_backbone_loading_sources_and_errors(workspace, tmp_path):
 
 
 def test_group_metrics_through_cli_on_industrial_data(workspace, tmp_path):
-    from dinov2.data.synthetic_industrial import make_industrial_dataset
+    from dinov2_tools.synthetic_industrial import make_industrial_dataset
 
     root, run, _ = workspace
     make_industrial_dataset(str(tmp_path / "parts"), groups=15, images_per_group=2, size=24)
@@ -195,3 +195,34 @@ def test_resize_size_option_keeps_whole_small_images(workspace):
     too_small = knn.get_args_parser().parse_args(common_args(run, specs, root / "resize") + ["--resize-size", "8"])
     with pytest.raises(SystemExit, match="smaller than the 16 px"):
         setup_eval(too_small, "knn")
+
+
+@pytest.mark.parametrize("entry", [knn, linear, log_regression], ids=["knn", "linear", "log_regression"])
+def test_unusable_output_dir_fails_before_the_backbone_is_loaded(workspace, tmp_path, monkeypatch, entry):
+    root, run, specs = workspace
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the backbone was loaded before the output directory was checked")
+
+    monkeypatch.setattr("dinov2.eval.cli.build_model_for_eval", must_not_load)
+    a_file = tmp_path / "results_here"
+    a_file.write_text("not a directory\n")
+    with pytest.raises(SystemExit, match=rf"--output-dir: output directory {a_file} is a file"):
+        entry.main(common_args(run, specs, a_file))
+    below_a_file = a_file / "knn"
+    with pytest.raises(SystemExit, match=rf"cannot create output directory {below_a_file}: {a_file} is a file"):
+        entry.main(common_args(run, specs, below_a_file))
+    if os.geteuid() != 0:  # root writes into read-only directories
+        read_only = tmp_path / "read_only"
+        read_only.mkdir(mode=0o500)
+        with pytest.raises(SystemExit, match=rf"output directory {read_only} is not writable"):
+            entry.main(common_args(run, specs, read_only))
+    assert a_file.read_text() == "not a directory\n"  # left as it was
+
+
+def test_prepare_output_dir_creates_it_and_leaves_nothing_behind(tmp_path):
+    from dinov2.eval.results import prepare_output_dir
+
+    out = prepare_output_dir(tmp_path / "a" / "b")
+    assert out.is_dir() and list(out.iterdir()) == []
+    assert prepare_output_dir(out) == out  # an existing directory is fine
