@@ -1,13 +1,19 @@
 """Training on WebDataset shards: a resumed run trains on exactly the batches of an uninterrupted one."""
 
 import io
+import json
+import os
 
 import numpy as np
 import pytest
 import torch
+import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
 
+from dinov2 import distributed
+from dinov2.checkpoint import CheckpointManager
+from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
 from train_helpers import TINY_OVERRIDES
@@ -58,3 +64,53 @@ def test_resumed_webdataset_run_trains_on_the_same_batches(tmp_path, shard_spec)
         assert torch.equal(crops, straight[iteration][0]), iteration  # same samples, same crops
         assert loss == pytest.approx(straight[iteration][1], rel=1e-6, abs=1e-7), iteration
     assert resumed_trainer.loader.state_dict()["consumed_samples"] == 7 * 4
+
+
+def _two_rank_stream_resume(rank, spec, checkpoints, port, results):
+    """One rank of a gloo job with 2 loader workers: the straight stream, then one stopped after 5
+    batches, checkpointed through the CheckpointManager (DCP across both ranks) and resumed in a
+    new loader. The state saved is the same on both ranks (they consume batches in lockstep)."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    torch.set_num_threads(1)
+    distributed.enable("gloo")
+
+    def loader():  # rank and world size come from the process group
+        return make_data_loader(make_dataset(spec), batch_size=2, num_workers=2, persistent_workers=True,
+                                collate_fn=lambda samples: [int(np.asarray(image)[0, 0, 0]) for image, _ in samples])
+
+    def take(source, count):
+        iterator = iter(source)
+        return [next(iterator) for _ in range(count)]
+
+    straight = take(loader(), 12)
+    interrupted = loader()
+    take(interrupted, 5)
+    manager = CheckpointManager(checkpoints)
+    path = manager.save(5, {"extra": {"sampler": interrupted.state_dict()}})
+    resumed = loader()
+    state = {"extra": {"sampler": resumed.state_dict()}}
+    manager.load(path, state)
+    resumed.load_state_dict(state["extra"]["sampler"])
+    with open(os.path.join(results, f"rank{rank}.json"), "w") as handle:
+        json.dump({"straight": straight, "resumed": take(resumed, 7)}, handle)
+    distributed.disable()
+
+
+def test_two_rank_webdataset_stream_resumes_through_a_checkpoint(tmp_path):
+    for s in range(4):
+        with wds.TarWriter(str(tmp_path / f"t-{s:06d}.tar")) as sink:
+            for k in range(5 + s):
+                buffer = io.BytesIO()
+                Image.new("L", (4, 4), 10 * s + k).save(buffer, format="PNG")
+                sink.write({"__key__": f"s{s}_{k}", "png": buffer.getvalue()})
+    spec = f"WebDataset:urls={tmp_path}/t-{{000000..000003}}.tar:shuffle=3:repeat=true:seed=1"
+    # Forked, not spawned: a fresh interpreter per rank would spend most of the test importing torch.
+    args = (spec, str(tmp_path / "checkpoints"), distributed.free_port(), str(tmp_path))
+    mp.start_processes(_two_rank_stream_resume, args=args, nprocs=2, start_method="fork")
+    runs = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in range(2)]
+    for run in runs:
+        # 12 samples per loader worker, whose one shard holds 5 to 8: two passes or more.
+        assert run["resumed"] == run["straight"][5:]
+    seen = [{n for batch in run["straight"] for n in batch} for run in runs]
+    assert not seen[0] & seen[1]  # each rank reads its own shards
