@@ -39,7 +39,8 @@ class MetricsLogger:
         self.enabled = enabled
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop lines logged after ``iteration`` (a resumed run redoes those iterations)."""
+        """Drop lines logged after ``iteration`` (a resumed run redoes those iterations; on a fresh
+        start, 0 drops the lines of an attempt killed before its first checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
         kept = [record for record in read_metrics(self.path) if record.get("iteration", 0) <= iteration]
