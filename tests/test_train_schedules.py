@@ -101,7 +101,8 @@ def test_optimizer_groups_of_the_student():
         assert group["lr"] == pytest.approx(expected_lr)
         assert group["weight_decay"] == pytest.approx(0.1 * group["wd_multiplier"])
     last = [g for g in optimizer.param_groups if g["is_last_layer"]]
-    assert len(last) == 1 and last[0]["params"][0] is model.student["dino_head"].last_layer.weight
+    last_layer = model.student["dino_head"].last_layer  # prototypes: direction and trained magnitude
+    assert len(last) == 1 and {id(p) for p in last[0]["params"]} == {id(last_layer.weight_g), id(last_layer.weight_v)}
     assert all(not p.requires_grad for p in model.teacher.parameters())
     assert torch.is_tensor(optimizer.param_groups[0]["params"][0])
 
