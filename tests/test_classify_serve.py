@@ -125,7 +125,7 @@ from PIL import Image, ImageFile
 from dinov2.classify import serve
 from dinov2.classify.predict import Predictor
 
-TOKEN = "correct horse battery staple"
+TOKEN = "correct-horse-battery-staple"
 
 
 @pytest.fixture(scope="module")
@@ -234,6 +234,9 @@ def test_token_guards_every_path_and_docs(served_model):
         assert client.get("/openapi.json", headers=good).status_code == 200
         assert client.get("/docs", headers=good).status_code == 404  # a browser cannot send the token
         assert _post(client, "a.png", _png(random_image(1)), headers=good).status_code == 200
+    for bad in ("", "  ", "two words", "caf\u00e9"):
+        with pytest.raises(ValueError, match="token"):
+            serve.create_app(served_model[0], token=bad)
     with _client(served_model[0]) as open_client:  # no token: loopback use, everything open
         assert open_client.get("/health").json()["auth"] is False
         assert open_client.get("/docs").status_code == 200

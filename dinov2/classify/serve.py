@@ -261,8 +261,11 @@ def create_app(
         raise ValueError("max_upload_bytes, max_image_pixels and max_concurrent must be positive")
     if max_aspect_ratio < 1:
         raise ValueError(f"max_aspect_ratio must be >= 1, got {max_aspect_ratio}")
-    if token is not None and not token.strip():
-        raise ValueError("the service token is empty")
+    if token is not None:
+        token = token.strip()
+        # HTTP headers are ASCII; a space would end the credentials early.
+        if not token or not token.isascii() or not token.isprintable() or " " in token:
+            raise ValueError("the service token must be non-empty printable ASCII without spaces")
 
     predictor = (
         model_path
@@ -278,7 +281,7 @@ def create_app(
     docs = {} if token is None else {"docs_url": None, "redoc_url": None}
     app = FastAPI(title="dinov2 classifier", max_body_size=max_upload_bytes, **docs)
     if token is not None:
-        app.add_middleware(BearerTokenMiddleware, token=token.strip())
+        app.add_middleware(BearerTokenMiddleware, token=token)
     app.state.predictor = predictor
 
     @app.get("/health")
