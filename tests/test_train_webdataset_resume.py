@@ -14,6 +14,7 @@ from PIL import Image
 from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager
 from dinov2.data.loaders import make_data_loader, make_dataset
+from dinov2.train.data import build_train_data_loader
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
 from train_helpers import TINY_OVERRIDES
@@ -64,6 +65,12 @@ def test_resumed_webdataset_run_trains_on_the_same_batches(tmp_path, shard_spec)
         assert torch.equal(crops, straight[iteration][0]), iteration  # same samples, same crops
         assert loss == pytest.approx(straight[iteration][1], rel=1e-6, abs=1e-7), iteration
     assert resumed_trainer.loader.state_dict()["consumed_samples"] == 7 * 4
+
+
+def test_training_needs_a_shard_per_reader(shard_spec):
+    cfg = load_config(None, [f"train.dataset_path={shard_spec}", *TINY_OVERRIDES, "train.num_workers=4"])
+    with pytest.raises(ValueError, match=r"6 shard\(s\) for 2 rank\(s\) x 4 loader worker\(s\)"):
+        build_train_data_loader(cfg, patch_size=4, rank=1, world_size=2)
 
 
 def _two_rank_stream_resume(rank, spec, checkpoints, port, results):

@@ -190,7 +190,8 @@ def make_data_loader(
 
     ``sampler_type``: ``infinite`` (``start`` = global samples already consumed), ``epoch`` or
     ``distributed``; ``None`` for plain (optionally shuffled) single-process order. Iterable
-    datasets (WebDataset) split their shards by rank and worker themselves and take no sampler.
+    datasets (WebDataset) split their shards by rank and worker themselves and take no sampler;
+    a WebDataset stream's position is saved and restored by the loader like a sampler's.
     ``collate_fn`` (default ``default_collate``) is wrapped in ``SkipBadSamples``.
     """
     rank, world_size = default_rank_and_world_size(rank, world_size)
