@@ -73,10 +73,10 @@ def load_weights_only(path: PathLike, what: str = "torch file") -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        # ``from None``: torch's own message suggests retrying with weights_only=False, the unsafe way.
         refusal = _unpickling_refusal(error)
         if refusal is None:
             raise WeightsError(_unreadable(what, path, error)) from None
-        # ``from None`` here and above: torch's own message suggests weights_only=False, the unsafe way.
         raise WeightsError(f"refusing to load {what} {path}: {refusal}") from None
     except RuntimeError as error:
         if "PytorchStreamReader" not in str(error):
