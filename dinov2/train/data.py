@@ -32,8 +32,8 @@ from torch.utils.data import Dataset, IterableDataset
 from dinov2.checkpoint import derive_seed
 from dinov2.data.augmentations import FastDataAugmentationDINO
 from dinov2.data.collate import build_collate_fn_from_config
-from dinov2.data.image_io import SkipBadSamples
 from dinov2.data.datasets.webdataset_shards import WebDatasetStream
+from dinov2.data.image_io import SkipBadSamples
 from dinov2.data.loaders import ResumableDataLoader, dataset_kind, make_data_loader, make_dataset
 from dinov2.data.samplers import InfiniteSampler
 from dinov2.data.spec import parse_dataset_spec
@@ -60,8 +60,8 @@ def _callers_rng_kept():
         np.random.set_state(numpy_state)
 
 
-def _seeded_sample(seed: int, position: int, load):
-    """``load()`` -> ``(image, target)`` (or ``None``) under RNG states seeded by ``(seed, position)``;
+def _seeded_sample(seed: int, position: int, load, key):
+    """``load(key)`` -> ``(image, target)`` (or ``None``) under RNG states seeded by ``(seed, position)``;
     returns ``(image, target, position)`` (or ``None``)."""
     value = derive_seed(seed, position, _AUGMENTATION_STREAM)
     # The CPU generator only: torch.manual_seed would also queue lazy CUDA seeding, which
@@ -70,7 +70,7 @@ def _seeded_sample(seed: int, position: int, load):
     torch.default_generator.manual_seed(value)
     random.seed(value)
     np.random.seed(value % 2**32)
-    sample = load()
+    sample = load(key)
     if sample is None:
         return None
     image, target = sample
@@ -113,7 +113,7 @@ class SeededSampleDataset(Dataset):
         saving and restoring numpy's global state alone costs about 0.16 ms, and the per-sample
         save / restore was about a fifth of the loading time of a Quick, Draw! sample (730 us)."""
         with _callers_rng_kept():
-            return [_seeded_sample(self.seed, position, lambda: self.dataset[index]) for position, index in keys]
+            return [_seeded_sample(self.seed, position, self.dataset.__getitem__, index) for position, index in keys]
 
 
 class SeededSampleStream(IterableDataset):
@@ -130,7 +130,7 @@ class SeededSampleStream(IterableDataset):
     def __iter__(self):
         for position, raw in self.stream.positioned_samples():
             with _callers_rng_kept():
-                sample = _seeded_sample(self.seed, position, lambda: self.stream.decode_sample(raw))
+                sample = _seeded_sample(self.seed, position, self.stream.decode_sample, raw)
             yield sample
 
     def stream_state(self) -> dict:
