@@ -212,9 +212,9 @@ class FastDataAugmentationDINO(DataAugmentationDINO):
     was added or replaced, a subclass of a known transform included) runs as the ``v2`` transform
     itself, so the crops are the reference's for any pipeline.
 
-    Measured with one thread: 1.7x faster than the reference on the Quick, Draw! recipe's sketches
-    (2 global 28 px crops), 2.1x with 4 local crops, 1.2x on 224 px photos (2x224 + 8x96, where
-    colour jitter dominates); docs/datasets.md has the figures.
+    Measured with one thread: 1.5-1.9x faster than the reference on the Quick, Draw! recipe's
+    sketches (2 global 28 px crops), 2.0-2.2x with 4 local crops, 1.1-1.3x on 224 px photos
+    (2x224 + 8x96, where colour jitter dominates); docs/datasets.md has the figures.
     """
 
     def __call__(self, image) -> dict[str, Any]:
