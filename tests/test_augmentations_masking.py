@@ -17,9 +17,16 @@ from dinov2.data.augmentations import (
     _gaussian_blur,
     blur_probabilities,
 )
-from dinov2.data.collate import build_collate_fn_from_config, collate_data_and_cast, mask_ratio_bins
+from dinov2.data.collate import (
+    build_collate_fn_from_config,
+    collate_data_and_cast,
+    mask_ratio_bins,
+)
 from dinov2.data.masking import MaskingGenerator
-from dinov2.data.transforms import make_classification_eval_transform, make_normalize_transform
+from dinov2.data.transforms import (
+    make_classification_eval_transform,
+    make_normalize_transform,
+)
 from dinov2.loss import masks_weight_from_masks
 
 
