@@ -97,7 +97,9 @@ class JobRunner:
             self.preempted = True
             stop_handler = signal.getsignal(signal.SIGUSR1)
             if self.stoppable and callable(stop_handler):
-                stop_handler(signal.SIGUSR1, frame)  # only sets the loop's stop flag
+                # Only sets the loop's stop flag; given the real signal, so that the run's last
+                # line says "stopped on SIGUSR2" (SLURM's notice), not SIGUSR1.
+                stop_handler(signum, frame)
             elif callable(submitit_handler):
                 submitit_handler(signum, frame)  # checkpoint() + requeue + exit (task 0)
 
