@@ -82,13 +82,18 @@ def test_two_ranks_match_one_rank_with_the_same_global_batch(tmp_path):
     assert double.returncode == 0, (tmp_path / "two.log").read_text()[-3000:]
     one = json.loads((tmp_path / "losses_1.json").read_text())
     two = json.loads((tmp_path / "losses_2.json").read_text())
+    # The BatchNorm run's gradient norm is summed from per-group statistics of nearly identical CLS
+    # rows, so float32 reduction order shows at ~1e-5 relative; rank-local statistics (the fault
+    # this guards against) move it by 5-40%.
+    grad_norm_tolerance = {"centering": 1e-5, "sinkhorn_knopp": 1e-4}
     for centering in ("centering", "sinkhorn_knopp"):
         assert len(one[centering]) == len(two[centering]) == 4
         for step, (a, b) in enumerate(zip(one[centering], two[centering])):
             assert set(a) == set(b) and {"dino_loss", "ibot_loss", "koleo_loss"} <= set(a)
             for key in a:
                 if key == "grad_norm":
-                    assert abs(a[key] - b[key]) <= 1e-5 * a[key], (centering, step, a[key], b[key])
+                    tolerance = grad_norm_tolerance[centering] * a[key]
+                    assert abs(a[key] - b[key]) <= tolerance, (centering, step, a[key], b[key])
                 else:
                     assert abs(a[key] - b[key]) <= 1e-5, (centering, step, key, a[key], b[key])
         # the model really trained: losses moved

@@ -169,13 +169,13 @@ def test_global_batch_norm_statistics_come_from_the_injected_reduction():
     weights = torch.randn(7, 5)
     (reference(x1) * weights).sum().backward()
     (ours(x2) * weights).sum().backward()
-    assert len(calls) == 1  # one collective per training forward
+    assert len(calls) == 2  # two collectives per training forward: count and sums, then deviations
     torch.testing.assert_close(x2.grad, x1.grad)
     torch.testing.assert_close(ours.weight.grad, reference.weight.grad)
     torch.testing.assert_close(ours.running_var, reference.running_var)
     ours.eval()
     torch.testing.assert_close(ours(x), reference.eval()(x))
-    assert len(calls) == 1  # eval mode: running statistics, no collective
+    assert len(calls) == 2  # eval mode: running statistics, no collective
 
     # Two ranks holding the same rows: the statistics (row count included) are those of both.
     both = torch.nn.BatchNorm1d(5)
