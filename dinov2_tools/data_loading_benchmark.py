@@ -77,7 +77,7 @@ def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, wa
                   local_crops_number: int = 8, global_crops_size: int = 224, local_crops_size: int = 96,
                   patch_size: int = 14, jpeg_images: int = 256, print_fn=print) -> list[dict]:
     """Measure and print every case; returns the rows (case, workers, images_per_s)."""
-    from dinov2.data.augmentations import DataAugmentationDINO
+    from dinov2.data.augmentations import FastDataAugmentationDINO  # what training runs
     from dinov2.data.collate import collate_data_and_cast
     from dinov2.data.loaders import make_dataset
     from dinov2.data.masking import MaskingGenerator
@@ -104,7 +104,7 @@ def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, wa
             ("224 px JPEGs", f"Industrial:root={os.path.join(workdir, 'jpegs')}:split=train", "natural"),
         ]
         for name, spec, policy in cases:
-            augmentation = DataAugmentationDINO(
+            augmentation = FastDataAugmentationDINO(
                 global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=local_crops_number,
                 global_crops_size=global_crops_size, local_crops_size=local_crops_size, policy=policy,
             )

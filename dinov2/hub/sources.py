@@ -31,7 +31,7 @@ from torch import nn
 
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, make_vit
 
-from .weights import PathLike, load_backbone_weights, read_state_dict
+from .weights import PathLike, load_backbone_weights, load_weights_only, read_state_dict
 
 TRAINING_EXPORT = Path("exports") / "teacher_backbone_latest.pth"
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
@@ -192,7 +192,7 @@ def load_backbone(
         name = source[5:]
         model = _timm_model(name)
         if weights is not None:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
+            state = load_weights_only(weights, "timm weights file")
             model.load_state_dict(state, strict=True)
         return model, {"kind": "timm", "name": name, "kwargs": {}}
     path = Path(source)

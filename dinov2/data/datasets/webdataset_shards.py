@@ -41,7 +41,7 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError
+from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, open_text
 from dinov2.data.image_io import check_policy, decode_image_bytes
 from dinov2.data.samplers import default_rank_and_world_size
 from dinov2.data.spec import SpecKey, parse_bool
@@ -53,11 +53,8 @@ _SKIPPED_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 def read_class_list(path: str) -> list[str]:
     """Class names from a JSON list (or ``{"classes": [...]}``) or a text file with one name per line."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except FileNotFoundError:
-        raise DatasetFormatError(f"class list {path} does not exist") from None
+    with open_text(path, "class list") as f:
+        text = f.read()
     if path.endswith(".json"):
         content = json.loads(text)
         content = content.get("classes") if isinstance(content, dict) else content
