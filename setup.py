@@ -36,6 +36,8 @@ setup(
         "lora": ["peft>=0.10"],
         "serve": ["fastapi>=0.165", "uvicorn>=0.27", "python-multipart>=0.0.9"],
         "timm": ["timm>=0.9"],
+        # Strict libjpeg-turbo decoding: corrupt JPEG data behind a valid header is a bad image.
+        "jpeg": ["simplejpeg>=1.6"],
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
@@ -45,6 +47,8 @@ setup(
             "uvicorn>=0.27",
             "python-multipart>=0.0.9",
             "timm>=0.9",  # the optional timm backbone is tested too
+            "simplejpeg>=1.6",  # and the strict JPEG check
+            "ruff>=0.6",  # lint and format, run by .ci/run before the tests
         ],
     },
     entry_points={
