@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dinov2.train.schedules import build_schedules, scaled_learning_rate
+from dinov2.optim.schedules import build_schedules, scaled_learning_rate
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
 

@@ -3,14 +3,14 @@ import math
 import pytest
 import torch
 
-from dinov2.train.param_groups import (
+from dinov2.optim import (
     apply_optim_scheduler,
     build_optimizer,
     fuse_params_groups,
     get_params_groups,
     param_multipliers,
 )
-from dinov2.train.schedules import CosineSchedule, build_schedules, scaled_learning_rate
+from dinov2.optim.schedules import CosineSchedule, build_schedules, scaled_learning_rate
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
 from train_helpers import TINY_OVERRIDES

@@ -6,7 +6,7 @@ import torch
 from dinov2.data.collate import build_collate_fn_from_config
 from dinov2.hub.weights import WeightsError, save_state_dict
 from dinov2.models import build_backbone
-from dinov2.train.param_groups import apply_optim_scheduler, build_optimizer
+from dinov2.optim import apply_optim_scheduler, build_optimizer
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
 from train_helpers import TINY_OVERRIDES

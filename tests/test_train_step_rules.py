@@ -83,7 +83,7 @@ def test_gradients_are_clipped_to_the_configured_norm_before_the_step(tmp_path, 
 
 
 def test_clip_student_gradients_returns_the_norm_before_clipping_and_sees_non_finite():
-    from dinov2.train.grad_clip import clip_student_gradients
+    from dinov2.optim.grad_clip import clip_student_gradients
 
     student = torch.nn.ModuleDict({"backbone": torch.nn.Linear(3, 4), "dino_head": torch.nn.Linear(4, 2),
                                    "ibot_head": torch.nn.Linear(4, 2)})

@@ -53,8 +53,8 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from dinov2.data.image_io import SKIPPED_KEY, SkipBadSamples
 from dinov2.eval.metrics import classification_metrics
 from dinov2.hub.sources import load_backbone
-from dinov2.train.param_groups import param_multipliers
-from dinov2.train.schedules import CosineSchedule
+from dinov2.optim.param_groups import param_multipliers
+from dinov2.optim.schedules import CosineSchedule
 from dinov2.utils.config import save_config
 from dinov2.utils.io import atomic_torch_save
 

@@ -1,8 +1,15 @@
 """Self-supervised training: SSLMetaArch (student, EMA teacher, losses), schedules, parameter
 groups, the seeded data pipeline and the training loop. See docs/training.md."""
 
-from dinov2.train.param_groups import apply_optim_scheduler, build_optimizer, get_params_groups
-from dinov2.train.schedules import CosineSchedule, TrainingSchedules, build_schedules, scaled_learning_rate
+from dinov2.optim import (
+    CosineSchedule,
+    TrainingSchedules,
+    apply_optim_scheduler,
+    build_optimizer,
+    build_schedules,
+    get_params_groups,
+    scaled_learning_rate,
+)
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 
 __all__ = [

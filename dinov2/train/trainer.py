@@ -37,13 +37,17 @@ from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, seed_all
 from dinov2.checkpoint.manager import checkpoint_keys, checkpoint_name, validate_checkpoint
 from dinov2.fsdp import shard_ssl_meta_arch
+from dinov2.optim import (
+    apply_optim_scheduler,
+    build_optimizer,
+    build_schedules,
+    clip_student_gradients,
+    scaled_learning_rate,
+)
 from dinov2.train.data import build_train_data_loader
 from dinov2.train.export import LATEST_EXPORT_NAME, export_path, export_teacher_backbone
-from dinov2.train.grad_clip import clip_student_gradients
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.metrics import MetricsLogger, WindowAverager
-from dinov2.train.param_groups import apply_optim_scheduler, build_optimizer
-from dinov2.train.schedules import build_schedules, scaled_learning_rate
 from dinov2.train.ssl_meta_arch import PRECISIONS, SSLMetaArch
 from dinov2.utils.config import save_config
 

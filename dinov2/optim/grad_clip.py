@@ -20,7 +20,7 @@ from torch import nn
 
 from dinov2.fsdp import clip_grad_norm_
 
-__all__ = ["CLIP_GRAD_SCOPES", "check_clip_grad_scope", "clip_student_gradients"]
+__all__ = ["CLIP_GRAD_SCOPES", "check_clip_grad_scope", "clip_gradients", "clip_student_gradients"]
 
 CLIP_GRAD_SCOPES = ("per_module", "global")
 
@@ -29,6 +29,12 @@ def check_clip_grad_scope(scope: str) -> str:
     if scope not in CLIP_GRAD_SCOPES:
         raise ValueError(f"optim.clip_grad_scope must be one of {CLIP_GRAD_SCOPES}, got {scope!r}")
     return scope
+
+
+def clip_gradients(parameters, max_norm: float) -> torch.Tensor:
+    """Clip the gradients of ``parameters`` by their joint norm (``global`` scope; classifier
+    training clips this way). Returns the norm before clipping, 0 when none has a gradient."""
+    return clip_grad_norm_(parameters, max_norm)
 
 
 def clip_student_gradients(student: nn.ModuleDict, max_norm: float, scope: str) -> torch.Tensor:
@@ -40,7 +46,7 @@ def clip_student_gradients(student: nn.ModuleDict, max_norm: float, scope: str) 
     """
     check_clip_grad_scope(scope)
     if scope == "global":
-        return clip_grad_norm_(student.parameters(), max_norm)
+        return clip_gradients(student.parameters(), max_norm)
     norms = [clip_grad_norm_(module.parameters(), max_norm) for module in student.values()]
     device = next((n.device for n in norms if n.device.type != "cpu"), norms[0].device)
     # The norm of the concatenation of every module's gradients, from the modules' norms.

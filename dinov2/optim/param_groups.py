@@ -1,6 +1,6 @@
-"""AdamW parameter groups of the student: layer-wise lr decay, patch-embed lr multiplier, no weight
-decay on biases, norms and LayerScale, and a flag on the prototypes (``last_layer``) so the loop
-can freeze them.
+"""AdamW parameter groups: layer-wise lr decay, patch-embed lr multiplier, no weight decay on
+biases, norms and LayerScale, and (SSL student) a flag on the prototypes (``last_layer``) so the
+loop can freeze them.
 
 Every parameter gets three attributes: ``lr_multiplier``, ``wd_multiplier`` and ``is_last_layer``.
 Parameters sharing all three are fused into one optimizer group; the loop multiplies the scheduled
@@ -16,20 +16,29 @@ Names are those of ``SSLMetaArch.student`` (``backbone.blocks.3.attn.qkv.weight`
 ``dino_head.mlp.0.bias``...). FSDP2 keeps parameter names, so this works on a sharded model too.
 The prototypes (``last_layer.weight_v``) and their trained magnitudes (``last_layer.weight_g``,
 unless ``head_norm_last_layer``) share the prototype group, both weight-decayed, as upstream.
+
+Classifier training (:mod:`dinov2.classify`) uses the same layer ids and no-decay rules for its
+backbone, but fixed peak rates per group: :func:`peak_lr_groups` fuses parameters by their
+(peak lr, weight decay) and :func:`scale_learning_rates` applies the scheduled factor.
 """
 
 from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from typing import Dict, Iterable, List, Tuple
+from typing import Callable, Dict, Iterable, List, Tuple
 
 import torch
 from torch import nn
 
-from dinov2.train.grad_clip import check_clip_grad_scope
-
-__all__ = ["param_multipliers", "get_params_groups", "fuse_params_groups", "apply_optim_scheduler", "build_optimizer"]
+__all__ = [
+    "param_multipliers",
+    "get_params_groups",
+    "fuse_params_groups",
+    "apply_optim_scheduler",
+    "peak_lr_groups",
+    "scale_learning_rates",
+]
 
 _EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
@@ -94,35 +103,37 @@ def fuse_params_groups(groups: List[dict]) -> List[dict]:
     return list(fused.values())
 
 
-def build_optimizer(student: nn.Module, depth: int, optim_cfg) -> torch.optim.AdamW:
-    """AdamW over the student's parameters with fused multiplier groups.
-
-    ``optim_cfg`` is the ``optim`` config section (``layerwise_decay``, ``patch_embed_lr_mult``,
-    ``adamw_beta1``, ``adamw_beta2``). lr and weight decay are set by the loop every iteration.
-    ``optim.clip_grad_scope`` is checked here as well, so a wrong value fails at start-up rather
-    than at the first step.
-    """
-    check_clip_grad_scope(optim_cfg.clip_grad_scope)
-    groups = fuse_params_groups(
-        get_params_groups(
-            student.named_parameters(),
-            depth,
-            layerwise_decay=float(optim_cfg.layerwise_decay),
-            patch_embed_lr_mult=float(optim_cfg.patch_embed_lr_mult),
-        )
-    )
-    if not groups:
-        raise ValueError("the student has no trainable parameters")
-    for group in groups:
-        del group["names"]  # inspection only; keep the optimizer state dict small and plain
-        group["lr"] = 0.0
-        group["weight_decay"] = 0.0
-    return torch.optim.AdamW(groups, betas=(float(optim_cfg.adamw_beta1), float(optim_cfg.adamw_beta2)))
-
-
 def apply_optim_scheduler(optimizer: torch.optim.Optimizer, lr: float, wd: float, last_layer_lr: float) -> None:
     """Set every group's lr and weight decay from the scheduled values and its multipliers."""
     for group in optimizer.param_groups:
         base = last_layer_lr if group["is_last_layer"] else lr
         group["lr"] = base * group["lr_multiplier"]
         group["weight_decay"] = wd * group["wd_multiplier"]
+
+
+def peak_lr_groups(
+    named_parameters: Iterable[Tuple[str, nn.Parameter]],
+    lr_and_weight_decay: Callable[[str, nn.Parameter], Tuple[float, float]],
+) -> List[dict]:
+    """Trainable parameters fused into groups of equal ``(peak lr, weight decay)``.
+
+    ``lr_and_weight_decay(name, param)`` gives each parameter's pair. Every group holds
+    ``lr`` and ``base_lr`` (both the peak) and ``weight_decay``; :func:`scale_learning_rates`
+    sets ``lr`` from ``base_lr`` at each step.
+    """
+    groups: "OrderedDict[tuple, dict]" = OrderedDict()
+    for name, param in named_parameters:
+        if not param.requires_grad:
+            continue
+        lr, weight_decay = (float(v) for v in lr_and_weight_decay(name, param))
+        group = groups.setdefault(
+            (lr, weight_decay), {"params": [], "lr": lr, "base_lr": lr, "weight_decay": weight_decay}
+        )
+        group["params"].append(param)
+    return list(groups.values())
+
+
+def scale_learning_rates(optimizer: torch.optim.Optimizer, factor: float) -> None:
+    """Set every group's lr to ``factor`` times its peak (``base_lr``, see :func:`peak_lr_groups`)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
