@@ -34,7 +34,7 @@ setup(
     extras_require={
         "xformers": ["xformers"],
         "lora": ["peft>=0.10"],
-        "serve": ["fastapi>=0.165", "uvicorn>=0.27", "python-multipart>=0.0.9"],
+        "serve": ["fastapi>=0.165", "uvicorn>=0.27", "python-multipart>=0.0.9", "prometheus_client>=0.20"],
         "timm": ["timm>=0.9"],
         # Strict libjpeg-turbo decoding: corrupt JPEG data behind a valid header is a bad image.
         "jpeg": ["simplejpeg>=1.6"],
@@ -46,6 +46,7 @@ setup(
             "fastapi>=0.165",
             "uvicorn>=0.27",
             "python-multipart>=0.0.9",
+            "prometheus_client>=0.20",  # the service's /metrics
             "timm>=0.9",  # the optional timm backbone is tested too
             "simplejpeg>=1.6",  # and the strict JPEG check
             "ruff>=0.6",  # lint and format, run by .ci/run before the tests

@@ -9,6 +9,9 @@ Endpoints:
   <the limits>}``; no file-system path is ever part of a response.
 * ``POST /predict`` with a multipart file field ``file`` -> the same JSON record as
   :func:`dinov2.classify.predict.predict` gives for one image (``{"image", "predictions"}``).
+* ``GET /metrics`` -> Prometheus metrics (text format): requests by route template, method and
+  status, latency, images per request, upload rejections by reason, decode and inference time,
+  in-flight and waiting requests, model load time. Labels are route templates, never raw paths.
 * ``GET /openapi.json`` (and, without a token only, the ``/docs`` and ``/redoc`` pages).
 
 With a token (``--token-file``, ``$DINOV2_SERVE_TOKEN`` or ``--token``) every request, on every
@@ -47,6 +50,7 @@ import logging
 import os
 import sys
 import threading
+import time
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -73,13 +77,30 @@ REDUCING_GAP = 3
 _MAX_NAME_CHARS = 200
 
 
-class UploadError(Exception):
-    """A rejected upload: HTTP status and a message for the client."""
+# Why an upload was refused: the ``reason`` label of ``dinov2_serve_upload_rejections_total``. The
+# last two are decided before the endpoint runs (FastAPI's body limit and form validation).
+REJECTION_REASONS = (
+    "empty",  # 400: no bytes, or an image of width or height 0
+    "unsupported_format",  # 415
+    "too_many_pixels",  # 413: the pixel limit, or PIL's decompression-bomb limit
+    "aspect_ratio",  # 413
+    "corrupt",  # 400: unreadable, truncated or corrupt image data
+    "out_of_memory",  # 503
+    "body_too_large",  # 413: more than max_upload_bytes
+    "invalid_request",  # 4xx: no ``file`` field, malformed multipart body
+)
 
-    def __init__(self, status_code: int, detail: str):
+
+class UploadError(Exception):
+    """A rejected upload: HTTP status, a message for the client and a reason for the metrics
+    (one of :data:`REJECTION_REASONS`)."""
+
+    def __init__(self, status_code: int, detail: str, reason: str):
         super().__init__(detail)
+        assert reason in REJECTION_REASONS, reason
         self.status_code = status_code
         self.detail = detail
+        self.reason = reason
 
 
 def check_image_size(
@@ -92,10 +113,12 @@ def check_image_size(
 ) -> None:
     """:class:`UploadError` (400 or 413) unless a ``width`` x ``height`` image is within the limits."""
     if width < 1 or height < 1:
-        raise UploadError(400, f"upload {name!r} declares an empty image ({width}x{height})")
+        raise UploadError(400, f"upload {name!r} declares an empty image ({width}x{height})", "empty")
     if width * height > max_image_pixels:
         raise UploadError(
-            413, f"image {name!r} is {width}x{height} = {width * height} pixels; the limit is {max_image_pixels}"
+            413,
+            f"image {name!r} is {width}x{height} = {width * height} pixels; the limit is {max_image_pixels}",
+            "too_many_pixels",
         )
     ratio = max(width, height) / min(width, height)
     if ratio > max_aspect_ratio:
@@ -109,6 +132,7 @@ def check_image_size(
             413,
             f"image {name!r} is {width}x{height}, an aspect ratio of {ratio:.4g}:1; the limit is "
             f"{max_aspect_ratio:g}:1{resized}",
+            "aspect_ratio",
         )
 
 
@@ -132,7 +156,7 @@ def decode_upload(
     JPEG already while decoding.
     """
     if not data:
-        raise UploadError(400, f"upload {name!r} is empty")
+        raise UploadError(400, f"upload {name!r} is empty", "empty")
     try:
         with warnings.catch_warnings():
             # PIL warns (and past 2x its global limit raises) for huge images; we decide ourselves.
@@ -140,12 +164,14 @@ def decode_upload(
             image = Image.open(io.BytesIO(data), formats=UPLOAD_FORMATS)
     except UnidentifiedImageError:
         raise UploadError(
-            415, f"upload {name!r} is not an image in one of the accepted formats ({', '.join(UPLOAD_FORMATS)})"
+            415,
+            f"upload {name!r} is not an image in one of the accepted formats ({', '.join(UPLOAD_FORMATS)})",
+            "unsupported_format",
         ) from None
     except Image.DecompressionBombError as error:
-        raise UploadError(413, f"upload {name!r} is too large an image: {error}") from None
+        raise UploadError(413, f"upload {name!r} is too large an image: {error}", "too_many_pixels") from None
     except Exception as error:  # PIL's parsers raise many kinds (OSError, SyntaxError, struct.error, ...)
-        raise UploadError(400, f"upload {name!r} cannot be read as an image: {_reason(error)}") from None
+        raise UploadError(400, f"upload {name!r} cannot be read as an image: {_reason(error)}", "corrupt") from None
     check_image_size(*image.size, name, max_image_pixels, max_aspect_ratio, resize_size)
     try:
         factor = _shrink_factor(image.size, resize_size)
@@ -170,11 +196,11 @@ def decode_upload(
     except UploadError:
         raise
     except MemoryError:
-        raise UploadError(503, f"not enough memory free to decode {name!r} now; retry later") from None
+        raise UploadError(503, f"not enough memory free to decode {name!r} now; retry later", "out_of_memory") from None
     except Image.DecompressionBombError as error:
-        raise UploadError(413, f"upload {name!r} is too large an image: {error}") from None
+        raise UploadError(413, f"upload {name!r} is too large an image: {error}", "too_many_pixels") from None
     except Exception as error:  # whatever the decoder raises on bad data is the upload's fault
-        raise UploadError(400, f"image {name!r} is truncated or corrupt: {_reason(error)}") from None
+        raise UploadError(400, f"image {name!r} is truncated or corrupt: {_reason(error)}", "corrupt") from None
 
 
 def _reason(error: Exception) -> str:
@@ -198,7 +224,7 @@ def warn_if_exposed(host: str, token: Optional[str]) -> bool:
         return False
     logger.warning(
         "serving on %s without a token: anyone who can reach this address can classify images, read "
-        "/health, /docs and /openapi.json. Set $%s or --token-file, or bind to 127.0.0.1.",
+        "/health, /metrics, /docs and /openapi.json. Set $%s or --token-file, or bind to 127.0.0.1.",
         host, TOKEN_ENV,
     )
     return True
@@ -234,6 +260,163 @@ class BearerTokenMiddleware:
         await response(scope, receive, send)
 
 
+# Label values for what clients choose: a request that matches no route, and a method outside
+# HTTP's usual set. Raw paths or methods as labels would let any client create new series.
+UNMATCHED_ROUTE = "unmatched"
+OTHER_METHOD = "other"
+_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+# Seconds. From a rejected header (about a millisecond) to a large image with multi-crop TTA on a CPU.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+IMAGE_COUNT_BUCKETS = (0, 1, 2, 4, 8, 16, 32)
+
+
+class ServiceMetrics:
+    """The service's Prometheus metrics, in a registry of their own: several apps in one process
+    (tests, or two models behind one server) keep separate counts, and ``/metrics`` of one app
+    shows that app only. Names are listed in docs/classify.md."""
+
+    def __init__(self):
+        from prometheus_client import (
+            CollectorRegistry,
+            Counter,
+            Gauge,
+            Histogram,
+            Info,
+            PlatformCollector,
+            ProcessCollector,
+        )
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        # Memory, CPU time and open files of the server process (Linux), and the Python version.
+        ProcessCollector(registry=self.registry)
+        PlatformCollector(registry=self.registry)
+        metric = dict(namespace="dinov2_serve", registry=self.registry)
+        self.requests = Counter(
+            "requests", "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"], **metric,
+        )
+        self.latency = Histogram(
+            "request_duration_seconds", "Time from receiving a request to sending the end of its response.",
+            ["route"], buckets=LATENCY_BUCKETS, **metric,
+        )
+        self.in_flight = Gauge("requests_in_flight", "HTTP requests being answered (a scrape counts itself).", **metric)
+        self.waiting = Gauge("uploads_waiting", "Uploads waiting for a decoding slot (max_concurrent).", **metric)
+        self.images = Histogram(
+            "images_per_request", "Images classified per POST /predict request (0: the upload was refused).",
+            buckets=IMAGE_COUNT_BUCKETS, **metric,
+        )
+        self.rejections = Counter(
+            "upload_rejections", "Uploads refused, by reason (see docs/classify.md for the statuses).",
+            ["reason"], **metric,
+        )
+        for reason in REJECTION_REASONS:  # every reason is a series from the start, so rate() works
+            self.rejections.labels(reason=reason)
+        self.decode = Histogram(
+            "decode_seconds", "Time to check, decode and shrink one upload (refused ones included).",
+            buckets=LATENCY_BUCKETS, **metric,
+        )
+        self.inference = Histogram(
+            "inference_seconds", "Time the model took for one image (without waiting for the model).",
+            buckets=LATENCY_BUCKETS, **metric,
+        )
+        self.model = Info("model", "The served model: its file's SHA-256 and how it runs.", **metric)
+        # Registered once set: the load time is only known when the app loaded the model itself.
+        self.model_load = Gauge(
+            "model_load_seconds", "Seconds it took to load the model (and checksum its file) at start-up.",
+            namespace="dinov2_serve", registry=None,
+        )
+
+    def set_model_load_seconds(self, seconds: float) -> None:
+        self.model_load.set(seconds)
+        self.registry.register(self.model_load)
+
+    def record_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, method=method, status=str(status)).inc()
+        self.latency.labels(route=route).observe(seconds)
+
+    def render(self, accept: str):
+        """``(body, content type)`` of a scrape, in the format the ``Accept`` header asks for."""
+        from prometheus_client.exposition import choose_encoder
+
+        encoder, content_type = choose_encoder(accept)
+        return encoder(self.registry), content_type
+
+
+def route_template(routes, scope) -> str:
+    """The path template of the route that will answer ``scope`` (``/predict``), matched as
+    Starlette's router does (a full match first, else a method mismatch), or :data:`UNMATCHED_ROUTE`."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in routes:
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route.path
+        if match is Match.PARTIAL and partial is None:
+            partial = route.path
+    return partial or UNMATCHED_ROUTE
+
+
+class RequestMetricsMiddleware:
+    """ASGI middleware recording every HTTP request in :class:`ServiceMetrics`, around everything
+    else (token check, body limit, error handler), so 401s, 413s and 500s are counted too.
+
+    A request is recorded just before the last part of its response is sent: a client that has a
+    whole response can rely on it being counted (the tests do). ``POST /predict`` also records the
+    images classified and, for a refused upload, the reason, which the endpoint leaves in the
+    request state (``images_classified``, ``upload_rejection``).
+    """
+
+    def __init__(self, app, metrics: ServiceMetrics, routes):
+        self.app = app
+        self.metrics = metrics
+        self.routes = routes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = route_template(self.routes, scope)
+        method = scope["method"] if scope["method"] in _METHODS else OTHER_METHOD
+        state = scope.setdefault("state", {})  # the dict behind request.state
+        start = time.perf_counter()
+        status, recorded = None, False
+        self.metrics.in_flight.inc()
+
+        def record(final_status: int) -> None:
+            nonlocal recorded
+            if recorded:
+                return
+            recorded = True
+            self.metrics.in_flight.dec()
+            self.metrics.record_request(route, method, final_status, time.perf_counter() - start)
+            if route == "/predict" and method == "POST":
+                self._record_upload(final_status, state)
+
+        async def send_recorded(message):
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                record(status)
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_recorded)
+        finally:
+            # No complete response: the server answers 500 to an app that failed before starting one.
+            record(status if status is not None else 500)
+
+    def _record_upload(self, status: int, state: dict) -> None:
+        self.metrics.images.observe(state.get("images_classified", 0))
+        reason = state.get("upload_rejection")
+        if reason is None and 400 <= status < 500 and status != 401:
+            # Refused before the endpoint ran: FastAPI's body limit or form validation.
+            reason = "body_too_large" if status == 413 else "invalid_request"
+        if reason is not None:
+            self.metrics.rejections.labels(reason=reason).inc()
+
+
 def create_app(
     model_path: Union[str, os.PathLike, Predictor],
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
@@ -253,8 +436,9 @@ def create_app(
     """
     try:
         import anyio
-        from fastapi import FastAPI, File, HTTPException, UploadFile
+        from fastapi import FastAPI, File, HTTPException, Request, Response, UploadFile
         from fastapi.concurrency import run_in_threadpool
+        import prometheus_client  # noqa: F401  (ServiceMetrics imports its parts)
     except ImportError as error:
         raise ImportError("the HTTP service needs: pip install 'dinov2[serve]'") from error
     if max_upload_bytes < 1 or max_image_pixels < 1 or max_concurrent < 1:
@@ -267,13 +451,20 @@ def create_app(
         if not token or not token.isascii() or not token.isprintable() or " " in token:
             raise ValueError("the service token must be non-empty printable ASCII without spaces")
 
-    predictor = (
-        model_path
-        if isinstance(model_path, Predictor)
-        else Predictor(model_path, device=device, tta=tta, multi_crop=multi_crop, batch_size=1)
+    metrics = ServiceMetrics()
+    start = time.perf_counter()
+    if isinstance(model_path, Predictor):
+        predictor = model_path
+    else:
+        predictor = Predictor(model_path, device=device, tta=tta, multi_crop=multi_crop, batch_size=1)
+    model_sha256 = _sha256(predictor.model_file)
+    if not isinstance(model_path, Predictor):
+        metrics.set_model_load_seconds(time.perf_counter() - start)
+    metrics.model.info(
+        {"model_sha256": model_sha256, "device": str(predictor.device), "tta": str(predictor.tta).lower(),
+         "multi_crop": str(predictor.multi_crop).lower()}
     )
     resize_size = int(predictor.config.preprocessing["resize_size"])
-    model_sha256 = _sha256(predictor.model_file)
     lock = threading.Lock()  # one inference at a time: the model already uses every core
     # Decoding and inference slots. Waiting requests hold neither a worker thread nor pixels: their
     # bodies stay in Starlette's spooled upload files until a slot is free.
@@ -282,7 +473,12 @@ def create_app(
     app = FastAPI(title="dinov2 classifier", max_body_size=max_upload_bytes, **docs)
     if token is not None:
         app.add_middleware(BearerTokenMiddleware, token=token)
+    # The metrics middleware goes around the whole stack Starlette builds (add_middleware would put
+    # it inside FastAPI's error handler and body limit, which answer 500 and 413 themselves).
+    build_stack = app.build_middleware_stack
+    app.build_middleware_stack = lambda: RequestMetricsMiddleware(build_stack(), metrics, app.router.routes)
     app.state.predictor = predictor
+    app.state.metrics = metrics
 
     @app.get("/health")
     def health():
@@ -300,21 +496,40 @@ def create_app(
             "auth": token is not None,
         }
 
+    @app.get("/metrics", include_in_schema=False)
+    async def scrape(request: Request):
+        # async: a scrape is answered even while every worker thread is busy classifying.
+        body, content_type = metrics.render(request.headers.get("accept", ""))
+        return Response(body, media_type=content_type)
+
     def run(data: bytes, name: str) -> dict:
-        image = decode_upload(data, name, max_image_pixels, max_aspect_ratio, resize_size)
+        start = time.perf_counter()
+        try:
+            image = decode_upload(data, name, max_image_pixels, max_aspect_ratio, resize_size)
+        finally:
+            metrics.decode.observe(time.perf_counter() - start)
         with lock:
-            return predictor.records([name], [image])[0]
+            start = time.perf_counter()
+            record = predictor.records([name], [image])[0]
+            metrics.inference.observe(time.perf_counter() - start)
+        return record
 
     @app.post("/predict")
-    async def predict_upload(file: UploadFile = File(...)):
+    async def predict_upload(request: Request, file: UploadFile = File(...)):
         # The name is the client's; it is echoed back in the record, so keep it short.
         name = (file.filename or "upload")[:_MAX_NAME_CHARS]
-        async with slots:
+        with metrics.waiting.track_inprogress():
+            await slots.acquire()
+        try:
             data = await file.read()
-            try:
-                return await run_in_threadpool(run, data, name)
-            except UploadError as error:
-                raise HTTPException(status_code=error.status_code, detail=error.detail) from None
+            record = await run_in_threadpool(run, data, name)
+        except UploadError as error:
+            request.state.upload_rejection = error.reason  # for RequestMetricsMiddleware
+            raise HTTPException(status_code=error.status_code, detail=error.detail) from None
+        finally:
+            slots.release()
+        request.state.images_classified = 1
+        return record
 
     return app
 
