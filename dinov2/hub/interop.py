@@ -1,0 +1,558 @@
+"""A DINOv2 backbone in other libraries' formats, and a transformers folder back as a backbone.
+
+* :func:`export_transformers` - a Hugging Face folder (``config.json`` + ``model.safetensors``)
+  that ``transformers.AutoModel.from_pretrained(folder)`` loads as ``Dinov2Model`` (or
+  ``Dinov2WithRegistersModel`` for a model with registers). The weights use the key names of the
+  published ``facebook/dinov2-*`` folders, which transformers 4.x reads as they are and 5.x
+  converts on load (its ``q_proj``/``gate_proj`` layout); :func:`load_transformers_backbone`
+  reads both layouts.
+* :func:`export_timm` - a timm folder (``config.json`` + ``model.safetensors``) that
+  ``timm.create_model("local-dir:" + folder, pretrained=True)`` loads, whose state dict also loads
+  strictly into ``timm.create_model(architecture, **model_args)``.
+* :func:`export_onnx` - an ONNX graph ``images (B, 3, H, W) -> cls_token (B, D), patch_tokens
+  (B, N, D)`` with a dynamic batch and a fixed image size (the position embedding is resized once,
+  at export, and stored in the graph).
+
+The exported formats cannot say how the position embedding is resized for other image sizes, so
+features agree exactly at the size the model was built for (518 px for the published shapes) and
+elsewhere as closely as the two resizing rules do: see docs/interop.md for the measured figures.
+None of transformers, timm, onnx or onnxruntime is needed except by the function that uses it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import time
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import nn
+
+from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.utils.io import atomic_path, atomic_write_text
+
+from .sources import vit_kwargs_of
+from .weights import PathLike, WeightsError, check_state_dict, load_safetensors_file, load_weights_only
+
+FORMATS = ("hf", "timm", "onnx")
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+# The widths of the published DINOv2 shapes, by timm's name for them.
+_TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
+
+
+class InteropError(ValueError):
+    """A model that a target format cannot represent, or a folder that is not a DINOv2 model."""
+
+
+# ------------------------------------------------------------------------------------ helpers
+def _architecture(model: DinoVisionTransformer) -> Dict[str, Any]:
+    if not isinstance(model, DinoVisionTransformer):
+        raise InteropError(f"only DinoVisionTransformer backbones can be exported, got {type(model).__name__}")
+    return vit_kwargs_of(model)
+
+
+def _ffn_hidden(model: DinoVisionTransformer) -> int:
+    mlp = model.blocks[0].mlp
+    return mlp.fc1.out_features if hasattr(mlp, "fc1") else mlp.w3.in_features
+
+
+def _fused_swiglu_hidden(embed_dim: int, mlp_ratio: float) -> int:
+    # The hidden-width rule of the released ViT-g (and of transformers' Dinov2SwiGLUFFN).
+    return (int(int(embed_dim * mlp_ratio) * 2 / 3) + 7) // 8 * 8
+
+
+def _save_safetensors(state: Mapping[str, torch.Tensor], path: Path, metadata: Optional[Dict[str, str]] = None) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
+
+
+def _prepare_folder(folder: PathLike) -> Path:
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise InteropError(f"output {folder} exists and is not a directory")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+# --------------------------------------------------------------------------- transformers
+def transformers_config(model: DinoVisionTransformer) -> Dict[str, Any]:
+    """The ``config.json`` of ``model`` as a transformers ``Dinov2Config`` (or the registers one)."""
+    arch = _architecture(model)
+    unsupported = [name for name in ("proj_bias", "ffn_bias") if not arch[name]]
+    if unsupported:
+        raise InteropError(f"transformers' Dinov2 always has biases; this model has none in {unsupported}")
+    hidden = _ffn_hidden(model)
+    if arch["ffn_layer"] == "mlp":
+        ratio = hidden / arch["embed_dim"]
+        swiglu = False
+    else:
+        # transformers only knows the fused width rule; the ratio must reproduce this model's width.
+        ratio = next((r for r in range(1, 17) if _fused_swiglu_hidden(arch["embed_dim"], r) == hidden), None)
+        swiglu = True
+    if ratio is None or float(ratio) != int(ratio) or (not swiglu and int(ratio) * arch["embed_dim"] != hidden):
+        raise InteropError(
+            f"feed-forward width {hidden} for embed_dim {arch['embed_dim']} ({arch['ffn_layer']}) has no integer "
+            "mlp_ratio, which transformers' Dinov2Config needs"
+        )
+    registers = arch["num_register_tokens"]
+    config = {
+        "architectures": ["Dinov2WithRegistersModel" if registers else "Dinov2Model"],
+        "model_type": "dinov2_with_registers" if registers else "dinov2",
+        "hidden_size": arch["embed_dim"],
+        "num_hidden_layers": arch["depth"],
+        "num_attention_heads": arch["num_heads"],
+        "mlp_ratio": int(ratio),
+        "hidden_act": "silu" if swiglu else "gelu",  # unused by the SwiGLU feed-forward
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02,
+        "layer_norm_eps": 1e-6,
+        "image_size": arch["img_size"],
+        "patch_size": arch["patch_size"],
+        "num_channels": int(model.patch_embed.proj.in_channels),
+        "qkv_bias": arch["qkv_bias"],
+        "layerscale_value": 1.0,
+        "drop_path_rate": 0.0,
+        "use_swiglu_ffn": swiglu,
+        "torch_dtype": "float32",
+    }
+    if registers:
+        config["num_register_tokens"] = registers
+    else:
+        config["use_mask_token"] = True
+    return config
+
+
+_ONE_TO_ONE = (
+    # (our key pattern, transformers key) for every tensor copied unchanged; qkv is split apart.
+    (r"cls_token", "embeddings.cls_token"),
+    (r"mask_token", "embeddings.mask_token"),
+    (r"pos_embed", "embeddings.position_embeddings"),
+    (r"register_tokens", "embeddings.register_tokens"),
+    (r"patch_embed\.proj\.(weight|bias)", r"embeddings.patch_embeddings.projection.\1"),
+    (r"norm\.(weight|bias)", r"layernorm.\1"),
+    (r"blocks\.(\d+)\.(norm1|norm2)\.(weight|bias)", r"encoder.layer.\1.\2.\3"),
+    (r"blocks\.(\d+)\.attn\.proj\.(weight|bias)", r"encoder.layer.\1.attention.output.dense.\2"),
+    (r"blocks\.(\d+)\.ls(1|2)\.gamma", r"encoder.layer.\1.layer_scale\2.lambda1"),
+    (r"blocks\.(\d+)\.mlp\.(fc1|fc2)\.(weight|bias)", r"encoder.layer.\1.mlp.\2.\3"),
+    (r"blocks\.(\d+)\.mlp\.w12\.(weight|bias)", r"encoder.layer.\1.mlp.weights_in.\2"),
+    (r"blocks\.(\d+)\.mlp\.w3\.(weight|bias)", r"encoder.layer.\1.mlp.weights_out.\2"),
+)
+_QKV = re.compile(r"blocks\.(\d+)\.attn\.qkv\.(weight|bias)")
+_QKV_PARTS = ("query", "key", "value")
+
+
+def _transformers_name(key: str) -> Optional[str]:
+    for pattern, target in _ONE_TO_ONE:
+        if re.fullmatch(pattern, key):
+            return re.sub(f"^{pattern}$", target, key)
+    return None
+
+
+def transformers_state_dict(model: DinoVisionTransformer) -> Dict[str, torch.Tensor]:
+    """``model``'s weights under the key names of the published transformers DINOv2 folders."""
+    out = {}
+    for key, value in model.state_dict().items():
+        qkv = _QKV.fullmatch(key)
+        if qkv:
+            block, kind = qkv.groups()
+            for name, part in zip(_QKV_PARTS, value.chunk(3, dim=0)):
+                out[f"encoder.layer.{block}.attention.attention.{name}.{kind}"] = part
+            continue
+        name = _transformers_name(key)
+        if name is None:
+            raise InteropError(f"no transformers name for tensor {key!r}")
+        out[name] = value
+    if "encoder.layer.0.layer_scale1.lambda1" not in out:
+        # transformers' Dinov2 always has LayerScale: a model without it scales by exactly 1.
+        for i in range(model.n_blocks):
+            for n in (1, 2):
+                out[f"encoder.layer.{i}.layer_scale{n}.lambda1"] = torch.ones(model.embed_dim)
+    return out
+
+
+def export_transformers(model: DinoVisionTransformer, folder: PathLike) -> Path:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` for ``transformers.AutoModel``."""
+    config = transformers_config(model)
+    folder = _prepare_folder(folder)
+    _save_safetensors(transformers_state_dict(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return folder
+
+
+# transformers >= 5 names -> the published (4.x) names, so that one reader handles both.
+_TRANSFORMERS_V5_NAMES = (
+    (re.compile(r"\.attention\.q_proj\."), ".attention.attention.query."),
+    (re.compile(r"\.attention\.k_proj\."), ".attention.attention.key."),
+    (re.compile(r"\.attention\.v_proj\."), ".attention.attention.value."),
+    (re.compile(r"\.attention\.o_proj\."), ".attention.output.dense."),
+    (re.compile(r"\.mlp\.down_proj\."), ".mlp.weights_out."),
+)
+
+
+def _read_transformers_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    if (folder / WEIGHTS_FILE).is_file():
+        state = load_safetensors_file(folder / WEIGHTS_FILE)
+    elif (folder / "pytorch_model.bin").is_file():
+        state = load_weights_only(folder / "pytorch_model.bin", "transformers weights file")
+    else:
+        raise InteropError(f"{folder} holds neither {WEIGHTS_FILE} nor pytorch_model.bin (sharded folders are not read)")
+    # A Dinov2ForImageClassification folder keeps the backbone under "dinov2."; its head is dropped.
+    if any(k.startswith("dinov2.") for k in state):
+        state = {k[len("dinov2.") :]: v for k, v in state.items() if k.startswith("dinov2.")}
+    renamed = {}
+    for key, value in state.items():
+        for pattern, legacy in _TRANSFORMERS_V5_NAMES:
+            key = pattern.sub(legacy, key)
+        renamed[key] = value
+    for i in {m.group(1) for m in (re.match(r"encoder\.layer\.(\d+)\.mlp\.gate_proj\.", k) for k in renamed) if m}:
+        for p in ("weight", "bias"):
+            gate = renamed.pop(f"encoder.layer.{i}.mlp.gate_proj.{p}")
+            up = renamed.pop(f"encoder.layer.{i}.mlp.up_proj.{p}")
+            renamed[f"encoder.layer.{i}.mlp.weights_in.{p}"] = torch.cat((gate, up), dim=0)
+    return renamed
+
+
+def _config_value(config: Mapping[str, Any], key: str, source: Path):
+    if key not in config:
+        raise InteropError(f"{source}: config has no {key!r}")
+    return config[key]
+
+
+def _square(value, key: str, source: Path) -> int:
+    if isinstance(value, (list, tuple)):
+        if len(set(value)) != 1:
+            raise InteropError(f"{source}: non-square {key} {list(value)} is not supported")
+        value = value[0]
+    return int(value)
+
+
+def load_transformers_backbone(folder: PathLike, **vit_options) -> DinoVisionTransformer:
+    """A :class:`DinoVisionTransformer` with the weights of a transformers DINOv2 folder.
+
+    Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, weights-only) of a
+    ``Dinov2Model``, ``Dinov2WithRegistersModel`` or ``Dinov2ForImageClassification`` folder;
+    transformers itself is not needed. The position embedding is resized the way transformers
+    resizes it (bicubic to the target grid, antialiased for the register models), so features equal
+    transformers' at every image size; ``vit_options`` overrides that (``interpolate_offset=0.1``
+    reproduces the original DINOv2 code for the non-register models) or other constructor options.
+    """
+    folder = Path(folder)
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise FileNotFoundError(f"transformers model folder {folder} has no {CONFIG_FILE}")
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise InteropError(f"{config_path} is not valid JSON: {error}") from error
+    model_type = config.get("model_type")
+    if model_type not in ("dinov2", "dinov2_with_registers"):
+        raise InteropError(f"{config_path}: model_type {model_type!r} is not 'dinov2' or 'dinov2_with_registers'")
+    if float(config.get("layer_norm_eps", 1e-6)) != 1e-6:
+        raise InteropError(f"{config_path}: layer_norm_eps {config['layer_norm_eps']} is not the 1e-6 this ViT uses")
+    swiglu = bool(config.get("use_swiglu_ffn", False))
+    if not swiglu and config.get("hidden_act", "gelu") != "gelu":
+        raise InteropError(f"{config_path}: hidden_act {config['hidden_act']!r} is not supported (only 'gelu')")
+    registers = int(config.get("num_register_tokens", 4 if model_type == "dinov2_with_registers" else 0))
+    kwargs = dict(
+        img_size=_square(_config_value(config, "image_size", config_path), "image_size", config_path),
+        patch_size=_square(_config_value(config, "patch_size", config_path), "patch_size", config_path),
+        in_chans=int(config.get("num_channels", 3)),
+        embed_dim=int(_config_value(config, "hidden_size", config_path)),
+        depth=int(_config_value(config, "num_hidden_layers", config_path)),
+        num_heads=int(_config_value(config, "num_attention_heads", config_path)),
+        mlp_ratio=float(config.get("mlp_ratio", 4)),
+        qkv_bias=bool(config.get("qkv_bias", True)),
+        init_values=float(config.get("layerscale_value", 1.0)),
+        ffn_layer="swiglufused" if swiglu else "mlp",
+        num_register_tokens=registers,
+        interpolate_antialias=bool(registers),
+        interpolate_offset=0.0,
+    )
+    kwargs.update(vit_options)
+    model = DinoVisionTransformer(**kwargs)
+    theirs = _read_transformers_weights(folder)
+    if "embeddings.mask_token" not in theirs:
+        # use_mask_token=False folders have none; masking is for pretraining only, so zeros are exact.
+        theirs["embeddings.mask_token"] = torch.zeros(1, kwargs["embed_dim"])
+    state = {}
+    for key in model.state_dict():
+        qkv = _QKV.fullmatch(key)
+        if qkv:
+            block, kind = qkv.groups()
+            names = [f"encoder.layer.{block}.attention.attention.{part}.{kind}" for part in _QKV_PARTS]
+            if all(name in theirs for name in names):
+                state[key] = torch.cat([theirs.pop(name) for name in names], dim=0)
+        elif _transformers_name(key) in theirs:
+            state[key] = theirs.pop(_transformers_name(key))
+    if theirs:
+        raise WeightsError(f"{folder}: tensors that this config has no place for: {sorted(theirs)[:10]}")
+    check_state_dict(model, state, source=str(folder))
+    model.load_state_dict(state, strict=True)
+    return model
+
+
+# ----------------------------------------------------------------------------------- timm
+def timm_model_args(model: DinoVisionTransformer) -> Tuple[str, Dict[str, Any]]:
+    """(timm architecture name, ``create_model`` keyword arguments) of ``model``'s shape."""
+    arch = _architecture(model)
+    if arch["proj_bias"] != arch["ffn_bias"]:
+        raise InteropError("timm's ViT has one proj_bias switch for attention and MLP outputs; this model differs")
+    registers = arch["num_register_tokens"]
+    hidden = _ffn_hidden(model)
+    swiglu = arch["ffn_layer"] != "mlp"
+    # A SwiGLU model needs timm's packed SwiGLU (vit_giant_*'s mlp_layer); timm sizes fc1 to
+    # int(embed_dim * mlp_ratio) with both halves packed, so the ratio is nudged up to land exactly.
+    width = 2 * hidden if swiglu else hidden
+    name = f"vit_{'giant' if swiglu else _TIMM_SIZES.get(arch['embed_dim'], 'small')}_patch14"
+    name += "_reg4_dinov2" if registers else "_dinov2"
+    args = dict(
+        img_size=arch["img_size"],
+        patch_size=arch["patch_size"],
+        in_chans=int(model.patch_embed.proj.in_channels),
+        embed_dim=arch["embed_dim"],
+        depth=arch["depth"],
+        num_heads=arch["num_heads"],
+        mlp_ratio=(width + 0.5) / arch["embed_dim"],
+        qkv_bias=arch["qkv_bias"],
+        proj_bias=arch["proj_bias"],
+        init_values=1.0 if arch["init_values"] else None,
+        reg_tokens=registers,
+        # With registers timm adds the position embedding to the patches only (the CLS token's
+        # own position is folded into it by timm_state_dict), as its *_reg4_dinov2 models do.
+        no_embed_class=bool(registers),
+    )
+    return name, args
+
+
+def timm_state_dict(model: DinoVisionTransformer) -> Dict[str, torch.Tensor]:
+    """``model``'s weights as timm's VisionTransformer names them (no mask token: timm has none)."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key == "mask_token":
+            continue
+        key = re.sub(r"^(blocks\.\d+\.mlp\.)w12\.", r"\1fc1.", key)
+        key = re.sub(r"^(blocks\.\d+\.mlp\.)w3\.", r"\1fc2.", key)
+        out[key] = value
+    if model.register_tokens is not None:
+        out["reg_token"] = out.pop("register_tokens")
+        out["cls_token"] = out["cls_token"] + out["pos_embed"][:, :1]
+        out["pos_embed"] = out["pos_embed"][:, 1:]
+    return out
+
+
+def export_timm(
+    model: DinoVisionTransformer,
+    folder: PathLike,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> Path:
+    """Write a timm ``local-dir`` folder: ``config.json`` (architecture, model_args) + weights.
+
+    ``mean``/``std`` (the normalisation the backbone was trained with, ImageNet's by default) go
+    into its ``pretrained_cfg`` so that ``timm.data.resolve_data_config`` finds them.
+    """
+    name, args = timm_model_args(model)
+    size = args["img_size"]
+    config = {
+        "architecture": name,
+        "num_classes": 0,
+        "num_features": args["embed_dim"],
+        "model_args": args,
+        "pretrained_cfg": {
+            "input_size": [args["in_chans"], size, size],
+            "fixed_input_size": True,
+            "interpolation": "bicubic",
+            "crop_pct": 1.0,
+            "crop_mode": "center",
+            "mean": [float(m) for m in (mean or (0.485, 0.456, 0.406))],
+            "std": [float(s) for s in (std or (0.229, 0.224, 0.225))],
+            "num_classes": 0,
+            "first_conv": "patch_embed.proj",
+            "classifier": "head",
+        },
+    }
+    folder = _prepare_folder(folder)
+    _save_safetensors(timm_state_dict(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return folder
+
+
+# ----------------------------------------------------------------------------------- ONNX
+class FixedSizeFeatures(nn.Module):
+    """``images (B, 3, H, W) -> (cls_token (B, D), patch_tokens (B, N, D))`` at one image size.
+
+    The position embedding is resized here, once, by the backbone's own rule, and kept as a
+    buffer: the exported graph then holds no resize (the offset rule is a scale factor, not a size,
+    and ONNX Runtime's antialiased cubic is not PyTorch's), and its features equal the backbone's.
+    """
+
+    def __init__(self, backbone: DinoVisionTransformer, height: int, width: int):
+        super().__init__()
+        patch = backbone.patch_size
+        if height % patch or width % patch:
+            raise InteropError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+        self.backbone = backbone
+        self.height, self.width = int(height), int(width)
+        tokens = torch.zeros(1, 1 + (height // patch) * (width // patch), backbone.embed_dim)
+        with torch.no_grad():
+            pos_embed = backbone.interpolate_pos_encoding(tokens, height, width).detach().clone()
+        self.register_buffer("pos_embed", pos_embed, persistent=False)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = self.backbone
+        x = b.patch_embed(images)
+        x = torch.cat((b.cls_token.expand(x.shape[0], -1, -1), x), dim=1) + self.pos_embed.to(x.dtype)
+        if b.register_tokens is not None:
+            x = torch.cat((x[:, :1], b.register_tokens.expand(x.shape[0], -1, -1), x[:, 1:]), dim=1)
+        for block in b.blocks:
+            x = block(x)
+        x = b.norm(x)
+        return x[:, 0], x[:, 1 + b.num_register_tokens :]
+
+
+# Above this the weights go to an external data file beside the graph (protobuf caps a file at 2 GiB).
+_ONNX_INLINE_LIMIT = 1 << 30
+
+
+def export_module_onnx(module: nn.Module, example: torch.Tensor, path: PathLike, output_names: Sequence[str]) -> Path:
+    """Export ``module`` (one image-batch input, ``images``) to ONNX with a dynamic batch dimension.
+
+    Uses torch's default exporter, ``torch.onnx.export(dynamo=True)`` (torch.export, translated by
+    onnxscript), which works offline. Written beside ``path`` and renamed over it when complete.
+    """
+    try:
+        import onnx  # noqa: F401  (the exporter needs both)
+        import onnxscript  # noqa: F401
+    except ImportError as error:
+        raise InteropError("ONNX export needs the optional packages: pip install 'dinov2[interop]'") from error
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    with torch.no_grad():
+        program = torch.onnx.export(
+            module,
+            (example,),
+            input_names=["images"],
+            output_names=list(output_names),
+            dynamic_shapes=({0: batch},),
+            dynamo=True,
+            verbose=False,
+        )
+    with atomic_path(path) as tmp:
+        program.save(str(tmp), external_data=size > _ONNX_INLINE_LIMIT)
+    return path
+
+
+def _image_size(model: DinoVisionTransformer, image_size) -> Tuple[int, int]:
+    if image_size is None:
+        side = int(round(math.sqrt(model.pos_embed.shape[1] - 1))) * model.patch_size
+        return side, side
+    if isinstance(image_size, int):
+        return image_size, image_size
+    height, width = image_size
+    return int(height), int(width)
+
+
+def export_onnx(
+    model: DinoVisionTransformer, path: PathLike, image_size: Optional[Union[int, Tuple[int, int]]] = None
+) -> Path:
+    """Write ``model`` as ONNX: ``images`` (B, 3, H, W) -> ``cls_token`` (B, D), ``patch_tokens`` (B, N, D).
+
+    ``image_size`` (an int or (height, width)) is fixed in the graph; the default is the size the
+    model was built for. The batch dimension is dynamic.
+    """
+    _architecture(model)
+    height, width = _image_size(model, image_size)
+    wrapper = FixedSizeFeatures(model, height, width)
+    example = torch.zeros(2, model.patch_embed.proj.in_channels, height, width)
+    return export_module_onnx(wrapper, example, path, ("cls_token", "patch_tokens"))
+
+
+def onnx_session(path: PathLike, threads: Optional[int] = None):
+    """An ``onnxruntime.InferenceSession`` on the CPU (``threads`` intra-op threads if given)."""
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise InteropError("running ONNX models needs onnxruntime: pip install 'dinov2[interop]'") from error
+    options = onnxruntime.SessionOptions()
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+        options.inter_op_num_threads = 1
+    return onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare_onnx(
+    model: DinoVisionTransformer, path: PathLike, batch_size: int = 4, repeats: int = 3, threads: int = 1
+) -> Dict[str, float]:
+    """Largest feature difference between the ONNX file and ``model`` on random images, and the
+    CPU latency per image of each (``threads`` threads, best of ``repeats`` runs after a warm-up)."""
+    session = onnx_session(path, threads=threads)
+    shape = session.get_inputs()[0].shape
+    channels, height, width = int(shape[1]), int(shape[2]), int(shape[3])
+    wrapper = FixedSizeFeatures(model.eval(), height, width)
+    images = torch.randn(batch_size, channels, height, width, generator=torch.Generator().manual_seed(0))
+    feed = {"images": images.numpy()}
+
+    def per_image(run) -> float:
+        run()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
+        return 1e3 * min(times) / batch_size
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.no_grad():
+            reference = [t.numpy() for t in wrapper(images)]
+            outputs = session.run(None, feed)
+            torch_ms = per_image(lambda: wrapper(images))
+        onnx_ms = per_image(lambda: session.run(None, feed))
+    finally:
+        torch.set_num_threads(previous_threads)
+    diff = max(float(abs(o - r).max()) for o, r in zip(outputs, reference))
+    return {
+        "max_abs_diff": diff,
+        "torch_ms_per_image": torch_ms,
+        "onnx_ms_per_image": onnx_ms,
+        "height": height,
+        "width": width,
+        "batch_size": batch_size,
+        "threads": threads,
+    }
+
+
+# ------------------------------------------------------------------------------- dispatch
+def export_backbone(
+    model: DinoVisionTransformer,
+    output: PathLike,
+    fmt: str,
+    image_size: Optional[Union[int, Tuple[int, int]]] = None,
+    normalization: Optional[Mapping[str, Sequence[float]]] = None,
+) -> Path:
+    """Write ``model`` in format ``fmt`` (``hf``, ``timm`` or ``onnx``) to ``output``.
+
+    ``hf`` and ``timm`` write a folder, ``onnx`` a file whose input size ``image_size`` fixes.
+    ``normalization`` (``{"mean": [...], "std": [...]}``, e.g. a training run's) goes into the
+    timm config.
+    """
+    if fmt == "hf":
+        return export_transformers(model, output)
+    if fmt == "timm":
+        normalization = normalization or {}
+        return export_timm(model, output, mean=normalization.get("mean"), std=normalization.get("std"))
+    if fmt == "onnx":
+        return export_onnx(model, output, image_size=image_size)
+    raise InteropError(f"unknown export format {fmt!r}; valid: {list(FORMATS)}")
