@@ -25,10 +25,11 @@ etc=$dir/etc run=$dir/run logs=$dir/log
 munge_dir=$dir/munge db_dir=$dir/mariadb
 
 say() { echo "[slurm-test-cluster] $*"; }
-fail() { echo "[slurm-test-cluster] error: $*" >&2; exit "${2:-1}"; }
+fail() { echo "[slurm-test-cluster] error: $1" >&2; exit "${2:-1}"; }
 # The last lines of a log, to stderr, so a failure shows its cause without opening files.
 show_log() { [ -f "$1" ] && { echo "--- last lines of $1:" >&2; tail -n 15 "$1" >&2; }; return 0; }
-running() { [ -s "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+# The pid in pid file $1 is alive (/proc rather than kill -0, so that status works without root).
+running() { local pid; pid=$(cat "$1" 2>/dev/null) && [ -n "$pid" ] && [ -d "/proc/$pid" ]; }
 # poll SECONDS COMMAND...: true as soon as COMMAND succeeds (checked twice a second).
 poll() {
   local deadline=$(( $(date +%s) + $1 )); shift
@@ -327,7 +328,13 @@ status() {
       mariadbd) pid_file=$run/mariadb/mariadb.pid ;;
       *) pid_file=$run/$name.pid ;;
     esac
-    if running "$pid_file"; then say "$name running (pid $(cat "$pid_file"))"; else say "$name not running"; all=3; fi
+    if [ "$(id -u)" != 0 ] && { [ ! -x "${pid_file%/*}" ] || { [ -e "$pid_file" ] && [ ! -r "$pid_file" ]; }; }; then
+      say "$name: its pid file is readable by root only"
+    elif running "$pid_file"; then
+      say "$name running (pid $(cat "$pid_file"))"
+    else
+      say "$name not running"; all=3
+    fi
   done
   if command -v sinfo >/dev/null && controller_up 2>/dev/null && node_usable 2>/dev/null; then
     say "jobs can be submitted: $(sinfo -h -o 'partition %P, %D node(s), %T')"
