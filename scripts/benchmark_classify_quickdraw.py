@@ -36,7 +36,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.classify.config import load_classify_config  # noqa: E402
-from dinov2.classify.train import train_classifier  # noqa: E402
+from dinov2.classify.trainer import train_classifier  # noqa: E402
 from dinov2.hub.sources import build_backbone_from_spec, load_backbone  # noqa: E402
 from dinov2.hub.weights import save_state_dict  # noqa: E402
 

@@ -6,7 +6,7 @@ import torch
 from dinov2.classify.checkpoint import load_classifier, save_classifier
 from dinov2.classify.config import load_classify_config
 from dinov2.classify.lora import add_lora, has_lora, lora_settings, merge_lora, trainable_fraction
-from dinov2.classify.train import train_classifier
+from dinov2.classify.trainer import train_classifier
 from dinov2_tools.shapes import make_shapes_dataset
 
 from classify_helpers import tiny_classifier

@@ -7,7 +7,9 @@ import torch
 from dinov2.classify.checkpoint import load_classifier
 from dinov2.classify.config import load_classify_config
 from dinov2.classify.heads import MultiHeadClassifier, HeadSpec
-from dinov2.classify.train import build_optimizer, set_trainable, train_classifier
+from dinov2.classify.optimization import build_optimizer
+from dinov2.classify.stages import set_trainable
+from dinov2.classify.trainer import train_classifier
 from dinov2.hub.sources import BackboneSourceError, load_backbone
 from dinov2.hub.weights import save_state_dict
 from dinov2.utils.config import ConfigError, load_config, save_config
@@ -53,7 +55,10 @@ def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
     final_b, _ = load_classifier(resumed / "model_final.pth")
     for (key, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         assert torch.equal(a, b), key
-    assert len((resumed / "metrics.jsonl").read_text().splitlines()) == 4  # 3 + the re-run epoch 3
+    # The resumed run replaces the line of the epoch it trains again: one line per epoch.
+    resumed_lines = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [l["epoch"] for l in resumed_lines] == [1, 2, 3]
+    assert resumed_lines[:2] == lines[:2]
 
 
 def test_probe_keeps_backbone_and_partial_unfreezes_last_blocks(tmp_path, shapes):

@@ -31,8 +31,6 @@ FORMAT = "dinov2-classifier"
 FORMAT_VERSION = 1
 # Names looked for, in order, when a directory (a classifier training output) is given.
 DIRECTORY_CANDIDATES = ("model_best.pth", "model_final.pth")
-# Entries every classifier resume state (``checkpoints/epoch_<n>.pth``) has.
-RESUME_STATE_KEYS = ("epoch", "stage", "lora", "model", "optimizer", "scaler", "best_metric", "best_epoch")
 PathLike = Union[str, os.PathLike]
 
 
@@ -125,20 +123,6 @@ def read_classifier_file(path: PathLike) -> tuple[ClassifierConfig, Dict[str, to
     except (KeyError, TypeError, ValueError) as error:
         raise ClassifierFileError(f"{path}: bad classifier config: {error}") from error
     return config, payload["state_dict"], path
-
-
-def read_resume_state(path: PathLike) -> Dict[str, Any]:
-    """A classifier training resume state, read weights-only; errors name the file and say why."""
-    try:
-        state = load_weights_only(path, "classifier resume state")
-    except WeightsError as error:
-        raise ClassifierFileError(str(error)) from error.__cause__
-    if not isinstance(state, Mapping):
-        raise ClassifierFileError(f"classifier resume state {path} holds a {type(state).__name__}, not a dict")
-    missing = [key for key in RESUME_STATE_KEYS if key not in state]
-    if missing:
-        raise ClassifierFileError(f"classifier resume state {path} lacks the entries {missing}")
-    return dict(state)
 
 
 def load_classifier(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[MultiHeadClassifier, ClassifierConfig]:

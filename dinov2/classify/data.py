@@ -9,12 +9,18 @@ file whose columns happen to contain fewer values is mapped by class name.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+import logging
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
+import torch
+from omegaconf import DictConfig
 from torch.utils.data import Dataset, IterableDataset, Subset
 
 from .losses import MISSING_LABEL
+from .transforms import eval_transform, train_transform
+
+logger = logging.getLogger("dinov2")
 
 
 class ClassifyDataError(ValueError):
@@ -117,3 +123,57 @@ def subsample(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
         return dataset
     indices = np.sort(np.random.default_rng(seed).choice(len(dataset), size=limit, replace=False))
     return Subset(dataset, indices.tolist())
+
+
+def build_datasets(
+    cfg: DictConfig, preprocessing: Mapping[str, Any]
+) -> tuple[Dataset, Optional[Dataset], Dict[str, List[str]]]:
+    """(training set, validation set or None, ``{task: [class names]}``) of a classifier run.
+
+    ``data.val`` is a separate dataset; ``data.val_fraction`` carves validation images out of
+    ``data.train`` (seeded by ``seed``). Training images are augmented unless the features are
+    cached (``optim.cache_features``: computed once, so without augmentation).
+    """
+    d = cfg.data
+    eval_tf = eval_transform(preprocessing)
+    if cfg.optim.cache_features:
+        train_tf = eval_tf
+    else:
+        train_tf = train_transform(preprocessing, min_scale=d.min_scale, hflip=d.hflip)
+    wanted = list(cfg.heads.tasks) if cfg.heads.tasks else None
+    single = cfg.heads.single_task_name
+    train_set, tasks = make_task_dataset(d.train, train_tf, wanted=wanted, single_task_name=single)
+    val_set = None
+    if d.val:
+        val_set, _ = make_task_dataset(d.val, eval_tf, tasks=tasks, single_task_name=single)
+    elif d.val_fraction > 0:
+        # Two views of the same files: augmented for training, plain for validation.
+        plain, _ = make_task_dataset(d.train, eval_tf, tasks=tasks, single_task_name=single)
+        train_idx, val_idx = split_indices(len(train_set), d.val_fraction, cfg.seed)
+        train_set, val_set = Subset(train_set, train_idx.tolist()), Subset(plain, val_idx.tolist())
+    train_set = subsample(train_set, d.max_train_samples, cfg.seed)
+    val_set = subsample(val_set, d.max_val_samples, cfg.seed + 1) if val_set is not None else None
+    if len(train_set) == 0:
+        raise ValueError(f"training set {d.train} is empty")
+    logger.info(
+        "classify: %d training and %s validation images; tasks %s",
+        len(train_set),
+        len(val_set) if val_set is not None else "no",
+        {t: len(c) for t, c in tasks.items()},
+    )
+    return train_set, val_set, tasks
+
+
+def task_targets(dataset: Dataset, indices: Sequence[int]) -> Dict[str, torch.Tensor]:
+    """``{task: (N,) labels}`` of samples ``indices`` of a dataset from :func:`make_task_dataset`
+    (or a :class:`Subset` of one), read without loading the images."""
+    base, positions = dataset, [int(i) for i in indices]
+    while isinstance(base, Subset):
+        positions = [int(base.indices[i]) for i in positions]
+        base = base.dataset
+    get_target = getattr(base, "get_target", None)
+    to_tasks = getattr(base, "target_transform", None)
+    if get_target is None or not isinstance(to_tasks, TaskTargets):
+        raise ClassifyDataError(f"{type(base).__name__} is not a classifier dataset (made by make_task_dataset)")
+    rows = [to_tasks(get_target(i)) for i in positions]
+    return {task: torch.tensor([row[task] for row in rows], dtype=torch.long) for task in to_tasks.maps}

@@ -2,7 +2,7 @@
 (:mod:`dinov2.classify`): per-iteration schedules, AdamW parameter groups (layer-wise lr decay,
 no-decay rules), optimizer construction and gradient clipping."""
 
-from .grad_clip import CLIP_GRAD_SCOPES, check_clip_grad_scope, clip_student_gradients
+from .grad_clip import CLIP_GRAD_SCOPES, check_clip_grad_scope, clip_gradients, clip_student_gradients
 from .optimizers import build_head_backbone_optimizer, build_optimizer
 from .param_groups import (
     apply_optim_scheduler,
@@ -32,6 +32,7 @@ __all__ = [
     "build_optimizer",
     "build_schedules",
     "check_clip_grad_scope",
+    "clip_gradients",
     "clip_student_gradients",
     "fuse_params_groups",
     "get_params_groups",

@@ -16,7 +16,7 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 logger = logging.getLogger("dinov2")
 
@@ -32,18 +32,31 @@ def _jsonable(value):
 
 
 class MetricsLogger:
-    """Appends metric lines (main process only) and mirrors a short human line to ``logging``."""
+    """Appends metric lines (main process only) and mirrors a short human line to ``logging``.
 
-    def __init__(self, output_dir, enabled: bool = True):
-        self.path = Path(output_dir) / METRICS_FILE_NAME
+    ``file_name``, ``step_key`` (the field that orders the lines) and ``describe`` (record ->
+    log line) default to SSL training's; classifier training logs ``metrics.jsonl`` by ``epoch``.
+    """
+
+    def __init__(
+        self,
+        output_dir,
+        enabled: bool = True,
+        file_name: str = METRICS_FILE_NAME,
+        step_key: str = "iteration",
+        describe: Optional[Callable[[Dict], str]] = None,
+    ):
+        self.path = Path(output_dir) / file_name
         self.enabled = enabled
+        self.step_key = step_key
+        self.describe = describe if describe is not None else self.format
 
     def truncate_after(self, iteration: int) -> None:
-        """Drop lines logged after ``iteration`` (a resumed run redoes those iterations; on a fresh
+        """Drop lines logged after step ``iteration`` (a resumed run redoes those steps; on a fresh
         start, 0 drops the lines of an attempt killed before its first checkpoint)."""
         if not self.enabled or not self.path.exists():
             return
-        kept = [record for record in read_metrics(self.path) if record.get("iteration", 0) <= iteration]
+        kept = [record for record in read_metrics(self.path) if record.get(self.step_key, 0) <= iteration]
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         with open(tmp, "w", encoding="utf-8") as handle:
             for record in kept:
@@ -58,7 +71,7 @@ class MetricsLogger:
         with open(self.path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
             handle.flush()
-        logger.info(self.format(record))
+        logger.info(self.describe(record))
 
     @staticmethod
     def format(record: Dict) -> str:

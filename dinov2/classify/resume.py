@@ -1,0 +1,75 @@
+"""Resume states of classifier training: ``<output_dir>/checkpoints/epoch_<n>.pth``.
+
+A resume state is one weights-only-loadable torch file (``RESUME_STATE_KEYS``: the epoch, stage,
+adapter settings, model, optimizer and grad-scaler states, best metric so far). Training is a
+single process and a classifier small, so the state stays one file rather than a sharded DCP
+checkpoint (:mod:`dinov2.checkpoint`), whose value is resharding across ranks. It is written
+with the core's atomic writer (:func:`dinov2.utils.io.atomic_torch_save`: a reader sees the old
+file or the new one, never half of one, and a full disk is named) and pruned by the core's
+retention policy (:meth:`dinov2.checkpoint.CheckpointManager.to_delete`, ``checkpoint.keep``
+newest kept; ``<= 0`` keeps all), counted in epochs.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+
+from dinov2.checkpoint import CheckpointManager
+from dinov2.hub.weights import WeightsError, load_weights_only
+from dinov2.utils.io import atomic_torch_save
+
+from .checkpoint import ClassifierFileError
+
+CHECKPOINT_DIR = "checkpoints"
+RESUME_STATE_KEYS = ("epoch", "stage", "lora", "model", "optimizer", "scaler", "best_metric", "best_epoch")
+_STATE_NAME = re.compile(r"^epoch_(\d+)\.pth$")
+PathLike = Union[str, os.PathLike]
+
+
+def resume_state_path(output_dir: PathLike, epoch: int) -> Path:
+    return Path(output_dir) / CHECKPOINT_DIR / f"epoch_{int(epoch):04d}.pth"
+
+
+def resume_states(output_dir: PathLike) -> List[Tuple[int, Path]]:
+    """(epoch, path) of every resume state in ``output_dir``, oldest first."""
+    directory = Path(output_dir) / CHECKPOINT_DIR
+    if not directory.is_dir():
+        return []
+    found = [(int(m.group(1)), directory / name) for name in os.listdir(directory) if (m := _STATE_NAME.match(name))]
+    return sorted(found)
+
+
+def latest_resume_state(output_dir: PathLike) -> Optional[Path]:
+    found = resume_states(output_dir)
+    return found[-1][1] if found else None
+
+
+def read_resume_state(path: PathLike) -> Dict[str, Any]:
+    """A classifier training resume state, read weights-only; errors name the file and say why."""
+    try:
+        state = load_weights_only(path, "classifier resume state")
+    except WeightsError as error:
+        raise ClassifierFileError(str(error)) from error.__cause__
+    if not isinstance(state, Mapping):
+        raise ClassifierFileError(f"classifier resume state {path} holds a {type(state).__name__}, not a dict")
+    missing = [key for key in RESUME_STATE_KEYS if key not in state]
+    if missing:
+        raise ClassifierFileError(f"classifier resume state {path} lacks the entries {missing}")
+    return dict(state)
+
+
+def write_resume_state(output_dir: PathLike, state: Mapping[str, Any], keep: int) -> Path:
+    """Write ``state`` (all of ``RESUME_STATE_KEYS``) as the state after ``state["epoch"]``
+    atomically, then delete the older states the retention policy does not keep."""
+    missing = [key for key in RESUME_STATE_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"a classifier resume state needs the entries {missing}")
+    path = atomic_torch_save(dict(state), resume_state_path(output_dir, state["epoch"]))
+    found = dict(resume_states(output_dir))
+    retention = CheckpointManager(Path(output_dir) / CHECKPOINT_DIR, keep_last=int(keep))
+    for epoch in retention.to_delete(list(found)):
+        found[epoch].unlink()
+    return path
