@@ -109,11 +109,11 @@ def _config_for(checkpoint: Path) -> Optional[Path]:
 
 def check_against_config(backbone: Dict[str, torch.Tensor], config_path: PathLike) -> None:
     """Load ``backbone`` with ``strict=True`` into the teacher that ``config_path`` describes."""
-    from dinov2.models import build_model_from_cfg
+    from dinov2.hub.sources import load_backbone_from_config
     from dinov2.utils.config import load_saved_config
 
     cfg = load_saved_config(config_path)
-    model, _ = build_model_from_cfg(cfg, only_teacher=True)
+    model, _ = load_backbone_from_config(cfg)
     check_state_dict(model, backbone, source=f"consolidated backbone vs {config_path}")
     model.load_state_dict(backbone, strict=True)
 

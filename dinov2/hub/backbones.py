@@ -2,13 +2,15 @@
 
 Weights are never downloaded: this codebase runs on machines without internet access, so
 ``pretrained=True`` needs ``pretrained_weights=PATH`` to a local file (the official
-``dinov2_vits14_pretrain.pth`` and friends, or a backbone exported by our own training).
+``dinov2_vits14_pretrain.pth`` and friends, or a backbone exported by our own training) or a
+training output directory (its teacher export; see :func:`dinov2.hub.sources.resolve_weights_path`).
 """
 
 from typing import Optional
 
 from dinov2.models.vision_transformer import DinoVisionTransformer, make_vit
 
+from .sources import resolve_weights_path
 from .weights import PathLike, load_backbone_weights
 
 _OFFICIAL = {
@@ -53,7 +55,7 @@ def make_dinov2_model(
                 f"official checkpoint (e.g. {model_name}_pretrain.pth) or to a backbone exported by "
                 f"dinov2 training, or pretrained=False for random initialisation."
             )
-        load_backbone_weights(model, pretrained_weights)
+        load_backbone_weights(model, resolve_weights_path(pretrained_weights, "pretrained_weights"))
     return model
 
 

@@ -1,4 +1,5 @@
-"""One backbone loader for every place that needs "a backbone from somewhere".
+"""One backbone loader for every place that needs "a backbone from somewhere": evaluation
+(:mod:`dinov2.eval.setup`), classifiers, warm start, consolidation's check and the hub entry points.
 
 A *source* is one of
 
@@ -17,6 +18,11 @@ Besides the module, :func:`load_backbone` returns a *build spec*: a dict of plai
 :func:`build_backbone_from_spec` rebuilds the same architecture without weights (for a training
 output it also holds ``normalization``, the run's ``crops.mean`` / ``crops.std``). Classifier files
 store it so that loading them never needs the original source.
+
+The pieces are public for callers that name the architecture themselves:
+:func:`resolve_weights_path` (the backbone file behind a file or training output directory; a
+sharded checkpoint is refused unread with the command that consolidates it) and
+:func:`load_backbone_from_config` (the teacher backbone a training config describes).
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from __future__ import annotations
 import math
 import re
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -34,6 +40,7 @@ from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransforme
 from .weights import PathLike, load_backbone_weights, load_weights_only, read_state_dict
 
 TRAINING_EXPORT = Path("exports") / "teacher_backbone_latest.pth"
+EXPORT_NAME = TRAINING_EXPORT.name
 _WEIGHT_SUFFIXES = (".pth", ".pt", ".safetensors", ".bin")
 
 
@@ -134,6 +141,59 @@ def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int]
     )
 
 
+def _export_hint(directory: Path) -> str:
+    return (
+        f"Training writes one every evaluation.eval_period_iterations iterations; to make one now from the "
+        f"newest checkpoint, run `python scripts/consolidate_checkpoint.py {directory} "
+        f"--output {directory / TRAINING_EXPORT}` (see its --help)."
+    )
+
+
+def resolve_weights_path(path: PathLike, option: str = "--pretrained-weights") -> Path:
+    """The backbone file behind ``path``: a weights file as given; for a training output directory its
+    ``exports/teacher_backbone_latest.pth`` (or a ``teacher_backbone_latest.pth`` directly inside).
+
+    A sharded training checkpoint (``torch.distributed.checkpoint``) is refused without reading
+    it, naming the command that consolidates it. ``option`` names the setting in errors
+    (``--pretrained-weights``, ``student.pretrained_weights``, ...)."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if not path.exists():
+        raise FileNotFoundError(f"{option}: {path} does not exist")
+    if (path / ".metadata").is_file():
+        raise ValueError(
+            f"{option}: {path} is a sharded training checkpoint (torch.distributed.checkpoint). "
+            f"Turn it into one backbone file with `python scripts/consolidate_checkpoint.py {path} --output teacher.pth` "
+            f"and pass that file, or pass the training output directory once it has an export."
+        )
+    for candidate in (path / TRAINING_EXPORT, path / EXPORT_NAME):
+        if candidate.is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"{option}: {path} is a directory without a teacher export ({path / TRAINING_EXPORT} "
+        f"does not exist yet). {_export_hint(path)}"
+    )
+
+
+def load_backbone_from_config(
+    cfg, weights: Optional[Union[PathLike, Mapping]] = None, drop_path_rate: float = 0.0
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(backbone, build spec) of the teacher a training config (``DictConfig``) describes, built for
+    its ``crops.global_crops_size``; ``weights`` (a file or a state dict) load strictly when given.
+
+    The spec's ``normalization`` is the run's ``crops.mean`` / ``crops.std``: how the backbone saw
+    images in training, a good default for whatever is built on it."""
+    from dinov2.models import build_backbone
+
+    model = build_backbone(cfg.student, cfg.crops.global_crops_size, drop_path_rate=drop_path_rate)
+    if weights is not None:
+        load_backbone_weights(model, weights)
+    spec = _vit_spec(model)
+    spec["normalization"] = {"mean": [float(v) for v in cfg.crops.mean], "std": [float(v) for v in cfg.crops.std]}
+    return model, spec
+
+
 def build_backbone_from_spec(spec: Mapping[str, Any], drop_path_rate: float = 0.0) -> nn.Module:
     """A randomly initialised module of the architecture described by ``spec``."""
     kind = spec.get("kind")
@@ -211,7 +271,6 @@ def load_backbone(
 
 
 def _from_training_output(directory: Path, weights: Optional[PathLike], drop_path_rate: float):
-    from dinov2.models import build_backbone
     from dinov2.utils.config import CONFIG_FILE_NAME, load_saved_config
 
     config_path = directory / CONFIG_FILE_NAME
@@ -222,13 +281,6 @@ def _from_training_output(directory: Path, weights: Optional[PathLike], drop_pat
     if not weights_path.is_absolute() and not weights_path.exists():
         weights_path = directory / weights_path
     if not weights_path.is_file():
-        raise BackboneSourceError(
-            f"training output {directory} has no backbone export {weights_path}; "
-            "export one from a checkpoint first"
-        )
-    model = build_backbone(cfg.student, cfg.crops.global_crops_size, drop_path_rate=drop_path_rate)
-    load_backbone_weights(model, weights_path)
-    spec = _vit_spec(model)
-    # How the backbone saw images in training: a good default for whatever is built on it.
-    spec["normalization"] = {"mean": [float(v) for v in cfg.crops.mean], "std": [float(v) for v in cfg.crops.std]}
-    return model, spec
+        hint = _export_hint(directory) if weights is None else "Export one from a checkpoint first."
+        raise BackboneSourceError(f"training output {directory} has no backbone export {weights_path}. {hint}")
+    return load_backbone_from_config(cfg, weights_path, drop_path_rate=drop_path_rate)

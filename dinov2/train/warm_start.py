@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.hub.sources import resolve_weights_path
 from dinov2.hub.weights import WeightsError, load_backbone_weights, read_state_dict
 
 logger = logging.getLogger("dinov2")
@@ -60,7 +61,11 @@ def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module, source: str
 
 def load_warm_start_weights(backbone: nn.Module, path: Union[str, os.PathLike]) -> nn.Module:
     """Load an official-format backbone file strictly into ``backbone``, resampling only the
-    position embeddings when the file was made for another image size."""
+    position embeddings when the file was made for another image size.
+
+    ``path`` may also be a training output directory (its teacher export is used); a sharded
+    checkpoint is refused unread, naming the command that consolidates it."""
+    path = resolve_weights_path(path, "student.pretrained_weights")
     state = dict(read_state_dict(path, what="warm-start weights file (student.pretrained_weights)"))
     stored, target = state.get("pos_embed"), backbone.pos_embed
     # Only a different grid is resampled; any other mismatch (width, layout) is left for the

@@ -1,0 +1,67 @@
+"""One backbone loader (dinov2.hub.sources) behind evaluation, classifiers, warm start, consolidation
+and the hub: a training output directory means the same backbone to all of them, and a sharded
+checkpoint is refused unread by all of them with the command that consolidates it."""
+
+import pytest
+import torch
+
+from dinov2.eval.setup import build_model_for_eval
+from dinov2.hub.backbones import make_dinov2_model
+from dinov2.hub.sources import BackboneSourceError, load_backbone, load_backbone_from_config, resolve_weights_path
+from dinov2.hub.weights import save_state_dict
+from dinov2.train.warm_start import load_warm_start_weights
+from dinov2.utils.config import load_config, save_config
+
+TINY = ["student.arch=vit_small", "student.patch_size=4", "student.embed_dim=32", "student.depth=2",
+        "student.num_heads=2", "crops.global_crops_size=16", "crops.mean=[0.5,0.5,0.5]", "crops.std=[0.25,0.25,0.25]"]
+
+
+@pytest.fixture
+def run(tmp_path):
+    """A training output directory: config.yaml and a teacher export."""
+    cfg = load_config(None, TINY)
+    save_config(cfg, tmp_path / "run")
+    torch.manual_seed(0)
+    model, _ = load_backbone_from_config(cfg)
+    torch.nn.init.normal_(model.pos_embed)
+    save_state_dict(model.state_dict(), tmp_path / "run" / "exports" / "teacher_backbone_latest.pth")
+    return tmp_path / "run", cfg, model.state_dict()
+
+
+def _same(state, model):
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and set(state) == set(model.state_dict())
+
+
+def test_a_training_output_directory_is_one_backbone_everywhere(run):
+    directory, cfg, expected = run
+    model, spec = load_backbone(str(directory))
+    assert _same(expected, model) and spec["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}
+    evaluated = build_model_for_eval(None, directory)
+    assert _same(expected, evaluated.model) and evaluated.mean == (0.5,) * 3 and evaluated.image_size == 16
+    fresh, _ = load_backbone_from_config(cfg)
+    assert not _same(expected, fresh)
+    assert _same(expected, load_warm_start_weights(fresh, directory))  # student.pretrained_weights=<run dir>
+    assert resolve_weights_path(directory) == directory / "exports" / "teacher_backbone_latest.pth"
+
+
+def test_sharded_checkpoints_and_missing_exports_name_the_consolidation_command(run, tmp_path):
+    directory, cfg, _ = run
+    checkpoint = directory / "checkpoints" / "ckpt_0000010"
+    checkpoint.mkdir(parents=True)
+    (checkpoint / ".metadata").write_bytes(b"never unpickled")
+    backbone, _ = load_backbone_from_config(cfg)
+    for option, load in (
+        ("--pretrained-weights", lambda: build_model_for_eval(directory / "config.yaml", checkpoint)),
+        ("student.pretrained_weights", lambda: load_warm_start_weights(backbone, checkpoint)),
+        ("pretrained_weights", lambda: make_dinov2_model("vit_small", img_size=16, patch_size=4, embed_dim=32, depth=2,
+                                                          num_heads=2, pretrained_weights=checkpoint)),
+    ):
+        with pytest.raises(ValueError, match=rf"^{option}: .*sharded training checkpoint.*consolidate_checkpoint.py"):
+            load()
+    (directory / "exports" / "teacher_backbone_latest.pth").unlink()
+    with pytest.raises(BackboneSourceError, match=r"no backbone export.*consolidate_checkpoint.py .*--output"):
+        load_backbone(str(directory))
+    with pytest.raises(FileNotFoundError, match=r"^--pretrained-weights: .*without a teacher export.*consolidate_checkpoint.py"):
+        build_model_for_eval(None, directory)
+    with pytest.raises(FileNotFoundError, match=r"^student.pretrained_weights: .*missing.pth does not exist"):
+        load_warm_start_weights(backbone, tmp_path / "missing.pth")
