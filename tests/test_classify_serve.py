@@ -314,3 +314,151 @@ def test_start_up_warns_when_exposed_without_a_token(served_model, monkeypatch, 
     token_file.write_text("\n")
     with pytest.raises(ValueError, match="empty"):
         serve.main(["--model", model, "--token-file", str(token_file)])
+
+
+# ----------------------------------------------------------------------------- /metrics
+import contextlib
+
+from prometheus_client.parser import text_string_to_metric_families
+
+
+def _samples(text: str) -> dict:
+    """``{(sample name, ((label, value), ...)): value}`` of a Prometheus text scrape."""
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def _value(samples: dict, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _delta(before: dict, after: dict, name: str, **labels) -> float:
+    return _value(after, name, **labels) - _value(before, name, **labels)
+
+
+def _requests(route, status, method="GET"):
+    return dict(name="dinov2_serve_requests_total", route=route, method=method, status=str(status))
+
+
+def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch):
+    predictor, path = served_model
+    with _client(predictor, max_upload_bytes=MAX_UPLOAD_BYTES, max_image_pixels=MAX_PIXELS) as client:
+        first = client.get("/metrics")
+        assert first.status_code == 200 and first.headers["content-type"].startswith("text/plain")
+        before = _samples(first.text)
+        for seed in (1, 2):
+            assert _post(client, f"{seed}.png", _png(random_image(seed))).status_code == 200
+        assert _post(client, "notes.txt", b"not an image at all").status_code == 415
+        assert _post(client, "big.png", _png(random_image(3, size=(40, 40)))).status_code == 413  # pixels
+        assert _post(client, "huge.png", os.urandom(2 * MAX_UPLOAD_BYTES)).status_code == 413  # body
+        assert client.post("/predict", files={"other": ("a.png", b"x")}).status_code == 422
+        assert client.get("/health").status_code == 200
+        assert client.get("/no-such/secret-path-7").status_code == 404
+        assert client.request("BREW", "/health").status_code == 405
+        monkeypatch.setattr(predictor, "records", lambda *args: 1 / 0)  # a model failure: 500
+        assert _post(client, "boom.png", _png(random_image(4))).status_code == 500
+        text = client.get("/metrics").text
+    after = _samples(text)
+
+    expected = {
+        ("/predict", "POST", "200"): 2, ("/predict", "POST", "415"): 1, ("/predict", "POST", "413"): 2,
+        ("/predict", "POST", "422"): 1, ("/predict", "POST", "500"): 1, ("/health", "GET", "200"): 1,
+        ("unmatched", "GET", "404"): 1, ("/health", "other", "405"): 1, ("/metrics", "GET", "200"): 1,
+    }
+    for (route, method, status), count in expected.items():
+        assert _delta(before, after, **_requests(route, status, method)) == count, (route, method, status)
+    counted = {labels: v for (name, labels), v in after.items() if name == "dinov2_serve_requests_total"}
+    assert sum(counted.values()) == sum(expected.values())  # a new app: nothing else was counted
+    latency = "dinov2_serve_request_duration_seconds_count"
+    assert _delta(before, after, latency, route="/predict") == 7
+    assert _delta(before, after, "dinov2_serve_request_duration_seconds_bucket", route="/predict", le="+Inf") == 7
+    # Images per POST /predict: 2 classified, 5 refused or failed.
+    assert _delta(before, after, "dinov2_serve_images_per_request_count") == 7
+    assert _delta(before, after, "dinov2_serve_images_per_request_sum") == 2
+    assert _delta(before, after, "dinov2_serve_images_per_request_bucket", le="0.0") == 5
+    rejections = {"unsupported_format": 1, "too_many_pixels": 1, "body_too_large": 1, "invalid_request": 1, "corrupt": 0}
+    for reason, count in rejections.items():
+        assert _delta(before, after, "dinov2_serve_upload_rejections_total", reason=reason) == count, reason
+    assert ("dinov2_serve_upload_rejections_total", (("reason", "out_of_memory"),)) in before  # exported at 0
+    # Decoded: the two good images, the 415, the 413 on pixels and the failing one; classified: two.
+    assert _delta(before, after, "dinov2_serve_decode_seconds_count") == 5
+    assert _delta(before, after, "dinov2_serve_inference_seconds_count") == 2
+    assert _value(after, "dinov2_serve_requests_in_flight") == 1  # the scrape itself
+    assert _value(after, "dinov2_serve_uploads_waiting") == 0
+    info = [labels for (name, labels), _ in after.items() if name == "dinov2_serve_model_info"]
+    assert info == [(("device", "cpu"), ("model_sha256", hashlib.sha256(path.read_bytes()).hexdigest()),
+                     ("multi_crop", "false"), ("tta", "true"))]
+    assert "dinov2_serve_model_load_seconds" not in text  # the Predictor was loaded elsewhere
+    assert "process_resident_memory_bytes" in text
+    # Route templates only: neither the requested path nor the model's location shows.
+    assert "secret-path-7" not in text and "secret_dir" not in text and "model.pth" not in text and "BREW" not in text
+
+    # Each app counts its own requests (a registry per app, not prometheus_client's global one).
+    with _client(predictor) as other:
+        fresh = _samples(other.get("/metrics").text)
+    assert _value(fresh, **_requests("/predict", 200, "POST")) == 0
+
+
+def test_metrics_need_the_token(served_model):
+    with _client(served_model[0], token=TOKEN) as client:
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 200
+    samples = _samples(response.text)
+    assert _value(samples, **_requests("/metrics", 401)) == 2  # refused scrapes are counted too
+
+
+@contextlib.contextmanager
+def _uvicorn_in_thread(app, timeout=30.0):
+    """A real uvicorn server on a free 127.0.0.1 port, in a thread; stopped (and joined) on exit."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))  # bound here, so no other process can take the port meanwhile
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", server_header=False))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + timeout
+        while not server.started:
+            assert thread.is_alive(), "uvicorn stopped during start-up"
+            assert time.monotonic() < deadline, f"uvicorn did not start within {timeout} s"
+            time.sleep(0.05)
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout)
+        sock.close()
+    assert not thread.is_alive(), f"uvicorn did not stop within {timeout} s"
+
+
+def test_metrics_scraped_from_a_real_server(tmp_path):
+    model_path = save_tiny_classifier(tmp_path / "model.pth")
+    app = serve.create_app(model_path, device="cpu", max_upload_bytes=MAX_UPLOAD_BYTES)
+    with _uvicorn_in_thread(app) as url, httpx.Client(base_url=url, timeout=30) as client:
+        before = _samples(client.get("/metrics").text)
+        for seed in range(3):
+            assert client.post("/predict", files={"file": (f"{seed}.png", _png(random_image(seed)))}).status_code == 200
+        assert client.post("/predict", files={"file": ("cut.png", _png(random_image(1))[:60])}).status_code == 400
+        assert client.post("/predict", files={"file": ("x.png", os.urandom(2 * MAX_UPLOAD_BYTES))}).status_code == 413
+        assert client.get("/missing").status_code == 404
+        response = client.get("/metrics", headers={"Accept": "application/openmetrics-text; version=1.0.0"})
+        after_text = client.get("/metrics").text
+    assert response.headers["content-type"].startswith("application/openmetrics-text")
+    assert response.text.rstrip().endswith("# EOF")
+    after = _samples(after_text)
+    assert _delta(before, after, **_requests("/predict", 200, "POST")) == 3
+    assert _delta(before, after, **_requests("/predict", 400, "POST")) == 1
+    assert _delta(before, after, **_requests("/predict", 413, "POST")) == 1
+    assert _delta(before, after, **_requests("unmatched", 404)) == 1
+    assert _delta(before, after, **_requests("/metrics", 200)) == 2
+    assert _delta(before, after, "dinov2_serve_request_duration_seconds_count", route="/predict") == 5
+    assert _delta(before, after, "dinov2_serve_images_per_request_sum") == 3
+    assert _delta(before, after, "dinov2_serve_upload_rejections_total", reason="corrupt") == 1
+    assert _delta(before, after, "dinov2_serve_upload_rejections_total", reason="body_too_large") == 1
+    assert 0 < _value(after, "dinov2_serve_model_load_seconds") < 60
+    assert str(tmp_path) not in after_text
