@@ -20,8 +20,8 @@ from torch.distributed.checkpoint import filesystem as dcp_filesystem
 
 from dinov2.checkpoint import MARKER, CheckpointError, CheckpointManager, ModelOptimizerState, checkpoint_keys
 from dinov2.checkpoint.consolidate import consolidate_checkpoint, resolve_checkpoint
-from dinov2.eval.setup import build_model_for_eval, resolve_weights_path
-from dinov2.hub.sources import load_backbone
+from dinov2.eval.setup import build_model_for_eval
+from dinov2.hub.sources import load_backbone, resolve_weights_path
 from dinov2.train.export import LATEST_EXPORT_NAME, export_teacher_backbone
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import main

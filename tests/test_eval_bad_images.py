@@ -9,9 +9,9 @@ from PIL import Image
 
 from dinov2.data.image_io import BadImageError
 from dinov2.data.loaders import make_dataset
+from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval.features import BlockFeatures, extract_features
 from dinov2.eval.linear import HeadGrid, OnlineTrainSource, make_head_grid, train_linear_grid
-from dinov2.eval.setup import make_eval_transform
 from dinov2.models.vision_transformer import vit_small
 
 
@@ -33,7 +33,7 @@ def _folder(root, broken):
 
 def test_skipped_images_are_left_out_of_features(tmp_path, model):
     _folder(tmp_path, broken=[2])  # dataset order: a/0, a/2, a/4, b/1, b/3, b/5
-    transform = make_eval_transform(16)
+    transform = make_classification_eval_transform(crop_size=16)
     lenient = make_dataset(f"ImageFolder:root={tmp_path}:bad_images=skip:cache=false", transform=transform)
     features = extract_features(model, lenient, batch_size=2, num_workers=0)
     assert features.indices.tolist() == [0, 2, 3, 4, 5]
@@ -54,14 +54,14 @@ def test_skipped_images_in_a_stream(tmp_path, model):
         for n in range(4):
             data = jpeg(50 * n)
             sink.write({"__key__": f"k{n}", "jpg": data[:100] if n == 1 else data, "cls": n % 2})
-    stream = make_dataset(f"WebDataset:urls={tmp_path}/s-000000.tar:bad_images=skip", transform=make_eval_transform(16))
+    stream = make_dataset(f"WebDataset:urls={tmp_path}/s-000000.tar:bad_images=skip", transform=make_classification_eval_transform(crop_size=16))
     features = extract_features(model, stream, batch_size=2, num_workers=0)
     assert features.labels.tolist() == [0, 0, 1]  # samples 0, 2, 3
 
 
 def test_online_linear_probe_survives_an_all_skipped_batch(tmp_path, model):
     _folder(tmp_path, broken=[0, 2])  # dataset indices 0 and 1: the first batch below
-    dataset = make_dataset(f"ImageFolder:root={tmp_path}:bad_images=skip:cache=false", transform=make_eval_transform(16))
+    dataset = make_dataset(f"ImageFolder:root={tmp_path}:bad_images=skip:cache=false", transform=make_classification_eval_transform(crop_size=16))
     val = extract_features(model, dataset, feature_fn=BlockFeatures(2), batch_size=4, num_workers=0)
     source = OnlineTrainSource(model, dataset, range(len(dataset)), 2, "cpu", num_workers=0)
     batches = list(source.batches([torch.tensor([0, 1]).numpy(), torch.tensor([2, 3]).numpy()]))

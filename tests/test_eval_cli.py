@@ -13,12 +13,13 @@ import torch
 from PIL import Image
 
 from dinov2.data.loaders import make_dataset
+from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval import knn, linear, log_regression
 from dinov2.eval.cli import setup_eval
 from dinov2.eval.features import extract_features
 from dinov2.eval.knn import knn_classify
 from dinov2.eval.metrics import classification_metrics
-from dinov2.eval.setup import build_model_for_eval, make_eval_transform
+from dinov2.eval.setup import build_model_for_eval
 from dinov2.hub.weights import WeightsError, save_state_dict
 from dinov2.models import build_model_from_cfg
 from dinov2.utils.config import load_config, save_config
@@ -73,7 +74,7 @@ def test_knn_cli_writes_results(workspace):
     assert test["num_samples"] == 15 and test["num_classes"] == 3
     # the same computation through the library
     backbone = build_model_for_eval(None, run)
-    transform = make_eval_transform(backbone.image_size, backbone.mean, backbone.std)
+    transform = make_classification_eval_transform(crop_size=backbone.image_size, mean=backbone.mean, std=backbone.std)
     bank = extract_features(backbone.model, make_dataset(specs["train"], transform), num_workers=0)
     queries = extract_features(backbone.model, make_dataset(specs["test"], transform), num_workers=0)
     scores = knn_classify(queries.features, bank.features, bank.labels, ks=[5], num_classes=3)[5]
@@ -188,7 +189,7 @@ def test_resize_size_option_keeps_whole_small_images(workspace):
     ctx = setup_eval(args, "knn")
     image = Image.fromarray(np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3))
     whole = ctx.transform()(image)  # resized to 16, nothing cropped away
-    expected = make_eval_transform(16, ctx.backbone.mean, ctx.backbone.std, resize_size=16)(image)
+    expected = make_classification_eval_transform(16, 16, mean=ctx.backbone.mean, std=ctx.backbone.std)(image)
     torch.testing.assert_close(whole, expected)
     default = setup_eval(knn.get_args_parser().parse_args(common_args(run, specs, root / "resize")), "knn")
     assert not torch.allclose(default.transform()(image), whole)  # 18 px then a centre crop of 16

@@ -20,8 +20,10 @@ __all__ = [
     "IMAGENET_DEFAULT_STD",
     "ToLuminance",
     "ToRGB",
+    "default_resize_size",
     "make_blur",
     "make_normalize_transform",
+    "make_resize_transform",
     "make_classification_eval_transform",
     "make_classification_train_transform",
 ]
@@ -118,15 +120,48 @@ def make_blur(p: float, sigma: Sequence[float] = DEFAULT_BLUR_SIGMA) -> v2.Rando
     return v2.RandomApply([v2.GaussianBlur(kernel_size=BLUR_KERNEL_SIZE, sigma=tuple(sigma))], p=p)
 
 
+def default_resize_size(crop_size: int) -> int:
+    """Short side before a ``crop_size`` centre crop: ``crop_size * 256 / 224``, the ImageNet ratio."""
+    return int(round(crop_size * 256 / 224))
+
+
+def make_resize_transform(
+    resize_size: int, interpolation: str | v2.InterpolationMode = v2.InterpolationMode.BICUBIC
+) -> v2.Compose:
+    """Image -> uint8 RGB tensor whose short side is ``resize_size`` (nothing cropped yet).
+
+    The image becomes a tensor *before* resizing, on purpose: torchvision's tensor resampling
+    and PIL's differ by one grey level on some pixels, and evaluation, classifier training and
+    inference must all see exactly the pixels the published figures and stored classifiers were
+    made with (this tensor path)."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RGB(),
+            v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
+        ]
+    )
+
+
 def make_classification_train_transform(
     crop_size: int = 224,
-    interpolation: v2.InterpolationMode = v2.InterpolationMode.BICUBIC,
+    interpolation: str | v2.InterpolationMode = v2.InterpolationMode.BICUBIC,
     hflip_prob: float = 0.5,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
+    scale: Sequence[float] = (0.08, 1.0),
 ) -> v2.Compose:
-    """Random-resized crop + horizontal flip + normalisation, for training probes or fine-tuning."""
-    steps = [ToRGB(), v2.RandomResizedCrop(crop_size, interpolation=interpolation, antialias=True)]
+    """Random-resized crop (area fraction in ``scale``) + horizontal flip + normalisation: the
+    augmentation of the online linear probe and of classifier training."""
+    if not 0.0 < scale[0] <= scale[1] <= 1.0:
+        raise ValueError(f"random-resized-crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
+    steps = [
+        v2.ToImage(),
+        v2.RGB(),
+        v2.RandomResizedCrop(
+            crop_size, scale=tuple(scale), interpolation=v2.InterpolationMode(interpolation), antialias=True
+        ),
+    ]
     if hflip_prob > 0.0:
         steps.append(v2.RandomHorizontalFlip(p=hflip_prob))
     steps.append(make_normalize_transform(mean, std))
@@ -134,18 +169,21 @@ def make_classification_train_transform(
 
 
 def make_classification_eval_transform(
-    resize_size: int = 256,
+    resize_size: int | None = None,
     crop_size: int = 224,
-    interpolation: v2.InterpolationMode = v2.InterpolationMode.BICUBIC,
+    interpolation: str | v2.InterpolationMode = v2.InterpolationMode.BICUBIC,
     mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
     std: Sequence[float] = IMAGENET_DEFAULT_STD,
 ) -> v2.Compose:
-    """Resize the short side to ``resize_size``, centre-crop ``crop_size``, normalise (the
-    standard evaluation transform of DINOv2's k-NN / linear probes)."""
+    """Resize the short side to ``resize_size`` (default :func:`default_resize_size`, 256 for a
+    224 crop), centre-crop ``crop_size``, normalise: the transform of the k-NN, linear and
+    logistic-regression evaluations, the training k-NN monitor and classifier validation."""
+    resize_size = default_resize_size(crop_size) if resize_size is None else resize_size
+    if resize_size < crop_size:
+        raise ValueError(f"resize size {resize_size} is smaller than the {crop_size} px centre crop")
     return v2.Compose(
         [
-            ToRGB(),
-            v2.Resize(resize_size, interpolation=interpolation, antialias=True),
+            make_resize_transform(resize_size, interpolation),
             v2.CenterCrop(crop_size),
             make_normalize_transform(mean, std),
         ]

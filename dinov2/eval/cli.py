@@ -12,9 +12,11 @@ from typing import Optional
 
 import torch
 
+from dinov2.data.transforms import make_classification_eval_transform
+
 from . import _dist
 from .results import prepare_output_dir
-from .setup import EvalBackbone, build_model_for_eval, make_eval_transform
+from .setup import EvalBackbone, build_model_for_eval
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -82,8 +84,9 @@ class EvalContext:
     resize_size: Optional[int] = None
 
     def transform(self):
+        """Resize (``--resize-size``, default image size x 256/224), centre-crop, normalise."""
         b = self.backbone
-        return make_eval_transform(b.image_size, b.mean, b.std, resize_size=self.resize_size)
+        return make_classification_eval_transform(self.resize_size, b.image_size, mean=b.mean, std=b.std)
 
 
 def configure_logging() -> None:
