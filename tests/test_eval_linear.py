@@ -5,9 +5,11 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
+from dinov2.eval import linear
 from dinov2.eval.features import BlockFeatures, FeatureSet, extract_features
 from dinov2.eval.linear import (
     CachedTrainSource,
+    HeadGrid,
     OnlineTrainSource,
     batch_positions,
     cosine_factor,
@@ -59,11 +61,75 @@ def test_grid_heads_equal_separately_trained_heads():
     assert grid.val_accuracy[grid.best_head] > 0.9  # the classes are easy to read off
     for index in (1, 6):
         alone = train_linear_grid(CachedTrainSource(train), val, 3, [configs[index]], EMBED, **options)
-        assert torch.equal(alone.grid.heads[0].weight, grid.grid.heads[index].weight)
-        assert torch.equal(alone.grid.heads[0].bias, grid.grid.heads[index].bias)
+        # stacked with other heads, a head's logits come from a wider matmul: equal up to rounding
+        torch.testing.assert_close(alone.grid.head(0).weight, grid.grid.head(index).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(alone.grid.head(0).bias, grid.grid.head(index).bias, rtol=1e-5, atol=1e-6)
         assert alone.val_accuracy[0] == grid.val_accuracy[index]
     # different learning rates really train differently
-    assert not torch.equal(grid.grid.heads[0].weight, grid.grid.heads[1].weight)
+    assert not torch.equal(grid.grid.head(0).weight, grid.grid.head(1).weight)
+
+
+class _PerHeadGrid:
+    """The grid as it was before the heads were stacked: an ``nn.Linear`` and a
+    ``torch.optim.SGD`` per head, stepped one after another (the reference for the batched grid)."""
+
+    def __init__(self, configs, embed_dim, num_classes, seed, lr_scale, device):
+        self.configs, self.lr_scale, self.heads = list(configs), lr_scale, []
+        for config in self.configs:
+            head = torch.nn.Linear(embed_dim * (config.n_last_blocks + int(config.avgpool)), num_classes)
+            with torch.no_grad():
+                head.weight.copy_(torch.randn(head.weight.shape, generator=torch.Generator().manual_seed(seed)) * 0.01)
+                head.bias.zero_()
+            self.heads.append(head)
+        self.optimizers = [
+            torch.optim.SGD(h.parameters(), lr=c.lr * lr_scale, momentum=0.9, weight_decay=0.0) for h, c in zip(self.heads, self.configs)
+        ]
+
+    def head(self, index):
+        return self.heads[index]
+
+    def logits(self, block_features):
+        return [h(linear_input(block_features, c.n_last_blocks, c.avgpool)) for h, c in zip(self.heads, self.configs)]
+
+    def train_step(self, block_features, labels, lr_factor):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad()
+        losses = torch.stack([torch.nn.functional.cross_entropy(z, labels) for z in self.logits(block_features)])
+        losses.sum().backward()
+        for optimizer, config in zip(self.optimizers, self.configs):
+            optimizer.param_groups[0]["lr"] = config.lr * self.lr_scale * lr_factor
+            optimizer.step()
+        return losses.detach()
+
+    @torch.no_grad()
+    def correct_counts(self, features, batch_size=1024):
+        return torch.tensor([int((z.argmax(dim=1) == features.labels).sum()) for z in self.logits(features.features)])
+
+
+def test_batched_grid_equals_per_head_optimisers(monkeypatch):
+    """Same initialisation, learning rates, batches, losses and SGD updates as one optimiser per head."""
+    train, val = block_feature_set(150, 2), block_feature_set(60, 3)
+    # interleaved inputs and repeated learning rates: stacking must keep every head in its place
+    configs = make_head_grid([0.02, 0.5, 3.0], [1, 2, 4], [False, True])
+    configs = configs[::2] + configs[1::2]
+    options = dict(epochs=3, batch_size=32, seed=5, eval_period_iterations=4, progress=False)
+    batched = train_linear_grid(CachedTrainSource(train), val, 3, configs, EMBED, **options)
+    monkeypatch.setattr(linear, "HeadGrid", _PerHeadGrid)
+    reference = train_linear_grid(CachedTrainSource(train), val, 3, configs, EMBED, **options)
+    assert isinstance(batched.grid, HeadGrid) and isinstance(reference.grid, _PerHeadGrid)
+    for index in range(len(configs)):
+        torch.testing.assert_close(batched.grid.head(index).weight, reference.grid.head(index).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(batched.grid.head(index).bias, reference.grid.head(index).bias, rtol=1e-5, atol=1e-6)
+    assert batched.history == reference.history and batched.val_accuracy == reference.val_accuracy
+    assert batched.best_head == reference.best_head
+    # the losses of one step, per head in grid order
+    grid = HeadGrid(configs, EMBED, 3, seed=5, lr_scale=0.125, device="cpu")
+    per_head = _PerHeadGrid(configs, EMBED, 3, seed=5, lr_scale=0.125, device="cpu")
+    torch.testing.assert_close(grid.train_step(train.features[:32], train.labels[:32], 1.0),
+                               per_head.train_step(train.features[:32], train.labels[:32], 1.0), rtol=1e-6, atol=1e-7)
+    probs = batched.grid.probabilities(batched.best_head, val)
+    expected = torch.softmax(reference.grid.logits(val.features)[reference.best_head], dim=1)
+    torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
 
 
 class TensorImages(Dataset):
@@ -90,8 +156,8 @@ def test_online_mode_equals_cached_mode_without_augmentation():
     options = dict(epochs=2, batch_size=8, seed=3, progress=False)
     a = train_linear_grid(CachedTrainSource(cached), val_features, 2, configs, 32, **options)
     b = train_linear_grid(online, val_features, 2, configs, 32, **options)
-    for head_a, head_b in zip(a.grid.heads, b.grid.heads):
-        torch.testing.assert_close(head_a.weight, head_b.weight, rtol=1e-4, atol=1e-5)
+    for index in range(len(configs)):
+        torch.testing.assert_close(a.grid.head(index).weight, b.grid.head(index).weight, rtol=1e-4, atol=1e-5)
     assert a.val_accuracy == b.val_accuracy
     probs = a.grid.probabilities(a.best_head, val_features)
     assert probs.shape == (24, 2) and torch.allclose(probs.sum(1), torch.ones(24))

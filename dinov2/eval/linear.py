@@ -3,12 +3,13 @@
 Every head is ``nn.Linear`` on one of four inputs built from the same backbone outputs: the CLS
 tokens of the last 1 or 4 blocks, concatenated, with or without the average patch token of the
 last block (:class:`~dinov2.eval.features.BlockFeatures` computes all of them at once). The grid
-is learning rates x block counts x avgpool. All heads see the same batches; each has its own
-SGD optimiser (momentum 0.9, no weight decay) with a cosine learning-rate decay to zero, and its
-weights start from a generator seeded with ``seed`` (heads of the same input width start equal).
-Heads share nothing, so each head ends exactly where a separately trained head with the same
-settings, seed and data order would. The head with the best validation top-1 at the end is
-evaluated on the test set.
+is learning rates x block counts x avgpool. All heads see the same batches; each trains by SGD of
+its own (momentum 0.9, no weight decay, its own learning rate) with a cosine learning-rate decay
+to zero, and its weights start from a generator seeded with ``seed`` (heads of the same input
+width start equal). Heads share nothing, so each head ends where a separately trained head with
+the same settings, seed and data order would (up to float rounding: the heads of one input are
+stacked and computed by one matmul, see :class:`HeadGrid`). The head with the best validation
+top-1 at the end is evaluated on the test set.
 
 Two ways to feed the heads:
 - ``cached`` (default): train features are extracted once without augmentation and every epoch
@@ -85,14 +86,16 @@ def make_head_grid(
 
 
 def linear_input(block_features: torch.Tensor, n_last_blocks: int, avgpool: bool) -> torch.Tensor:
-    """The head input from :class:`BlockFeatures` output (B, n_max + 1, D)."""
+    """The head input from :class:`BlockFeatures` output (B, n_max + 1, D).
+
+    The CLS tokens of the last ``n_last_blocks`` blocks, concatenated, then (with ``avgpool``) the
+    average patch token: adjacent rows of ``block_features``, so this is a view of it (no copy)
+    when it is contiguous, and a matmul reads it in place.
+    """
     n_max = block_features.shape[1] - 1
     if not 1 <= n_last_blocks <= n_max:
         raise ValueError(f"n_last_blocks={n_last_blocks} but features hold the last {n_max} blocks")
-    parts = [block_features[:, n_max - n_last_blocks : n_max].flatten(1)]
-    if avgpool:
-        parts.append(block_features[:, -1])
-    return torch.cat(parts, dim=1)
+    return block_features[:, n_max - n_last_blocks : n_max + int(avgpool)].flatten(1)
 
 
 def cosine_factor(iteration: int, total: int) -> float:
@@ -100,83 +103,129 @@ def cosine_factor(iteration: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * iteration / max(total, 1)))
 
 
+MOMENTUM = 0.9  # SGD momentum of every head; no dampening, no Nesterov, no weight decay (as upstream)
+
+
 class HeadGrid(nn.Module):
-    """Independent linear heads, each with its own optimiser."""
+    """The grid's linear heads, stacked so that one step trains all of them.
+
+    Heads that read the same input (same block count and avgpool) are stored together:
+    ``weights[g]`` is (heads, classes, input width) and ``biases[g]`` (heads, classes), so one
+    matmul per input computes the logits of all its heads, with no Python loop over heads. Each
+    head still trains exactly as an ``nn.Linear`` with its own ``torch.optim.SGD`` would: its loss
+    is the mean cross entropy over the batch, the gradient of the summed loss is each head's own
+    gradient (heads share no parameters), and the update is SGD's ``buf = momentum * buf + grad;
+    param -= lr * buf`` with the head's own learning rate. ``torch.optim`` takes one learning rate
+    per parameter group, and a group per head would mean a tensor per head again, so that update
+    is written out here with a per-head learning-rate tensor.
+    """
 
     def __init__(self, configs: Sequence[HeadConfig], embed_dim: int, num_classes: int, seed: int, lr_scale: float, device):
         super().__init__()
         self.configs = list(configs)
         self.lr_scale = lr_scale
-        self.heads = nn.ModuleList()
-        for config in self.configs:
-            in_dim = embed_dim * (config.n_last_blocks + int(config.avgpool))
-            head = nn.Linear(in_dim, num_classes)
-            generator = torch.Generator().manual_seed(seed)  # per head: independent of the grid's size
-            with torch.no_grad():
-                head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.01)
-                head.bias.zero_()
-            self.heads.append(head.to(device))
-        self.optimizers = [
-            torch.optim.SGD(head.parameters(), lr=config.lr * lr_scale, momentum=0.9, weight_decay=0.0, foreach=False)
-            for head, config in zip(self.heads, self.configs)
-        ]
-
-    def logits(self, block_features: torch.Tensor) -> List[torch.Tensor]:
-        inputs: Dict[Tuple[int, bool], torch.Tensor] = {}
-        out = []
-        for head, config in zip(self.heads, self.configs):
+        self.inputs: List[Tuple[int, bool]] = []  # (n_last_blocks, avgpool) of each stack
+        members: List[List[int]] = []  # head indices (grid order) of each stack
+        for index, config in enumerate(self.configs):
             key = (config.n_last_blocks, config.avgpool)
-            if key not in inputs:
-                inputs[key] = linear_input(block_features, *key)
-            out.append(head(inputs[key]))
+            if key not in self.inputs:
+                self.inputs.append(key)
+                members.append([])
+            members[self.inputs.index(key)].append(index)
+        self.members = members
+        # head index -> (stack, slot), and the grid order of the stacks' concatenated outputs
+        self._slot = {h: (g, s) for g, heads in enumerate(members) for s, h in enumerate(heads)}
+        self._grid_order = torch.argsort(torch.tensor([h for heads in members for h in heads]))
+        self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        for (n_last_blocks, avgpool), heads in zip(self.inputs, members):
+            in_dim = embed_dim * (n_last_blocks + int(avgpool))
+            # per head, the same draw as before stacking: independent of the grid's size and order
+            weight = torch.stack(
+                [torch.randn((num_classes, in_dim), generator=torch.Generator().manual_seed(seed)) * 0.01 for _ in heads]
+            )
+            self.weights.append(nn.Parameter(weight.to(device)))
+            self.biases.append(nn.Parameter(torch.zeros(len(heads), num_classes, device=device)))
+        self._momentum = [torch.zeros_like(p) for p in self._params()]
+        # lr * lr_scale per head (float64, as the Python floats torch.optim would be given)
+        self._scaled_lrs = [torch.tensor([self.configs[h].lr * lr_scale for h in heads], dtype=torch.float64) for heads in members]
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+    def _params(self) -> List[nn.Parameter]:
+        return [*self.weights, *self.biases]
+
+    def stack_logits(self, block_features: torch.Tensor) -> List[torch.Tensor]:
+        """(batch, heads of the stack, classes) logits of every stack."""
+        out = []
+        for (n_last_blocks, avgpool), weight, bias in zip(self.inputs, self.weights, self.biases):
+            x = linear_input(block_features, n_last_blocks, avgpool)
+            out.append(F.linear(x, weight.flatten(0, 1), bias.flatten()).unflatten(1, weight.shape[:2]))
         return out
+
+    def head(self, index: int) -> nn.Linear:
+        """Head ``index`` (grid order) as a standalone ``nn.Linear`` (a copy)."""
+        stack, slot = self._slot[index]
+        weight = self.weights[stack][slot].detach()
+        linear = torch.nn.utils.skip_init(nn.Linear, weight.shape[1], weight.shape[0], device=weight.device)
+        with torch.no_grad():
+            linear.weight.copy_(weight)
+            linear.bias.copy_(self.biases[stack][slot])
+        return linear
 
     def train_step(self, block_features: torch.Tensor, labels: torch.Tensor, lr_factor: float) -> torch.Tensor:
         """One SGD step of every head; returns the per-head losses (on this rank's batch)."""
-        for optimizer in self.optimizers:
-            optimizer.zero_grad(set_to_none=False)
+        params = self._params()
         if labels.numel():
-            losses = torch.stack([F.cross_entropy(logits, labels) for logits in self.logits(block_features)])
-            losses.sum().backward()  # heads share nothing: each gradient is that of its own loss
+            stack_losses = []
+            for logits in self.stack_logits(block_features):
+                batch, heads, classes = logits.shape
+                per_sample = F.cross_entropy(logits.reshape(batch * heads, classes), labels.repeat_interleave(heads), reduction="none")
+                stack_losses.append(per_sample.view(batch, heads).mean(dim=0))
+            losses = torch.cat(stack_losses)
+            grads = list(torch.autograd.grad(losses.sum(), params))  # heads share nothing: each its own gradient
+            losses = losses.detach()[self._grid_order.to(losses.device)]
         else:  # a batch whose images were all skipped as unreadable: zero gradients
-            losses = torch.zeros(len(self.heads), device=self.heads[0].weight.device)
-            for p in self.parameters():
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
+            losses = torch.zeros(len(self.configs), device=params[0].device)
+            grads = [torch.zeros_like(p) for p in params]
         if _dist.get_world_size() > 1:
-            self._average_gradients()
-        for optimizer, config in zip(self.optimizers, self.configs):
-            for group in optimizer.param_groups:
-                group["lr"] = config.lr * self.lr_scale * lr_factor
-            optimizer.step()
-        return losses.detach()
+            grads = self._average_gradients(grads)
+        self._sgd_step(grads, lr_factor)
+        return losses
 
-    def _average_gradients(self) -> None:
-        grads = [p.grad for p in self.parameters()]
+    @torch.no_grad()
+    def _sgd_step(self, grads: List[torch.Tensor], lr_factor: float) -> None:
+        # torch.optim.SGD starts the momentum buffer at the first gradient; 0.9 * 0 + grad is
+        # exactly that gradient, so zero-initialised buffers give the same updates.
+        lrs = [(scaled * lr_factor).to(torch.float32) for scaled in self._scaled_lrs]
+        for param, grad, buf, lr in zip(self._params(), grads, self._momentum, lrs + lrs):  # weights, then biases
+            buf.mul_(MOMENTUM).add_(grad)
+            lr = lr.to(param.device).view(-1, *([1] * (param.ndim - 1)))
+            param.addcmul_(buf, lr, value=-1.0)
+
+    @staticmethod
+    def _average_gradients(grads: List[torch.Tensor]) -> List[torch.Tensor]:
         flat = _dist.all_reduce_sum(torch.cat([g.flatten() for g in grads])) / _dist.get_world_size()
-        offset = 0
-        for g in grads:
-            g.copy_(flat[offset : offset + g.numel()].view_as(g))
-            offset += g.numel()
+        return [chunk.view_as(g) for chunk, g in zip(flat.split([g.numel() for g in grads]), grads)]
 
     @torch.no_grad()
     def correct_counts(self, features: FeatureSet, batch_size: int = 1024) -> torch.Tensor:
-        """Top-1 hits of every head on (this rank's share of) a feature set."""
-        hits = torch.zeros(len(self.heads), dtype=torch.long)
+        """Top-1 hits of every head (grid order) on (this rank's share of) a feature set."""
+        hits = torch.zeros(len(self.configs), dtype=torch.long)
         for start in range(0, len(features), batch_size):
             chunk = features.features[start : start + batch_size]
             labels = features.labels[start : start + batch_size]
-            for h, logits in enumerate(self.logits(chunk)):
-                hits[h] += int((logits.argmax(dim=1) == labels).sum())
+            per_stack = [(logits.argmax(dim=2) == labels[:, None]).sum(dim=0) for logits in self.stack_logits(chunk)]
+            hits += torch.cat(per_stack).cpu()[self._grid_order]
         return hits
 
     @torch.no_grad()
     def probabilities(self, head: int, features: FeatureSet, batch_size: int = 1024) -> torch.Tensor:
-        config = self.configs[head]
+        config, linear = self.configs[head], self.head(head)
         rows = []
         for start in range(0, len(features), batch_size):
             chunk = linear_input(features.features[start : start + batch_size], config.n_last_blocks, config.avgpool)
-            rows.append(torch.softmax(self.heads[head](chunk), dim=1))
+            rows.append(torch.softmax(linear(chunk), dim=1))
         return torch.cat(rows)
 
 
@@ -391,8 +440,9 @@ def split_train_val(
 
 
 def run_linear(args: argparse.Namespace) -> dict:
+    from dinov2.data.transforms import make_classification_train_transform
+
     from .cli import check_same_classes, load_dataset, resolve_positive_class, setup_eval
-    from .setup import make_train_transform
 
     ctx = setup_eval(args, "linear")
     if args.feature_mode == "cached" and args.augment:
@@ -433,7 +483,7 @@ def run_linear(args: argparse.Namespace) -> dict:
         cached = extract_features(model, train, feature_fn=feature_fn, indices=train_indices, desc="train features", **common).labelled()
         source = CachedTrainSource(cached)
     else:
-        train_aug = load_dataset(args.train_dataset, make_train_transform(backbone.image_size, backbone.mean, backbone.std) if augment else eval_transform, "train")
+        train_aug = load_dataset(args.train_dataset, make_classification_train_transform(backbone.image_size, mean=backbone.mean, std=backbone.std) if augment else eval_transform, "train")
         local = train_indices[_dist.get_rank() :: _dist.get_world_size()]
         source = OnlineTrainSource(model, train_aug, local, n_max, ctx.device, args.task, args.num_workers, ctx.autocast_dtype)
 
@@ -508,7 +558,7 @@ def _write(output_dir, results: dict, grid: HeadGrid, class_names) -> None:
     lines.append("top heads on val: " + ", ".join(f"{h['name']} {100 * h['val_top1']:.2f}%" for h in ranked))
     path = write_results(output_dir, results, lines)
     index = [h["name"] for h in results["heads"]].index(best["name"])
-    save_state_dict(grid.heads[index].state_dict(), output_dir / "best_linear_head.pth")
+    save_state_dict(grid.head(index).state_dict(), output_dir / "best_linear_head.pth")
     role = "test" if "test" in results else "val"
     plot_confusion_matrix(results[role]["confusion_matrix"], output_dir / f"confusion_matrix_{role}.png", class_names, title=f"linear probe on {role}")
     print("\n".join(lines))
