@@ -406,10 +406,15 @@ def test_metrics_need_the_token(served_model):
     with _client(served_model[0], token=TOKEN) as client:
         assert client.get("/metrics").status_code == 401
         assert client.get("/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        assert _post(client, "a.png", _png(random_image(1))).status_code == 401
         response = client.get("/metrics", headers={"Authorization": f"Bearer {TOKEN}"})
     assert response.status_code == 200
     samples = _samples(response.text)
     assert _value(samples, **_requests("/metrics", 401)) == 2  # refused scrapes are counted too
+    assert _value(samples, **_requests("/predict", 401, "POST")) == 1
+    # An unauthorised request is no upload: neither an image count nor a rejection reason.
+    assert _value(samples, "dinov2_serve_images_per_request_count") == 0
+    assert sum(v for (name, _), v in samples.items() if name == "dinov2_serve_upload_rejections_total") == 0
 
 
 @contextlib.contextmanager

@@ -362,8 +362,8 @@ class RequestMetricsMiddleware:
     else (token check, body limit, error handler), so 401s, 413s and 500s are counted too.
 
     A request is recorded just before the last part of its response is sent: a client that has a
-    whole response can rely on it being counted (the tests do). ``POST /predict`` also records the
-    images classified and, for a refused upload, the reason, which the endpoint leaves in the
+    whole response can rely on it being counted (the tests do). An authorised ``POST /predict`` also
+    records the images classified and, for a refused upload, the reason, which the endpoint leaves in the
     request state (``images_classified``, ``upload_rejection``).
     """
 
@@ -390,7 +390,7 @@ class RequestMetricsMiddleware:
             recorded = True
             self.metrics.in_flight.dec()
             self.metrics.record_request(route, method, final_status, time.perf_counter() - start)
-            if route == "/predict" and method == "POST":
+            if route == "/predict" and method == "POST" and final_status != 401:  # 401: not an upload yet
                 self._record_upload(final_status, state)
 
         async def send_recorded(message):
@@ -410,7 +410,7 @@ class RequestMetricsMiddleware:
     def _record_upload(self, status: int, state: dict) -> None:
         self.metrics.images.observe(state.get("images_classified", 0))
         reason = state.get("upload_rejection")
-        if reason is None and 400 <= status < 500 and status != 401:
+        if reason is None and 400 <= status < 500:
             # Refused before the endpoint ran: FastAPI's body limit or form validation.
             reason = "body_too_large" if status == 413 else "invalid_request"
         if reason is not None:
