@@ -43,6 +43,7 @@ from dinov2.data.image_io import load_image_file
 
 from .checkpoint import load_classifier, resolve_classifier_path
 from .device import select_device
+from .onnx_predict import OnnxPredictor
 from .transforms import normalise_transform, resize_transform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -202,17 +203,21 @@ def predict(
     """Class probabilities and predicted labels of every head for every image.
 
     ``images``: a directory (searched recursively), an image file, or a list of paths and PIL
-    images. ``model``: a classifier file, a classifier training output directory, or a
-    :class:`Predictor`. Returns a DataFrame (``output_format="dataframe"``) or a list of dicts
-    (``"json"``); ``output_path`` also writes it (``.csv`` or ``.json``).
+    images. ``model``: a classifier file, a classifier training output directory, an exported
+    ``.onnx`` classifier (run with ONNX Runtime, see :mod:`dinov2.classify.onnx_export`), or a
+    :class:`Predictor` / :class:`~dinov2.classify.onnx_predict.OnnxPredictor`. Returns a DataFrame
+    (``output_format="dataframe"``) or a list of dicts (``"json"``); ``output_path`` also writes
+    it (``.csv`` or ``.json``).
     """
     if output_format not in OUTPUT_FORMATS:
         raise ValueError(f"output_format must be one of {OUTPUT_FORMATS}, got {output_format!r}")
-    predictor = (
-        model
-        if isinstance(model, Predictor)
-        else Predictor(model, device=device, tta=tta, multi_crop=multi_crop, batch_size=batch_size)
-    )
+    if isinstance(model, (Predictor, OnnxPredictor)):
+        predictor = model
+    elif str(model).endswith(".onnx"):
+        # An exported classifier (dinov2.classify.onnx_export): ONNX Runtime instead of PyTorch.
+        predictor = OnnxPredictor(model, tta=tta, multi_crop=multi_crop, batch_size=batch_size)
+    else:
+        predictor = Predictor(model, device=device, tta=tta, multi_crop=multi_crop, batch_size=batch_size)
     entries = list_images(images)
     records: List[dict] = []
     # Decode a batch at a time, so a large folder never sits in memory at once.

@@ -556,3 +556,39 @@ def export_backbone(
     if fmt == "onnx":
         return export_onnx(model, output, image_size=image_size)
     raise InteropError(f"unknown export format {fmt!r}; valid: {list(FORMATS)}")
+
+
+def build_parser():
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        description="Write a DINOv2 backbone as a transformers folder, a timm folder or an ONNX file."
+    )
+    parser.add_argument("source", help="a weights file (.pth/.safetensors), a training output directory, or hub:<entry>")
+    parser.add_argument("--weights", default=None, help="weights file for hub:<entry>, or another export of a training run")
+    parser.add_argument("--num-heads", type=int, default=None, help="attention heads, if not embed_dim // 64")
+    parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
+    parser.add_argument("--output", required=True, help="folder (hf, timm) or .onnx file (onnx)")
+    parser.add_argument(
+        "--image-size", type=int, nargs="+", default=None, metavar="PX",
+        help="onnx only: the fixed input size, one value or height width (default: the model's own size)",
+    )
+    parser.add_argument("--check", action="store_true", help="onnx only: compare with PyTorch and time both (1 thread)")
+    return parser
+
+
+def main(argv=None) -> int:
+    import sys
+
+    from .sources import load_backbone
+
+    args = build_parser().parse_args(argv)
+    if args.image_size is not None and len(args.image_size) not in (1, 2):
+        raise SystemExit(f"--image-size takes one value or two (height width), got {args.image_size}")
+    image_size = None if args.image_size is None else (args.image_size * 2)[:2]
+    model, spec = load_backbone(args.source, weights=args.weights, num_heads=args.num_heads)
+    path = export_backbone(model.eval(), args.output, args.fmt, image_size=image_size, normalization=spec.get("normalization"))
+    print(f"wrote {args.fmt} export of {args.source} to {path}", file=sys.stderr)
+    if args.check and args.fmt == "onnx":
+        print(json.dumps(compare_onnx(model, path), indent=2))
+    return 0

@@ -1,0 +1,202 @@
+"""Backbones and classifiers in transformers, timm and ONNX Runtime (dinov2.hub.interop,
+dinov2.classify.onnx_export / onnx_predict). Every model is built from a config with random
+weights: nothing is downloaded."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from classify_helpers import random_image, save_tiny_classifier
+from dinov2.hub import interop
+from dinov2.hub.weights import save_state_dict
+from dinov2.models.vision_transformer import DinoVisionTransformer
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1.0)
+VARIANTS = {
+    "plain": {},
+    "registers": dict(num_register_tokens=2, interpolate_antialias=True, interpolate_offset=0.0),
+    "swiglu": dict(ffn_layer="swiglufused"),
+}
+
+
+def tiny_vit(seed=0, **options) -> DinoVisionTransformer:
+    torch.manual_seed(seed)
+    model = DinoVisionTransformer(**{**TINY, **options}).eval()
+    with torch.no_grad():
+        # Far from the initial values, so that a LayerScale, token or position left behind shows.
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("ls1", "ls2", "cls_token", "register_tokens", "pos_embed", "mask_token")):
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def features(model, images):
+    with torch.no_grad():
+        out = model.forward_features(images)
+    return out["x_norm_clstoken"], out["x_norm_patchtokens"]
+
+
+def hf_features(hf_model, images, registers):
+    with torch.no_grad():
+        tokens = hf_model(pixel_values=images).last_hidden_state
+    return tokens[:, 0], tokens[:, 1 + registers :]
+
+
+def assert_close(ours, theirs, atol):
+    for a, b in zip(ours, theirs):
+        assert a.shape == b.shape
+        assert (a - b).abs().max().item() <= atol
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_transformers_folder_loads_with_the_same_features(variant, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    model = tiny_vit(**VARIANTS[variant])
+    interop.export_transformers(model, tmp_path / "hf")
+    hf_model, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    expected = "Dinov2WithRegistersModel" if model.num_register_tokens else "Dinov2Model"
+    assert type(hf_model).__name__ == expected
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    images = torch.randn(2, 3, 56, 56)
+    assert_close(features(model, images), hf_features(hf_model.eval(), images, model.num_register_tokens), 1e-5)
+    if variant == "registers":
+        # Same resizing rule (bicubic to the grid, antialiased): equal at any size.
+        images = torch.randn(2, 3, 42, 70)
+        assert_close(features(model, images), hf_features(hf_model, images, 2), 1e-5)
+
+
+def test_transformers_folder_vits14_width_at_518px(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    # The published ViT-S/14 shape at its native 518 px, cut to one block to stay quick.
+    model = DinoVisionTransformer(img_size=518, patch_size=14, embed_dim=384, depth=1, num_heads=6, init_values=1.0)
+    model.eval()
+    interop.export_transformers(model, tmp_path / "hf")
+    hf_model = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    images = torch.randn(1, 3, 518, 518)
+    assert_close(features(model, images), hf_features(hf_model, images, 0), 1e-5)
+
+
+def test_transformers_folder_reads_back_in_both_key_layouts(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from safetensors.torch import save_file
+
+    model = tiny_vit(**VARIANTS["swiglu"])
+    interop.export_transformers(model, tmp_path / "hf")
+    back = interop.load_transformers_backbone(tmp_path / "hf")
+    assert set(back.state_dict()) == set(model.state_dict())
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+    # The layout of the installed transformers' own state dict (q_proj/gate_proj in 5.x).
+    hf_model = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, str(native / "model.safetensors"))
+    again = interop.load_transformers_backbone(native)
+    images = torch.randn(2, 3, 42, 70)  # non-square: the reader resizes positions as transformers does
+    assert_close(features(again, images), hf_features(hf_model, images, 0), 1e-5)
+
+
+def test_transformers_errors_name_the_problem(tmp_path):
+    with pytest.raises(interop.InteropError, match="biases"):
+        interop.transformers_config(DinoVisionTransformer(**TINY, proj_bias=False))
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "vit"}))
+    with pytest.raises(interop.InteropError, match="model_type 'vit'"):
+        interop.load_transformers_backbone(folder)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        interop.load_transformers_backbone(tmp_path)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_timm_state_dict_loads_strictly_with_the_same_features(variant, tmp_path):
+    timm = pytest.importorskip("timm")
+    model = tiny_vit(**VARIANTS[variant])
+    name, args = interop.timm_model_args(model)
+    timm_model = timm.create_model(name, pretrained=False, num_classes=0, **args).eval()
+    timm_model.load_state_dict(interop.timm_state_dict(model), strict=True)
+    interop.export_timm(model, tmp_path / "timm")
+    from_folder = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    images = torch.randn(2, 3, 56, 56)
+    registers = model.num_register_tokens
+    for candidate in (timm_model, from_folder):
+        with torch.no_grad():
+            tokens = candidate.forward_features(images)
+        assert_close(features(model, images), (tokens[:, 0], tokens[:, 1 + registers :]), 1e-5)
+
+
+def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny_vit(**VARIANTS["registers"])
+    path = interop.export_onnx(model, tmp_path / "backbone.onnx", image_size=(42, 70))  # non-square, not native
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [o.name for o in session.get_outputs()] == ["cls_token", "patch_tokens"]
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 42, 70)
+        cls, patches = session.run(None, {"images": images.numpy()})
+        assert_close(features(model, images), (torch.from_numpy(cls), torch.from_numpy(patches)), 1e-4)
+    report = interop.compare_onnx(model, path, batch_size=2, repeats=1)
+    assert report["max_abs_diff"] <= 1e-4 and report["onnx_ms_per_image"] > 0
+
+
+def test_export_script_writes_each_format(tmp_path):
+    pytest.importorskip("transformers")
+    model = tiny_vit()
+    weights = save_state_dict(model.state_dict(), tmp_path / "backbone.pth")
+    script = REPO / "scripts" / "export_backbone.py"
+    run = subprocess.run(
+        [sys.executable, str(script), str(weights), "--format", "hf", "--output", str(tmp_path / "hf"), "--num-heads", "2"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert run.returncode == 0, run.stderr
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert (config["model_type"], config["hidden_size"], config["num_attention_heads"]) == ("dinov2", 64, 2)
+    back = interop.load_transformers_backbone(tmp_path / "hf")
+    for key, value in model.state_dict().items():
+        assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_classifier_onnx_predicts_the_same_probabilities(tmp_path):
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from dinov2.classify.onnx_export import export_classifier_onnx
+    from dinov2.classify.predict import predict
+
+    classifier = save_tiny_classifier(tmp_path / "classifier.pth")
+    onnx_path = export_classifier_onnx(classifier, tmp_path / "deploy" / "classifier.onnx")
+    images = tmp_path / "images"
+    images.mkdir()
+    for i, size in enumerate([(24, 20), (40, 31), (20, 20), (57, 90)]):
+        random_image(i, size=size).save(images / f"{i}.png")
+    for multi_crop in (False, True):
+        ours = predict(images, classifier, device="cpu", multi_crop=multi_crop)
+        served = predict(images, onnx_path, multi_crop=multi_crop)
+        assert list(served.columns) == list(ours.columns)
+        assert (served.filter(like="_label") == ours.filter(like="_label")).all().all()
+        probs = ours.filter(like="_prob_").to_numpy(float)
+        assert np.abs(served.filter(like="_prob_").to_numpy(float) - probs).max() <= 1e-4
+    # The predictor file runs on its own, with PyTorch made unimportable.
+    code = (
+        "import runpy, sys; sys.modules['torch'] = None; "
+        f"sys.argv = ['onnx_predict', '--model', {str(onnx_path)!r}, '--images', {str(images)!r}]; "
+        f"runpy.run_path({str(REPO / 'dinov2' / 'classify' / 'onnx_predict.py')!r}, run_name='__main__')"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    records = json.loads(run.stdout)
+    expected = predict(images, classifier, device="cpu", output_format="json")
+    assert [r["image"] for r in records] == [r["image"] for r in expected]
+    for got, want in zip(records, expected):
+        for task, prediction in want["predictions"].items():
+            assert got["predictions"][task]["label"] == prediction["label"]
+            for name, value in prediction["probabilities"].items():
+                assert abs(got["predictions"][task]["probabilities"][name] - value) <= 1e-4
