@@ -1,27 +1,37 @@
-"""Image preprocessing for classifiers: stored with the model, so inference matches training."""
+"""Image preprocessing for classifiers: stored with the model, so inference matches training.
+
+The settings are plain values saved in the classifier file; the transforms they describe are
+the shared family of :mod:`dinov2.data.transforms` (the same pipelines as the evaluations).
+"""
 
 from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Sequence
 
-import torch
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import v2
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from dinov2.data.transforms import (
+    IMAGENET_DEFAULT_MEAN,
+    IMAGENET_DEFAULT_STD,
+    default_resize_size,
+    make_classification_eval_transform,
+    make_classification_train_transform,
+    make_normalize_transform,
+    make_resize_transform,
+)
 
 
 def preprocessing_settings(
     crop_size: int = 224,
     resize_size: int | None = None,
-    mean: Sequence[float] = IMAGENET_MEAN,
-    std: Sequence[float] = IMAGENET_STD,
+    mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
+    std: Sequence[float] = IMAGENET_DEFAULT_STD,
     interpolation: str = "bicubic",
 ) -> Dict[str, Any]:
     """Plain-value preprocessing description; ``resize_size`` defaults to ``crop_size * 8/7``."""
     if resize_size is None:
-        resize_size = int(round(crop_size * 8 / 7))
+        resize_size = default_resize_size(crop_size)
     if resize_size < crop_size:
         raise ValueError(f"resize_size {resize_size} must be >= crop_size {crop_size}")
     if len(mean) != 3 or len(std) != 3:
@@ -36,24 +46,20 @@ def preprocessing_settings(
     }
 
 
-def _to_normalised_tensor(settings: Mapping[str, Any]) -> list:
-    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean=settings["mean"], std=settings["std"])]
-
-
 def resize_transform(settings: Mapping[str, Any]) -> v2.Compose:
-    """PIL image -> uint8 tensor resized so its short side is ``resize_size`` (before any crop)."""
-    mode = InterpolationMode(settings["interpolation"])
-    return v2.Compose([v2.ToImage(), v2.RGB(), v2.Resize(settings["resize_size"], interpolation=mode, antialias=True)])
+    """Image -> uint8 tensor resized so its short side is ``resize_size`` (before any crop)."""
+    return make_resize_transform(settings["resize_size"], settings["interpolation"])
 
 
 def normalise_transform(settings: Mapping[str, Any]) -> v2.Compose:
-    return v2.Compose(_to_normalised_tensor(settings))
+    """Crop(s) -> float tensor normalised with the stored ``mean`` / ``std``."""
+    return make_normalize_transform(settings["mean"], settings["std"])
 
 
 def eval_transform(settings: Mapping[str, Any]) -> v2.Compose:
     """Resize, centre crop, normalise: what inference without test-time augmentation sees."""
-    return v2.Compose(
-        [resize_transform(settings), v2.CenterCrop(settings["crop_size"]), *_to_normalised_tensor(settings)]
+    return make_classification_eval_transform(
+        settings["resize_size"], settings["crop_size"], settings["interpolation"], settings["mean"], settings["std"]
     )
 
 
@@ -61,12 +67,11 @@ def train_transform(
     settings: Mapping[str, Any], min_scale: float = 0.35, hflip: bool = True
 ) -> v2.Compose:
     """Random resized crop (+ horizontal flip), normalised like :func:`eval_transform`."""
-    mode = InterpolationMode(settings["interpolation"])
-    steps = [
-        v2.ToImage(),
-        v2.RGB(),
-        v2.RandomResizedCrop(settings["crop_size"], scale=(min_scale, 1.0), interpolation=mode, antialias=True),
-    ]
-    if hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_normalised_tensor(settings))
+    return make_classification_train_transform(
+        settings["crop_size"],
+        settings["interpolation"],
+        hflip_prob=0.5 if hflip else 0.0,
+        mean=settings["mean"],
+        std=settings["std"],
+        scale=(min_scale, 1.0),
+    )
