@@ -38,6 +38,9 @@ setup(
         "timm": ["timm>=0.9"],
         # Strict libjpeg-turbo decoding: corrupt JPEG data behind a valid header is a bad image.
         "jpeg": ["simplejpeg>=1.6"],
+        # Backbones for transformers (Dinov2WithRegistersModel needs 4.48), and ONNX export
+        # (torch's default exporter translates with onnxscript) and serving with ONNX Runtime.
+        "interop": ["transformers>=4.48", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
@@ -49,6 +52,10 @@ setup(
             "prometheus_client>=0.20",  # the service's /metrics
             "timm>=0.9",  # the optional timm backbone is tested too
             "simplejpeg>=1.6",  # and the strict JPEG check
+            "transformers>=4.48",  # and the transformers / ONNX interop
+            "onnx>=1.16",
+            "onnxscript>=0.2",
+            "onnxruntime>=1.18",
             "ruff>=0.6",  # lint and format, run by .ci/run before the tests
         ],
     },
