@@ -340,7 +340,7 @@ def _delta(before: dict, after: dict, name: str, **labels) -> float:
 
 
 def _requests(route, status, method="GET"):
-    return dict(name="dinov2_serve_requests_total", route=route, method=method, status=str(status))
+    return {"name": "dinov2_serve_requests_total", "route": route, "method": method, "status": str(status)}
 
 
 def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch):

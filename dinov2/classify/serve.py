@@ -97,7 +97,8 @@ class UploadError(Exception):
 
     def __init__(self, status_code: int, detail: str, reason: str):
         super().__init__(detail)
-        assert reason in REJECTION_REASONS, reason
+        if reason not in REJECTION_REASONS:
+            raise ValueError(f"unknown rejection reason {reason!r}; one of {REJECTION_REASONS}")
         self.status_code = status_code
         self.detail = detail
         self.reason = reason
@@ -290,7 +291,7 @@ class ServiceMetrics:
         # Memory, CPU time and open files of the server process (Linux), and the Python version.
         ProcessCollector(registry=self.registry)
         PlatformCollector(registry=self.registry)
-        metric = dict(namespace="dinov2_serve", registry=self.registry)
+        metric = {"namespace": "dinov2_serve", "registry": self.registry}
         self.requests = Counter(
             "requests", "HTTP requests answered, by route template, method and status code.",
             ["route", "method", "status"], **metric,
@@ -302,7 +303,7 @@ class ServiceMetrics:
         self.in_flight = Gauge("requests_in_flight", "HTTP requests being answered (a scrape counts itself).", **metric)
         self.waiting = Gauge("uploads_waiting", "Uploads waiting for a decoding slot (max_concurrent).", **metric)
         self.images = Histogram(
-            "images_per_request", "Images classified per POST /predict request (0: the upload was refused).",
+            "images_per_request", "Images classified per authorised POST /predict request (0: refused or failed).",
             buckets=IMAGE_COUNT_BUCKETS, **metric,
         )
         self.rejections = Counter(
@@ -436,9 +437,9 @@ def create_app(
     """
     try:
         import anyio
+        import prometheus_client  # noqa: F401  (ServiceMetrics imports its parts)
         from fastapi import FastAPI, File, HTTPException, Request, Response, UploadFile
         from fastapi.concurrency import run_in_threadpool
-        import prometheus_client  # noqa: F401  (ServiceMetrics imports its parts)
     except ImportError as error:
         raise ImportError("the HTTP service needs: pip install 'dinov2[serve]'") from error
     if max_upload_bytes < 1 or max_image_pixels < 1 or max_concurrent < 1:
