@@ -58,6 +58,8 @@ def test_sharded_checkpoints_and_missing_exports_name_the_consolidation_command(
     ):
         with pytest.raises(ValueError, match=rf"^{option}: .*sharded training checkpoint.*consolidate_checkpoint.py"):
             load()
+    with pytest.raises(BackboneSourceError, match=r"^backbone source: .*sharded training checkpoint.*consolidate_checkpoint.py"):
+        load_backbone(str(checkpoint))  # backbone.source of a classifier
     (directory / "exports" / "teacher_backbone_latest.pth").unlink()
     with pytest.raises(BackboneSourceError, match=r"no backbone export.*consolidate_checkpoint.py .*--output"):
         load_backbone(str(directory))

@@ -149,6 +149,18 @@ def _export_hint(directory: Path) -> str:
     )
 
 
+def _is_sharded_checkpoint(path: Path) -> bool:
+    return (path / ".metadata").is_file()  # only looked at, never read: it is a pickle
+
+
+def _sharded_checkpoint_message(option: str, path: Path) -> str:
+    return (
+        f"{option}: {path} is a sharded training checkpoint (torch.distributed.checkpoint). "
+        f"Turn it into one backbone file with `python scripts/consolidate_checkpoint.py {path} --output teacher.pth` "
+        f"and pass that file, or pass the training output directory once it has an export."
+    )
+
+
 def resolve_weights_path(path: PathLike, option: str = "--pretrained-weights") -> Path:
     """The backbone file behind ``path``: a weights file as given; for a training output directory its
     ``exports/teacher_backbone_latest.pth`` (or a ``teacher_backbone_latest.pth`` directly inside).
@@ -161,12 +173,8 @@ def resolve_weights_path(path: PathLike, option: str = "--pretrained-weights") -
         return path
     if not path.exists():
         raise FileNotFoundError(f"{option}: {path} does not exist")
-    if (path / ".metadata").is_file():
-        raise ValueError(
-            f"{option}: {path} is a sharded training checkpoint (torch.distributed.checkpoint). "
-            f"Turn it into one backbone file with `python scripts/consolidate_checkpoint.py {path} --output teacher.pth` "
-            f"and pass that file, or pass the training output directory once it has an export."
-        )
+    if _is_sharded_checkpoint(path):
+        raise ValueError(_sharded_checkpoint_message(option, path))
     for candidate in (path / TRAINING_EXPORT, path / EXPORT_NAME):
         if candidate.is_file():
             return candidate
@@ -273,6 +281,8 @@ def load_backbone(
 def _from_training_output(directory: Path, weights: Optional[PathLike], drop_path_rate: float):
     from dinov2.utils.config import CONFIG_FILE_NAME, load_saved_config
 
+    if _is_sharded_checkpoint(directory):
+        raise BackboneSourceError(_sharded_checkpoint_message("backbone source", directory))
     config_path = directory / CONFIG_FILE_NAME
     if not config_path.is_file():
         raise BackboneSourceError(f"{directory} is not a training output directory: no {CONFIG_FILE_NAME}")
