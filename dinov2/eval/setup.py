@@ -98,11 +98,3 @@ def build_model_for_eval(
     model.requires_grad_(False)
     model.eval().to(device)
     return EvalBackbone(model, size, mean, std, weights_path, config_path, description)
-
-
-def make_train_transform(image_size: int, mean: Sequence[float] = IMAGENET_DEFAULT_MEAN, std: Sequence[float] = IMAGENET_DEFAULT_STD):
-    """Kept only until ``dinov2/eval/linear.py`` calls
-    :func:`dinov2.data.transforms.make_classification_train_transform` itself (the same pipeline)."""
-    from dinov2.data.transforms import make_classification_train_transform
-
-    return make_classification_train_transform(image_size, mean=mean, std=std)
