@@ -68,6 +68,37 @@ def test_knn_ties_resolved_like_brute_force(chunks):
     check_against_reference(queries, bank, labels, 7, **chunks)
 
 
+def test_block_topk_equals_topk_on_wide_blocks():
+    from dinov2.eval.knn import _block_topk
+
+    g = torch.Generator().manual_seed(4)
+    for rows, width, n in ((7, 5003, 21), (5, 4096, 11), (3, 40000, 201)):  # tails of 11 and 0 columns
+        sims = torch.randn(rows, width, generator=g)
+        values, positions = _block_topk(sims, n)
+        expected = sims.topk(n, dim=1)
+        assert torch.equal(values, expected.values)
+        assert torch.equal(sims.gather(1, positions), values)
+        assert all(len(set(row.tolist())) == n for row in positions)  # n distinct columns
+    sims = torch.zeros(2, 5003)
+    sims[0, -3:] = 1.0  # the best values in the tail columns
+    sims[1, ::7] = 0.5
+    values, positions = _block_topk(sims, 21)
+    assert torch.equal(values, sims.topk(21, dim=1).values)
+    assert set(positions[0, :3].tolist()) == {5000, 5001, 5002}
+
+
+@pytest.mark.parametrize("chunks", [{}, {"query_chunk_size": 16, "bank_chunk_size": 2500}])
+def test_knn_on_a_bank_wide_enough_for_grouped_selection(chunks):
+    """Blocks of thousands of columns take the grouped top-k path; ties must still resolve by index."""
+    g = torch.Generator().manual_seed(6)
+    bank, queries = torch.randn(3000, 24, generator=g), torch.randn(30, 24, generator=g)
+    labels = torch.randint(0, 6, (3000,), generator=g)
+    check_against_reference(queries, bank, labels, 6, **chunks)
+    bank, queries = tie_features(3000, seed=9), tie_features(20, seed=10)
+    bank[1500:] = bank[:1500]
+    check_against_reference(queries, bank, torch.arange(3000) % 7, 7, **chunks)
+
+
 def test_vote_weights_and_class_tie_rule():
     sims = torch.tensor([[0.5, 0.5, 0.1], [0.9, 0.2, 0.2]])
     labels = torch.tensor([[2, 0, 1], [1, 0, 2]])
