@@ -69,6 +69,16 @@ def test_resume_states_are_written_atomically_and_pruned_by_the_core_retention(t
         write_resume_state(keep_all, _state(epoch), keep=0)
     assert [epoch for epoch, _ in resume_states(keep_all)] == [1, 2, 3]
 
+    # The recorded SHA-256 (sha256sum format) catches a state changed in place, which torch would load.
+    latest = latest_resume_state(tmp_path)
+    record = (tmp_path / "checkpoints" / "epoch_0004.pth.sha256").read_text().split()
+    assert record[1] == "epoch_0004.pth" and not (tmp_path / "checkpoints" / "epoch_0001.pth.sha256").exists()
+    data = bytearray(latest.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    latest.write_bytes(bytes(data))
+    with pytest.raises(ClassifierFileError, match="epoch_0004.pth does not match its recorded SHA-256"):
+        read_resume_state(latest)
+
     with pytest.raises(ValueError, match="optimizer"):
         write_resume_state(tmp_path, {"epoch": 5}, keep=2)
     (tmp_path / "checkpoints" / "epoch_0005.pth").write_bytes(b"")

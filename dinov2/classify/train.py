@@ -21,6 +21,7 @@ Output directory::
     config.yaml           merged options
     metrics.jsonl         one JSON object per epoch (losses, lr, validation accuracy per task)
     checkpoints/epoch_<n>.pth   resume states (weights, optimizer, scaler, best so far)
+    checkpoints/epoch_<n>.pth.sha256   the SHA-256 of each, checked before a resume
     model_best.pth        classifier file of the best validation epoch (mean top-1 over tasks)
     model_final.pth       classifier file after the last epoch
     summary.json          final and best validation metrics, trainable-parameter fractions
