@@ -115,3 +115,20 @@ def test_quickdraw_recipe_loads_and_builds_schedules(monkeypatch):
     assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
     assert cfg.crops.local_crops_size % cfg.student.patch_size == 0
     assert build_schedules(cfg).total_iters == cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+
+
+def test_both_trainers_take_optimisation_from_dinov2_optim():
+    import importlib.util
+
+    import dinov2.classify.epoch as classifier_epoch
+    import dinov2.classify.optimization as classifier_optimization
+    import dinov2.optim as optim
+    import dinov2.train.trainer as ssl_trainer
+
+    assert ssl_trainer.build_schedules is optim.build_schedules and ssl_trainer.build_optimizer is optim.build_optimizer
+    assert ssl_trainer.clip_student_gradients is optim.clip_student_gradients
+    assert classifier_optimization.CosineSchedule is optim.CosineSchedule
+    assert classifier_epoch.scale_learning_rates is optim.scale_learning_rates
+    assert classifier_epoch.clip_gradients is optim.clip_gradients
+    for old in ("dinov2.train.schedules", "dinov2.train.param_groups", "dinov2.train.grad_clip"):
+        assert importlib.util.find_spec(old) is None, old

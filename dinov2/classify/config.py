@@ -101,7 +101,7 @@ class LPFTOptions:
 @dataclass
 class CheckpointOptions:
     every_epochs: int = 1
-    keep: int = 2  # resume states kept in checkpoints/
+    keep: int = 2  # newest resume states kept in checkpoints/ (<= 0: all; the SSL checkpoints' retention)
     resume: bool = True
 
 

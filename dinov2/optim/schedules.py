@@ -1,4 +1,5 @@
-"""Per-iteration schedules of the training loop.
+"""Per-iteration schedules of the SSL training loop (:class:`TrainingSchedules`) and of classifier
+training stages (a :class:`CosineSchedule` of the lr factor, :mod:`dinov2.classify.optimization`).
 
 Every schedule is a function of the iteration number (no precomputed arrays), so it costs nothing
 for long runs and gives the same value whether a run was resumed or not.
