@@ -130,7 +130,8 @@ class ClassifierTrainer:
             self.model.backbone.to(self.device)
         set_trainable(self.model, stage.name, self.cfg.optim.unfreeze_last_k)
         optimizer = stage_optimizer(self.model, stage, self.cfg)
-        schedule = stage_schedule(stage, self.steps_per_epoch(), self.cfg.optim.warmup_epochs, self.cfg.optim.min_lr_ratio)
+        o = self.cfg.optim
+        schedule = stage_schedule(stage, self.steps_per_epoch(), o.warmup_epochs, o.min_lr_ratio)
         params = trainable_fraction(self.model)
         logger.info(
             "classify: stage %s (epochs %d-%d): %d of %d parameters trainable (%.4f%%)",
@@ -153,11 +154,17 @@ class ClassifierTrainer:
         return state
 
     def _cache_features(self) -> None:
-        started, d, amp = time.time(), self.cfg.data, self.cfg.optim.amp
-        batch_size, workers = d.eval_batch_size or d.batch_size, d.num_workers
-        self.train_set = cache_features(self.model, self.train_set, self.device, amp, batch_size, workers, "train features")
+        started, d = time.time(), self.cfg.data
+
+        def cached(dataset: Dataset, desc: str) -> FeatureDataset:
+            return cache_features(
+                self.model, dataset, self.device, self.cfg.optim.amp, d.eval_batch_size or d.batch_size,
+                d.num_workers, desc,
+            )
+
+        self.train_set = cached(self.train_set, "train features")
         if self.val_set is not None:
-            self.val_set = cache_features(self.model, self.val_set, self.device, amp, batch_size, workers, "val features")
+            self.val_set = cached(self.val_set, "val features")
         logger.info("classify: cached backbone features in %.1f s", time.time() - started)
 
     def _describe(self, record: Dict) -> str:
