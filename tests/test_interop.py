@@ -13,6 +13,7 @@ import torch
 
 from classify_helpers import random_image, save_tiny_classifier
 from dinov2.hub import interop
+from dinov2.hub.sources import build_backbone_from_spec, vit_kwargs_of
 from dinov2.hub.weights import save_state_dict
 from dinov2.models.vision_transformer import DinoVisionTransformer
 
@@ -93,6 +94,9 @@ def test_transformers_folder_reads_back_in_both_key_layouts(tmp_path):
     assert set(back.state_dict()) == set(model.state_dict())
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+    # What a classifier file stores for it (a build spec) rebuilds the same architecture.
+    rebuilt = build_backbone_from_spec({"kind": "vit", "kwargs": vit_kwargs_of(back)})
+    rebuilt.load_state_dict(back.state_dict(), strict=True)
     # The layout of the installed transformers' own state dict (q_proj/gate_proj in 5.x).
     hf_model = transformers.AutoModel.from_pretrained(tmp_path / "hf").eval()
     native = tmp_path / "native"

@@ -88,18 +88,17 @@ def transformers_config(model: DinoVisionTransformer) -> Dict[str, Any]:
     unsupported = [name for name in ("proj_bias", "ffn_bias") if not arch[name]]
     if unsupported:
         raise InteropError(f"transformers' Dinov2 always has biases; this model has none in {unsupported}")
-    hidden = _ffn_hidden(model)
-    if arch["ffn_layer"] == "mlp":
-        ratio = hidden / arch["embed_dim"]
-        swiglu = False
+    hidden, dim = _ffn_hidden(model), arch["embed_dim"]
+    swiglu = arch["ffn_layer"] != "mlp"
+    if swiglu:
+        # transformers knows only the fused width rule: some integer ratio must reproduce the width.
+        ratio = next((r for r in range(1, 17) if _fused_swiglu_hidden(dim, r) == hidden), None)
     else:
-        # transformers only knows the fused width rule; the ratio must reproduce this model's width.
-        ratio = next((r for r in range(1, 17) if _fused_swiglu_hidden(arch["embed_dim"], r) == hidden), None)
-        swiglu = True
-    if ratio is None or float(ratio) != int(ratio) or (not swiglu and int(ratio) * arch["embed_dim"] != hidden):
+        ratio = hidden // dim if hidden % dim == 0 else None
+    if ratio is None:
         raise InteropError(
-            f"feed-forward width {hidden} for embed_dim {arch['embed_dim']} ({arch['ffn_layer']}) has no integer "
-            "mlp_ratio, which transformers' Dinov2Config needs"
+            f"feed-forward width {hidden} for embed_dim {dim} ({arch['ffn_layer']}) has no integer mlp_ratio, "
+            "which transformers' Dinov2Config needs"
         )
     registers = arch["num_register_tokens"]
     config = {
@@ -108,7 +107,7 @@ def transformers_config(model: DinoVisionTransformer) -> Dict[str, Any]:
         "hidden_size": arch["embed_dim"],
         "num_hidden_layers": arch["depth"],
         "num_attention_heads": arch["num_heads"],
-        "mlp_ratio": int(ratio),
+        "mlp_ratio": ratio,
         "hidden_act": "silu" if swiglu else "gelu",  # unused by the SwiGLU feed-forward
         "hidden_dropout_prob": 0.0,
         "attention_probs_dropout_prob": 0.0,
