@@ -1,7 +1,10 @@
-"""Training through submitit on the single-node SLURM cluster of ../shared/slurm (CPU, gloo).
+"""Training through submitit on a real single-node SLURM cluster (CPU, gloo).
 
-CI starts the cluster with ``start_slurm.sh``; without ``sinfo`` or a responding controller the
-tests skip and say why.
+The cluster is ``scripts/slurm_test_cluster.sh`` (munge, MariaDB + slurmdbd, slurmctld, slurmd).
+``.ci/run`` starts it before the suite; otherwise, when these tests run as root and the cluster is
+not answering, the session starts it (installing the Debian packages if needed) and stops it again
+at the end. ``DINOV2_SLURM_AUTOSTART=0`` turns that off. The tests skip, naming what is missing, only
+where the cluster cannot run: not root, or no Debian packages and no apt-get.
 """
 
 import os
@@ -23,25 +26,51 @@ from dinov2.checkpoint.consolidate import read_teacher_state  # noqa: E402
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 ITERATIONS = 400  # ~25 s of training on a quiet machine, ~60 s under load
+CLUSTER_SCRIPT = REPO / "scripts" / "slurm_test_cluster.sh"
+START_COMMAND = f"sudo bash {CLUSTER_SCRIPT.relative_to(REPO)} start"
+# A cold start installs six Debian packages (about 30 s here); a warm one takes seconds.
+START_TIMEOUT_S = 420
+CANNOT_RUN_HERE = 2  # the script's exit status for "not root" / "packages missing and no apt-get"
 
 
-def _slurm_problem():
-    if shutil.which("sinfo") is None or shutil.which("sbatch") is None:
-        return "SLURM client tools (sinfo, sbatch) are not installed; start ../shared/slurm/start_slurm.sh"
+def _cluster_problem():
+    """None when jobs can be submitted, else what is missing."""
+    if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
+        return "the SLURM client tools (sbatch, sinfo) are not installed"
     try:
         result = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"sinfo failed: {error}"
     if result.returncode != 0:
-        return f"slurmctld is not answering: {result.stderr.strip()[:200]}"
+        return f"no SLURM controller answers ({result.stderr.strip()[:200]})"
     if "up" not in result.stdout:
-        return f"no partition is up: {result.stdout.strip()!r}"
+        return f"no SLURM partition is up: {result.stdout.strip()!r}"
     return None
 
 
-_PROBLEM = _slurm_problem()
-if _PROBLEM:
-    pytestmark.append(pytest.mark.skip(reason=_PROBLEM))
+@pytest.fixture(scope="module", autouse=True)
+def slurm_cluster():
+    """A cluster that accepts jobs: the running one, or one this session starts and stops."""
+    problem = _cluster_problem()
+    if problem is None:
+        yield
+        return
+    if os.environ.get("DINOV2_SLURM_AUTOSTART", "1") == "0":
+        pytest.skip(f"{problem}; DINOV2_SLURM_AUTOSTART=0, so the test cluster is not started: {START_COMMAND}")
+    try:
+        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True,
+                                 timeout=START_TIMEOUT_S)
+    except subprocess.TimeoutExpired as error:
+        pytest.fail(f"{CLUSTER_SCRIPT.name} start took over {START_TIMEOUT_S} s:\n{error.stdout}\n{error.stderr}")
+    output = (started.stdout + started.stderr).strip()
+    if started.returncode == CANNOT_RUN_HERE:
+        reason = output.splitlines()[-1].removeprefix("[slurm-test-cluster] error: ")
+        pytest.skip(f"{problem}, and the test cluster cannot be started here: {reason}")
+    if started.returncode != 0 or _cluster_problem() is not None:
+        pytest.fail(f"{CLUSTER_SCRIPT.name} start failed (exit {started.returncode}):\n{output[-3000:]}")
+    yield
+    stopped = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +104,7 @@ def _job_log(job) -> str:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory, dataset_root):
+def uninterrupted(slurm_cluster, tmp_path_factory, dataset_root):
     import pytest as _pytest
 
     out = tmp_path_factory.mktemp("slurm_full") / "out"
