@@ -355,6 +355,8 @@ def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch)
         assert _post(client, "big.png", _png(random_image(3, size=(40, 40)))).status_code == 413  # pixels
         assert _post(client, "huge.png", os.urandom(2 * MAX_UPLOAD_BYTES)).status_code == 413  # body
         assert client.post("/predict", files={"other": ("a.png", b"x")}).status_code == 422
+        no_boundary = {"content-type": "multipart/form-data"}
+        assert client.post("/predict", content=b"abc", headers=no_boundary).status_code == 400
         assert client.get("/health").status_code == 200
         assert client.get("/no-such/secret-path-7").status_code == 404
         assert client.request("BREW", "/health").status_code == 405
@@ -365,7 +367,7 @@ def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch)
 
     expected = {
         ("/predict", "POST", "200"): 2, ("/predict", "POST", "415"): 1, ("/predict", "POST", "413"): 2,
-        ("/predict", "POST", "422"): 1, ("/predict", "POST", "500"): 1, ("/health", "GET", "200"): 1,
+        ("/predict", "POST", "422"): 1, ("/predict", "POST", "400"): 1, ("/predict", "POST", "500"): 1, ("/health", "GET", "200"): 1,
         ("unmatched", "GET", "404"): 1, ("/health", "other", "405"): 1, ("/metrics", "GET", "200"): 1,
     }
     for (route, method, status), count in expected.items():
@@ -373,13 +375,13 @@ def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch)
     counted = {labels: v for (name, labels), v in after.items() if name == "dinov2_serve_requests_total"}
     assert sum(counted.values()) == sum(expected.values())  # a new app: nothing else was counted
     latency = "dinov2_serve_request_duration_seconds_count"
-    assert _delta(before, after, latency, route="/predict") == 7
-    assert _delta(before, after, "dinov2_serve_request_duration_seconds_bucket", route="/predict", le="+Inf") == 7
-    # Images per POST /predict: 2 classified, 5 refused or failed.
-    assert _delta(before, after, "dinov2_serve_images_per_request_count") == 7
+    assert _delta(before, after, latency, route="/predict") == 8
+    assert _delta(before, after, "dinov2_serve_request_duration_seconds_bucket", route="/predict", le="+Inf") == 8
+    # Images per POST /predict: 2 classified, 6 refused or failed.
+    assert _delta(before, after, "dinov2_serve_images_per_request_count") == 8
     assert _delta(before, after, "dinov2_serve_images_per_request_sum") == 2
-    assert _delta(before, after, "dinov2_serve_images_per_request_bucket", le="0.0") == 5
-    rejections = {"unsupported_format": 1, "too_many_pixels": 1, "body_too_large": 1, "invalid_request": 1, "corrupt": 0}
+    assert _delta(before, after, "dinov2_serve_images_per_request_bucket", le="0.0") == 6
+    rejections = {"unsupported_format": 1, "too_many_pixels": 1, "body_too_large": 1, "invalid_request": 2, "corrupt": 0}
     for reason, count in rejections.items():
         assert _delta(before, after, "dinov2_serve_upload_rejections_total", reason=reason) == count, reason
     assert ("dinov2_serve_upload_rejections_total", (("reason", "out_of_memory"),)) in before  # exported at 0
