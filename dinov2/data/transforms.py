@@ -136,8 +136,8 @@ def make_resize_transform(
     made with (this tensor path)."""
     return v2.Compose(
         [
+            ToRGB(),
             v2.ToImage(),
-            v2.RGB(),
             v2.Resize(resize_size, interpolation=v2.InterpolationMode(interpolation), antialias=True),
         ]
     )
@@ -156,8 +156,8 @@ def make_classification_train_transform(
     if not 0.0 < scale[0] <= scale[1] <= 1.0:
         raise ValueError(f"random-resized-crop scale must satisfy 0 < min <= max <= 1, got {tuple(scale)}")
     steps = [
-        v2.ToImage(),
-        v2.RGB(),
+        ToRGB(),
+        v2.ToImage(),  # crop and resample the tensor, as make_resize_transform does
         v2.RandomResizedCrop(
             crop_size, scale=tuple(scale), interpolation=v2.InterpolationMode(interpolation), antialias=True
         ),
