@@ -5,12 +5,13 @@ model and run on a machine without PyTorch::
 
     python onnx_predict.py --model deploy/shapes.onnx --images photos/ [--output out.json]
 
-(Inside this package, ``dinov2.classify.predict.predict(images, model="deploy/shapes.onnx")`` uses
-it too, with the same result forms.) Preprocessing follows the classifier's stored settings:
-short side resized to ``resize_size`` with Pillow, centre crop (or five crops), horizontal-mirror
-test-time augmentation, normalisation. Pillow's resize and torchvision's tensor resize round
-differently (by one grey level in about 0.5% of pixels), which moves probabilities by far less than
-1e-4 on the checked images; the graph itself matches PyTorch within 1e-6 (docs/interop.md).
+Preprocessing follows the classifier's stored settings: short side resized to ``resize_size``,
+centre crop (or five crops), horizontal-mirror test-time augmentation, normalisation. Here it is
+done with Pillow, whose resize rounds differently from torchvision's tensor resize (the PyTorch
+path's) by one grey level in about 0.5% of pixels; measured effect on probabilities: 3e-6 to 2e-4
+depending on the model (docs/interop.md). Inside this package,
+``dinov2.classify.predict.predict(images, model="deploy/shapes.onnx")`` runs the graph on the
+torchvision views instead, and then matches the PyTorch classifier within 1e-6.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import numpy as np
 from PIL import Image
@@ -68,7 +69,10 @@ class OnnxPredictor:
         multi_crop: bool = False,
         batch_size: int = 32,
         threads: Optional[int] = None,
+        views: Optional[Callable[[Image.Image], np.ndarray]] = None,
     ):
+        """``views`` replaces the Pillow preprocessing (``dinov2.classify.predict`` passes the
+        torchvision one that its PyTorch path uses)."""
         import onnxruntime
 
         if batch_size < 1:
@@ -91,6 +95,7 @@ class OnnxPredictor:
         self.session = onnxruntime.InferenceSession(str(self.model_file), options, providers=["CPUExecutionProvider"])
         self.model_path = str(model)
         self.tta, self.multi_crop, self.batch_size = bool(tta), bool(multi_crop), int(batch_size)
+        self._views = views or self.pillow_views
 
     def _resize(self, image: Image.Image) -> Image.Image:
         # torchvision's rule: the short side becomes resize_size, the long side is truncated.
@@ -118,6 +123,10 @@ class OnnxPredictor:
 
     def views(self, image: Image.Image) -> np.ndarray:
         """(V, 3, crop, crop) float32 normalised views of one image: crops, each also mirrored with TTA."""
+        return self._views(image)
+
+    def pillow_views(self, image: Image.Image) -> np.ndarray:
+        """:meth:`views` made with Pillow and numpy (the default)."""
         image = image if image.mode == "RGB" else image.convert("RGB")
         crops = self._crops(self._resize(image))
         if self.tta:

@@ -43,12 +43,32 @@ from dinov2.data.image_io import load_image_file
 
 from .checkpoint import load_classifier, resolve_classifier_path
 from .device import select_device
-from .onnx_predict import OnnxPredictor
+from .onnx_predict import OnnxPredictor, read_sidecar
 from .transforms import normalise_transform, resize_transform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_FORMATS = ("dataframe", "json")
 ImageInput = Union[str, os.PathLike, Image.Image]
+
+
+class ImageViews:
+    """The normalised views of one image that a classifier sees: the centre crop (or five crops
+    with ``multi_crop``) of the resized image, each also mirrored with ``tta``."""
+
+    def __init__(self, settings: Dict, tta: bool = True, multi_crop: bool = False):
+        self.tta, self.multi_crop = bool(tta), bool(multi_crop)
+        self._resize = resize_transform(settings)
+        self._normalise = normalise_transform(settings)
+        crop = settings["crop_size"]
+        self._crop = v2.FiveCrop(crop) if multi_crop else v2.CenterCrop(crop)
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        """(V, 3, crop, crop)."""
+        resized = self._resize(image)
+        crops = list(self._crop(resized)) if self.multi_crop else [self._crop(resized)]
+        if self.tta:
+            crops += [v2.functional.horizontal_flip(c) for c in crops]
+        return torch.stack([self._normalise(c) for c in crops])
 
 
 class Predictor:
@@ -71,11 +91,7 @@ class Predictor:
         self.model, self.config = load_classifier(self.model_file, self.device)
         self.model_path = str(model)
         self.tta, self.multi_crop, self.batch_size = bool(tta), bool(multi_crop), int(batch_size)
-        settings = self.config.preprocessing
-        self._resize = resize_transform(settings)
-        self._normalise = normalise_transform(settings)
-        crop = settings["crop_size"]
-        self._crop = v2.FiveCrop(crop) if multi_crop else v2.CenterCrop(crop)
+        self._views = ImageViews(self.config.preprocessing, tta=tta, multi_crop=multi_crop)
 
     @property
     def heads(self):
@@ -83,11 +99,7 @@ class Predictor:
 
     def views(self, image: Image.Image) -> torch.Tensor:
         """(V, 3, crop, crop) normalised views of one image: crops, each also mirrored with TTA."""
-        resized = self._resize(image)
-        crops = list(self._crop(resized)) if self.multi_crop else [self._crop(resized)]
-        if self.tta:
-            crops += [v2.functional.horizontal_flip(c) for c in crops]
-        return torch.stack([self._normalise(c) for c in crops])
+        return self._views(image)
 
     @torch.no_grad()
     def probabilities(self, images: Sequence[Image.Image]) -> Dict[str, np.ndarray]:
@@ -214,8 +226,12 @@ def predict(
     if isinstance(model, (Predictor, OnnxPredictor)):
         predictor = model
     elif str(model).endswith(".onnx"):
-        # An exported classifier (dinov2.classify.onnx_export): ONNX Runtime instead of PyTorch.
-        predictor = OnnxPredictor(model, tta=tta, multi_crop=multi_crop, batch_size=batch_size)
+        # An exported classifier (dinov2.classify.onnx_export): ONNX Runtime instead of PyTorch,
+        # fed the views the PyTorch path makes (torchvision), so that both give the same probabilities.
+        views = ImageViews(read_sidecar(model)["preprocessing"], tta=tta, multi_crop=multi_crop)
+        predictor = OnnxPredictor(
+            model, tta=tta, multi_crop=multi_crop, batch_size=batch_size, views=lambda image: views(image).numpy()
+        )
     else:
         predictor = Predictor(model, device=device, tta=tta, multi_crop=multi_crop, batch_size=batch_size)
     entries = list_images(images)
