@@ -152,7 +152,7 @@ def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
     assert report["max_abs_diff"] <= 1e-4 and report["onnx_ms_per_image"] > 0
 
 
-def test_export_script_writes_each_format(tmp_path):
+def test_export_script_writes_each_format(tmp_path, capsys):
     pytest.importorskip("transformers")
     model = tiny_vit()
     weights = save_state_dict(model.state_dict(), tmp_path / "backbone.pth")
@@ -167,6 +167,17 @@ def test_export_script_writes_each_format(tmp_path):
     back = interop.load_transformers_backbone(tmp_path / "hf")
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+    # The other formats through the same entry, in-process.
+    pytest.importorskip("timm")
+    assert interop.main([str(weights), "--format", "timm", "--output", str(tmp_path / "timm"), "--num-heads", "2"]) == 0
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert config["architecture"] == "vit_small_patch14_dinov2" and config["model_args"]["embed_dim"] == 64
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    args = [str(weights), "--format", "onnx", "--output", str(tmp_path / "b.onnx"), "--num-heads", "2"]
+    assert interop.main(args + ["--image-size", "28", "42", "--check"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (report["height"], report["width"]) == (28, 42) and report["max_abs_diff"] <= 1e-4
 
 
 def test_classifier_onnx_predicts_the_same_probabilities(tmp_path):
