@@ -153,7 +153,7 @@ def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
 
 
 def test_export_script_writes_each_format(tmp_path, capsys):
-    pytest.importorskip("transformers")
+    transformers = pytest.importorskip("transformers")
     model = tiny_vit()
     weights = save_state_dict(model.state_dict(), tmp_path / "backbone.pth")
     script = REPO / "scripts" / "export_backbone.py"
@@ -164,6 +164,9 @@ def test_export_script_writes_each_format(tmp_path, capsys):
     assert run.returncode == 0, run.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["hidden_size"], config["num_attention_heads"]) == ("dinov2", 64, 2)
+    processor = transformers.AutoImageProcessor.from_pretrained(tmp_path / "hf")
+    pixels = processor(images=random_image(0, size=(90, 70)), return_tensors="pt")["pixel_values"]
+    assert tuple(pixels.shape) == (1, 3, 56, 56)  # the model's own size
     back = interop.load_transformers_backbone(tmp_path / "hf")
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key

@@ -40,6 +40,9 @@ from .weights import PathLike, WeightsError, check_state_dict, load_safetensors_
 FORMATS = ("hf", "timm", "onnx")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 # The widths of the published DINOv2 shapes, by timm's name for them.
 _TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 
@@ -177,11 +180,42 @@ def transformers_state_dict(model: DinoVisionTransformer) -> Dict[str, torch.Ten
     return out
 
 
-def export_transformers(model: DinoVisionTransformer, folder: PathLike) -> Path:
-    """Write ``folder/config.json`` and ``folder/model.safetensors`` for ``transformers.AutoModel``."""
+def transformers_preprocessor_config(
+    model: DinoVisionTransformer, mean: Optional[Sequence[float]] = None, std: Optional[Sequence[float]] = None
+) -> Dict[str, Any]:
+    """A ``preprocessor_config.json`` (``BitImageProcessor``, as the published DINOv2 folders have):
+    centre crop at the model's own size after resizing the short side by 256/224, bicubic, and the
+    normalisation ``mean``/``std`` (ImageNet's by default)."""
+    crop = _image_size(model, None)[0]
+    return {
+        "image_processor_type": "BitImageProcessor",
+        "do_resize": True,
+        "size": {"shortest_edge": int(round(crop * 256 / 224))},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": crop, "width": crop},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": [float(m) for m in (mean or IMAGENET_MEAN)],
+        "image_std": [float(s) for s in (std or IMAGENET_STD)],
+        "do_convert_rgb": True,
+    }
+
+
+def export_transformers(
+    model: DinoVisionTransformer,
+    folder: PathLike,
+    mean: Optional[Sequence[float]] = None,
+    std: Optional[Sequence[float]] = None,
+) -> Path:
+    """Write ``folder/config.json`` and ``folder/model.safetensors`` for ``transformers.AutoModel``,
+    and ``folder/preprocessor_config.json`` for ``AutoImageProcessor`` (normalisation ``mean``/``std``)."""
     config = transformers_config(model)
     folder = _prepare_folder(folder)
     _save_safetensors(transformers_state_dict(model), folder / WEIGHTS_FILE, metadata={"format": "pt"})
+    preprocessor = transformers_preprocessor_config(model, mean, std)
+    atomic_write_text(folder / PREPROCESSOR_FILE, json.dumps(preprocessor, indent=2, sort_keys=True) + "\n")
     atomic_write_text(folder / CONFIG_FILE, json.dumps(config, indent=2, sort_keys=True) + "\n")
     return folder
 
@@ -371,8 +405,8 @@ def export_timm(
             "interpolation": "bicubic",
             "crop_pct": 1.0,
             "crop_mode": "center",
-            "mean": [float(m) for m in (mean or (0.485, 0.456, 0.406))],
-            "std": [float(s) for s in (std or (0.229, 0.224, 0.225))],
+            "mean": [float(m) for m in (mean or IMAGENET_MEAN)],
+            "std": [float(s) for s in (std or IMAGENET_STD)],
             "num_classes": 0,
             "first_conv": "patch_embed.proj",
             "classifier": "head",
@@ -545,13 +579,14 @@ def export_backbone(
 
     ``hf`` and ``timm`` write a folder, ``onnx`` a file whose input size ``image_size`` fixes.
     ``normalization`` (``{"mean": [...], "std": [...]}``, e.g. a training run's) goes into the
-    timm config.
+    transformers and timm preprocessing configs.
     """
+    normalization = normalization or {}
+    mean, std = normalization.get("mean"), normalization.get("std")
     if fmt == "hf":
-        return export_transformers(model, output)
+        return export_transformers(model, output, mean=mean, std=std)
     if fmt == "timm":
-        normalization = normalization or {}
-        return export_timm(model, output, mean=normalization.get("mean"), std=normalization.get("std"))
+        return export_timm(model, output, mean=mean, std=std)
     if fmt == "onnx":
         return export_onnx(model, output, image_size=image_size)
     raise InteropError(f"unknown export format {fmt!r}; valid: {list(FORMATS)}")
