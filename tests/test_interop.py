@@ -11,11 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from classify_helpers import random_image, save_tiny_classifier
 from dinov2.hub import interop
 from dinov2.hub.sources import build_backbone_from_spec, vit_kwargs_of
 from dinov2.hub.weights import save_state_dict
 from dinov2.models.vision_transformer import DinoVisionTransformer
+
+from classify_helpers import random_image, save_tiny_classifier, tiny_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1.0)
@@ -157,10 +158,8 @@ def test_export_script_writes_each_format(tmp_path, capsys):
     model = tiny_vit()
     weights = save_state_dict(model.state_dict(), tmp_path / "backbone.pth")
     script = REPO / "scripts" / "export_backbone.py"
-    run = subprocess.run(
-        [sys.executable, str(script), str(weights), "--format", "hf", "--output", str(tmp_path / "hf"), "--num-heads", "2"],
-        capture_output=True, text=True, timeout=120,
-    )
+    command = [sys.executable, str(script), str(weights), "--format", "hf", "--output", str(tmp_path / "hf")]
+    run = subprocess.run(command + ["--num-heads", "2"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert (config["model_type"], config["hidden_size"], config["num_attention_heads"]) == ("dinov2", 64, 2)
@@ -225,8 +224,6 @@ def test_classifier_with_lora_adapters_exports_to_onnx(tmp_path):
     pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     pytest.importorskip("peft")
-    from classify_helpers import tiny_classifier
-
     from dinov2.classify.checkpoint import save_classifier
     from dinov2.classify.lora import add_lora, lora_settings
     from dinov2.classify.onnx_export import export_classifier_onnx

@@ -236,7 +236,9 @@ def _read_transformers_weights(folder: Path) -> Dict[str, torch.Tensor]:
     elif (folder / "pytorch_model.bin").is_file():
         state = load_weights_only(folder / "pytorch_model.bin", "transformers weights file")
     else:
-        raise InteropError(f"{folder} holds neither {WEIGHTS_FILE} nor pytorch_model.bin (sharded folders are not read)")
+        raise InteropError(
+            f"{folder} holds neither {WEIGHTS_FILE} nor pytorch_model.bin (sharded folders are not read)"
+        )
     # A Dinov2ForImageClassification folder keeps the backbone under "dinov2."; its head is dropped.
     if any(k.startswith("dinov2.") for k in state):
         state = {k[len("dinov2.") :]: v for k, v in state.items() if k.startswith("dinov2.")}
@@ -598,8 +600,12 @@ def build_parser():
     parser = argparse.ArgumentParser(
         description="Write a DINOv2 backbone as a transformers folder, a timm folder or an ONNX file."
     )
-    parser.add_argument("source", help="a weights file (.pth/.safetensors), a training output directory, or hub:<entry>")
-    parser.add_argument("--weights", default=None, help="weights file for hub:<entry>, or another export of a training run")
+    parser.add_argument(
+        "source", help="a weights file (.pth/.safetensors), a training output directory, or hub:<entry>"
+    )
+    parser.add_argument(
+        "--weights", default=None, help="weights file for hub:<entry>, or another export of a training run"
+    )
     parser.add_argument("--num-heads", type=int, default=None, help="attention heads, if not embed_dim // 64")
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--output", required=True, help="folder (hf, timm) or .onnx file (onnx)")
@@ -621,7 +627,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"--image-size takes one value or two (height width), got {args.image_size}")
     image_size = None if args.image_size is None else (args.image_size * 2)[:2]
     model, spec = load_backbone(args.source, weights=args.weights, num_heads=args.num_heads)
-    path = export_backbone(model.eval(), args.output, args.fmt, image_size=image_size, normalization=spec.get("normalization"))
+    normalization = spec.get("normalization")  # a training run's crops.mean / crops.std
+    path = export_backbone(model.eval(), args.output, args.fmt, image_size=image_size, normalization=normalization)
     print(f"wrote {args.fmt} export of {args.source} to {path}", file=sys.stderr)
     if args.check and args.fmt == "onnx":
         print(json.dumps(compare_onnx(model, path), indent=2))
