@@ -138,7 +138,7 @@ def test_timm_state_dict_loads_strictly_with_the_same_features(variant, tmp_path
         assert_close(features(model, images), (tokens[:, 0], tokens[:, 1 + registers :]), 1e-5)
 
 
-def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
+def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path, monkeypatch):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = tiny_vit(**VARIANTS["registers"])
@@ -151,6 +151,11 @@ def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
         assert_close(features(model, images), (torch.from_numpy(cls), torch.from_numpy(patches)), 1e-4)
     report = interop.compare_onnx(model, path, batch_size=2, repeats=1)
     assert report["max_abs_diff"] <= 1e-4 and report["onnx_ms_per_image"] > 0
+    # Weights too large for one protobuf (ViT-g) go to a data file beside the graph.
+    monkeypatch.setattr(interop, "_ONNX_INLINE_LIMIT", 0)
+    big = interop.export_onnx(model, tmp_path / "big" / "backbone.onnx")
+    assert sorted(p.name for p in big.parent.iterdir()) == ["backbone.onnx", "backbone.onnx.data"]
+    assert interop.compare_onnx(model, big, batch_size=1, repeats=1)["max_abs_diff"] <= 1e-4
 
 
 def test_export_script_writes_each_format(tmp_path, capsys):

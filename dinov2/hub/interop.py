@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
@@ -483,8 +485,17 @@ def export_module_onnx(module: nn.Module, example: torch.Tensor, path: PathLike,
             dynamo=True,
             verbose=False,
         )
-    with atomic_path(path) as tmp:
-        program.save(str(tmp), external_data=size > _ONNX_INLINE_LIMIT)
+    if size <= _ONNX_INLINE_LIMIT:
+        with atomic_path(path) as tmp:
+            program.save(str(tmp), external_data=False)
+        return path
+    # The graph names its data file after itself: write both under the final names in a scratch
+    # folder beside ``path``, then move the data file and, last, the graph into place.
+    with tempfile.TemporaryDirectory(dir=path.parent, prefix=f".{path.name}.") as scratch:
+        program.save(str(Path(scratch) / path.name), external_data=True)
+        written = sorted(Path(scratch).iterdir(), key=lambda f: f.name == path.name)
+        for file in written:
+            os.replace(file, path.parent / file.name)
     return path
 
 
