@@ -1,7 +1,7 @@
 """A DINOv2 backbone in other libraries' formats, and a transformers folder back as a backbone.
 
-* :func:`export_transformers` - a Hugging Face folder (``config.json`` + ``model.safetensors``)
-  that ``transformers.AutoModel.from_pretrained(folder)`` loads as ``Dinov2Model`` (or
+* :func:`export_transformers` - a Hugging Face folder (``config.json``, ``model.safetensors``,
+  ``preprocessor_config.json``) that ``transformers.AutoModel.from_pretrained(folder)`` loads as ``Dinov2Model`` (or
   ``Dinov2WithRegistersModel`` for a model with registers). The weights use the key names of the
   published ``facebook/dinov2-*`` folders, which transformers 4.x reads as they are and 5.x
   converts on load (its ``q_proj``/``gate_proj`` layout); :func:`load_transformers_backbone`
@@ -237,6 +237,8 @@ def _read_transformers_weights(folder: Path) -> Dict[str, torch.Tensor]:
         state = load_safetensors_file(folder / WEIGHTS_FILE)
     elif (folder / "pytorch_model.bin").is_file():
         state = load_weights_only(folder / "pytorch_model.bin", "transformers weights file")
+        if not isinstance(state, Mapping):
+            raise WeightsError(f"{folder / 'pytorch_model.bin'} holds a {type(state).__name__}, not a state dict")
     else:
         raise InteropError(
             f"{folder} holds neither {WEIGHTS_FILE} nor pytorch_model.bin (sharded folders are not read)"
