@@ -247,3 +247,29 @@ def test_classifier_with_lora_adapters_exports_to_onnx(tmp_path):
     ours = predict(images, classifier, device="cpu").filter(like="_prob_").to_numpy(float)
     served = predict(images, onnx_path).filter(like="_prob_").to_numpy(float)
     assert np.abs(served - ours).max() <= 1e-5
+
+
+def test_transformers_folder_is_a_backbone_source_for_evaluation_and_warm_start(tmp_path):
+    """The reverse direction without transformers installed: ``load_backbone`` (classifiers'
+    ``backbone.source``), ``--pretrained-weights`` and ``student.pretrained_weights`` all take a
+    transformers folder, with its preprocessing statistics."""
+    from dinov2.eval.setup import build_model_for_eval
+    from dinov2.hub.sources import load_backbone
+    from dinov2.train.warm_start import load_warm_start_weights
+
+    model = tiny_vit(**VARIANTS["registers"])
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.25, 0.3)
+    interop.export_transformers(model, tmp_path / "hf", mean=mean, std=std)
+    images = torch.randn(2, 3, 56, 56)
+    expected = features(model, images)
+
+    loaded, spec = load_backbone(str(tmp_path / "hf"))
+    assert spec["kind"] == "vit" and all(torch.equal(a, b) for a, b in zip(features(loaded, images), expected))
+
+    evaluated = build_model_for_eval(None, tmp_path / "hf", image_size=56)
+    assert (evaluated.mean, evaluated.std, evaluated.config_path) == (mean, std, None)
+    assert all(torch.equal(a, b) for a, b in zip(features(evaluated.model, images), expected))
+
+    student = DinoVisionTransformer(**{**TINY, **VARIANTS["registers"]})
+    load_warm_start_weights(student, tmp_path / "hf")
+    assert all(torch.equal(a, b) for a, b in zip(features(student.eval(), images), expected))

@@ -25,6 +25,7 @@ import torch
 
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinov2.hub.backbones import ENTRY_POINTS
+from dinov2.hub.interop import is_transformers_folder, transformers_normalization
 from dinov2.hub.sources import load_backbone, load_backbone_from_config, resolve_weights_path
 from dinov2.hub.weights import PathLike
 from dinov2.utils.config import CONFIG_FILE_NAME, load_saved_config
@@ -72,16 +73,24 @@ def build_model_for_eval(
     ``image_size`` sets the evaluation resolution (default: the config's
     ``crops.global_crops_size``, or 224 for ``arch``); it must be a multiple of the patch size.
     """
-    weights_path = resolve_weights_path(pretrained_weights, "--pretrained-weights")
-    config_path = _config_for(config_file, pretrained_weights)
-    if arch is not None:
+    config_path = None
+    if arch is None and not config_file and is_transformers_folder(pretrained_weights):
+        # A transformers DINOv2 folder describes its own architecture and preprocessing.
+        weights_path = Path(pretrained_weights)
+        model, _ = load_backbone(str(weights_path))
+        mean, std = transformers_normalization(weights_path)
+        size, description = OFFICIAL_IMAGE_SIZE, f"transformers folder {weights_path}"
+    elif arch is not None:
         if config_file:
             raise ValueError("give either --config-file or --arch, not both")
         if arch not in ENTRY_POINTS:
             raise ValueError(f"--arch {arch!r} is not an official architecture; valid: {sorted(ENTRY_POINTS)}")
+        weights_path = resolve_weights_path(pretrained_weights, "--pretrained-weights")
         model, _ = load_backbone(f"hub:{arch}", weights=weights_path)
-        size, mean, std, description, config_path = OFFICIAL_IMAGE_SIZE, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, arch, None
+        size, mean, std, description = OFFICIAL_IMAGE_SIZE, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, arch
     else:
+        weights_path = resolve_weights_path(pretrained_weights, "--pretrained-weights")
+        config_path = _config_for(config_file, pretrained_weights)
         if config_path is None:
             raise ValueError(
                 "no model description: give --config-file (a training output's config.yaml, or a training "

@@ -33,6 +33,8 @@ from typing import Any, Dict, Mapping, Optional, Sequence, Tuple, Union
 import torch
 from torch import nn
 
+from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
+from dinov2.data.transforms import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.io import atomic_path, atomic_write_text
 
@@ -43,8 +45,6 @@ FORMATS = ("hf", "timm", "onnx")
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 PREPROCESSOR_FILE = "preprocessor_config.json"
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # The widths of the published DINOv2 shapes, by timm's name for them.
 _TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 
@@ -271,6 +271,25 @@ def _square(value, key: str, source: Path) -> int:
             raise InteropError(f"{source}: non-square {key} {list(value)} is not supported")
         value = value[0]
     return int(value)
+
+
+def is_transformers_folder(path: PathLike) -> bool:
+    """A directory holding a transformers model (``config.json``), not a training output
+    (whose ``config.yaml`` names its own architecture)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG_FILE).is_file() and not (path / "config.yaml").is_file()
+
+
+def transformers_normalization(folder: PathLike) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """``(mean, std)`` of a transformers folder's ``preprocessor_config.json``; ImageNet's without one."""
+    path = Path(folder) / PREPROCESSOR_FILE
+    if not path.is_file():
+        return tuple(IMAGENET_MEAN), tuple(IMAGENET_STD)
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+        return tuple(float(m) for m in config["image_mean"]), tuple(float(s) for s in config["image_std"])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InteropError(f"{path}: cannot read image_mean / image_std ({error})") from error
 
 
 def load_transformers_backbone(folder: PathLike, **vit_options) -> DinoVisionTransformer:

@@ -12,7 +12,9 @@ A *source* is one of
   checkpoint. The architecture is read off the tensor shapes; only ``num_heads`` cannot be, so it
   defaults to ``embed_dim // 64`` (true for every released ViT) unless given;
 * ``timm:<name>`` - any ``timm`` model (optional dependency), randomly initialised unless
-  ``weights=PATH``.
+  ``weights=PATH``;
+* a transformers DINOv2 folder (``config.json`` + ``model.safetensors``: ``Dinov2Model``,
+  ``Dinov2WithRegistersModel``), read by :func:`dinov2.hub.interop.load_transformers_backbone`.
 
 Besides the module, :func:`load_backbone` returns a *build spec*: a dict of plain values from which
 :func:`build_backbone_from_spec` rebuilds the same architecture without weights (for a training
@@ -264,6 +266,11 @@ def load_backbone(
             model.load_state_dict(state, strict=True)
         return model, {"kind": "timm", "name": name, "kwargs": {}}
     path = Path(source)
+    from .interop import is_transformers_folder, load_transformers_backbone  # interop builds on this module
+
+    if is_transformers_folder(path):
+        model = load_transformers_backbone(path, drop_path_rate=drop_path_rate)
+        return model, _vit_spec(model)
     if path.is_dir():
         return _from_training_output(path, weights, drop_path_rate)
     if path.is_file():

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dinov2.hub.interop import is_transformers_folder, load_transformers_backbone
 from dinov2.hub.sources import resolve_weights_path
 from dinov2.hub.weights import WeightsError, load_backbone_weights, read_state_dict
 
@@ -63,10 +64,14 @@ def load_warm_start_weights(backbone: nn.Module, path: Union[str, os.PathLike]) 
     """Load an official-format backbone file strictly into ``backbone``, resampling only the
     position embeddings when the file was made for another image size.
 
-    ``path`` may also be a training output directory (its teacher export is used); a sharded
-    checkpoint is refused unread, naming the command that consolidates it."""
-    path = resolve_weights_path(path, "student.pretrained_weights")
-    state = dict(read_state_dict(path, what="warm-start weights file (student.pretrained_weights)"))
+    ``path`` may also be a training output directory (its teacher export is used) or a
+    transformers DINOv2 folder; a sharded checkpoint is refused unread, naming the command that
+    consolidates it."""
+    if is_transformers_folder(path):
+        state = dict(load_transformers_backbone(path).state_dict())
+    else:
+        path = resolve_weights_path(path, "student.pretrained_weights")
+        state = dict(read_state_dict(path, what="warm-start weights file (student.pretrained_weights)"))
     stored, target = state.get("pos_embed"), backbone.pos_embed
     # Only a different grid is resampled; any other mismatch (width, layout) is left for the
     # strict load, whose error lists every bad key.
