@@ -64,19 +64,20 @@ def _block_topk(sims: torch.Tensor, n: int) -> Tuple[torch.Tensor, torch.Tensor]
         return sims.topk(n, dim=1)
     stride = width // groups
     used = stride * groups  # the last width - used (< groups) columns are always candidates
-    group_max = sims[:, :used].view(rows, groups, stride).amax(dim=1)
-    best_groups = group_max.topk(n, dim=1, sorted=False).indices
-    offsets = torch.arange(0, used, stride, device=sims.device)
-    columns = (best_groups[:, None, :] + offsets[None, :, None]).flatten(1)
+    grouped = sims[:, :used].view(rows, groups, stride)  # [r, m, j] is column j + m * stride
+    best_groups = grouped.amax(dim=1).topk(n, dim=1, sorted=False).indices
+    # candidate [m, i] of a row is column best_groups[i] + m * stride; the tail columns follow
+    candidates = grouped.gather(2, best_groups[:, None, :].expand(rows, groups, n)).flatten(1)
     if used < width:
-        tail = torch.arange(used, width, device=sims.device).expand(rows, -1)
-        columns = torch.cat([columns, tail], dim=1)
-    values, picked = sims.gather(1, columns).topk(n, dim=1)
-    return values, columns.gather(1, picked)
+        candidates = torch.cat([candidates, sims[:, used:]], dim=1)
+    values, picked = candidates.topk(n, dim=1)
+    in_groups = best_groups.gather(1, picked % n) + (picked // n) * stride
+    return values, torch.where(picked < groups * n, in_groups, picked - groups * n + used)
 
 
 def _chunk_topk(sims: torch.Tensor, col_indices: torch.Tensor, col_labels: torch.Tensor, k: int):
-    """Top-k of a (queries x bank chunk) similarity block under the (-similarity, index) order.
+    """Top-k of a (queries x bank chunk) similarity block under the (-similarity, index) order,
+    as (similarities, indices, labels) in no particular order within a row.
 
     ``torch.topk`` picks an arbitrary member among equal values at the k-th place. Asking for
     k + 1 values shows where that can happen (the (k+1)-th equals the k-th) without another pass
@@ -94,7 +95,8 @@ def _chunk_topk(sims: torch.Tensor, col_indices: torch.Tensor, col_labels: torch
         block = sims[ambiguous][:, by_index]
         best = torch.argsort(block, dim=1, descending=True, stable=True)[:, :k_eff]
         positions[ambiguous] = by_index[best]
-    found = _sort_neighbours(sims.gather(1, positions), col_indices[positions], col_labels[positions], k_eff)
+    # Left unsorted: knn_search sorts once when it merges the blocks' lists.
+    found = (sims.gather(1, positions), col_indices[positions], col_labels[positions])
     if k_eff < k:  # fewer bank entries than k: pad so that every rank returns k columns
         pad = k - k_eff
         rows = sims.shape[0]
@@ -148,9 +150,9 @@ def knn_search(
         for col in range(0, bank.shape[0], bank_chunk_size):
             sims = chunk @ bank[col : col + bank_chunk_size].T
             found = _chunk_topk(sims, bank_indices[col : col + bank_chunk_size], bank_labels[col : col + bank_chunk_size], k)
-            if best is not None:
-                found = _sort_neighbours(*(torch.cat([a, b], dim=1) for a, b in zip(best, found)), k)
-            best = found
+            best = found if best is None else _sort_neighbours(*(torch.cat([a, b], dim=1) for a, b in zip(best, found)), k)
+        if 0 < bank.shape[0] <= bank_chunk_size:  # a single block: its top-k is not sorted yet
+            best = _sort_neighbours(*best, k)
         if best is None:  # an empty bank shard on this rank
             rows = chunk.shape[0]
             best = (
