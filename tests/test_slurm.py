@@ -38,7 +38,7 @@ def _cluster_problem():
     if shutil.which("sbatch") is None or shutil.which("sinfo") is None:
         return "the SLURM client tools (sbatch, sinfo) are not installed"
     try:
-        result = subprocess.run(["sinfo", "-h", "-o", "%a %T"], capture_output=True, text=True, timeout=20)
+        result = subprocess.run(["sinfo", "-h", "-o", "%a %T"], check=False, capture_output=True, text=True, timeout=20)
     except (OSError, subprocess.TimeoutExpired) as error:
         return f"sinfo failed: {error}"
     if result.returncode != 0:
@@ -58,8 +58,8 @@ def slurm_cluster():
     if os.environ.get("DINOV2_SLURM_AUTOSTART", "1") == "0":
         pytest.skip(f"{problem}; DINOV2_SLURM_AUTOSTART=0, so the test cluster is not started: {START_COMMAND}")
     try:
-        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], capture_output=True, text=True,
-                                 timeout=START_TIMEOUT_S)
+        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], check=False, capture_output=True,
+                                 text=True, timeout=START_TIMEOUT_S)
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{CLUSTER_SCRIPT.name} start took over {START_TIMEOUT_S} s:\n{error.stdout}\n{error.stderr}")
     output = (started.stdout + started.stderr).strip()
@@ -69,7 +69,8 @@ def slurm_cluster():
     if started.returncode != 0 or _cluster_problem() is not None:
         pytest.fail(f"{CLUSTER_SCRIPT.name} start failed (exit {started.returncode}):\n{output[-3000:]}")
     yield
-    stopped = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], capture_output=True, text=True, timeout=120)
+    stopped = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], check=False, capture_output=True, text=True,
+                             timeout=120)
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
