@@ -1,16 +1,27 @@
 from typing import Callable, Optional
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from .attention import Attention
-from .drop_path import DropPath
+from .drop_path import STOCHASTIC_DEPTH_MODES, DropPath, drop_add_residual_subset, uses_sample_subset
 from .layer_scale import LayerScale
 from .mlp import Mlp
 
 
 class Block(nn.Module):
-    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x)))."""
+    """Pre-norm transformer block: x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))).
+
+    Two training-only options that leave parameters, key names and eval outputs unchanged:
+
+    * ``checkpoint_activations``: the block's activations are not kept for backward but
+      recomputed from its input (``torch.utils.checkpoint``, non-reentrant, so it composes with
+      FSDP2 units that wrap this block's ``forward``);
+    * ``stochastic_depth``: how a drop rate > 0 drops residual branches: ``"mask"`` (a per-sample
+      Bernoulli mask, every sample computed), ``"subset"`` (the branch runs only on the samples
+      that keep it) or ``"auto"`` (subset from ``SUBSET_MIN_RATE`` on); see ``drop_path``.
+    """
 
     def __init__(
         self,
@@ -27,8 +38,15 @@ class Block(nn.Module):
         act_layer: Callable[..., nn.Module] = nn.GELU,
         norm_layer: Callable[..., nn.Module] = nn.LayerNorm,
         ffn_layer: Callable[..., nn.Module] = Mlp,
+        stochastic_depth: str = "mask",
+        checkpoint_activations: bool = False,
     ):
         super().__init__()
+        if stochastic_depth not in STOCHASTIC_DEPTH_MODES:
+            raise ValueError(f"stochastic_depth must be one of {list(STOCHASTIC_DEPTH_MODES)}, got {stochastic_depth!r}")
+        self.sample_drop_ratio = drop_path
+        self.stochastic_depth = stochastic_depth
+        self.checkpoint_activations = checkpoint_activations
         self.norm1 = norm_layer(dim)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=drop)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
@@ -40,6 +58,22 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
+    def _attn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls1(self.attn(self.norm1(x)))
+
+    def _ffn_residual(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ls2(self.mlp(self.norm2(x)))
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and uses_sample_subset(self.stochastic_depth, self.sample_drop_ratio):
+            x = drop_add_residual_subset(x, self._attn_residual, self.sample_drop_ratio)
+            return drop_add_residual_subset(x, self._ffn_residual, self.sample_drop_ratio)
+        x = x + self.drop_path1(self._attn_residual(x))
+        return x + self.drop_path2(self._ffn_residual(x))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+        if self.checkpoint_activations and self.training and torch.is_grad_enabled():
+            # The recomputation replays the RNG state (preserve_rng_state), so dropped samples
+            # and dropout masks are the same in the forward and in its recomputation.
+            return torch.utils.checkpoint.checkpoint(self._forward, x, use_reentrant=False)
+        return self._forward(x)

@@ -1,3 +1,5 @@
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -23,3 +25,38 @@ class DropPath(nn.Module):
 
     def extra_repr(self) -> str:
         return f"drop_prob={self.drop_prob}"
+
+
+# Stochastic depth implementations a Block can use (see ``uses_sample_subset``).
+STOCHASTIC_DEPTH_MODES = ("mask", "subset", "auto")
+# "auto" switches to the sample subset from this rate on: below it the subset saves little
+# compute and its gather/index_add costs about as much (docs/training.md, measured figures).
+SUBSET_MIN_RATE = 0.1
+
+
+def uses_sample_subset(mode: str, drop_prob: float) -> bool:
+    """Whether a block with rate ``drop_prob`` in stochastic-depth ``mode`` runs the subset scheme."""
+    if drop_prob <= 0.0 or mode == "mask":
+        return False
+    return mode == "subset" or drop_prob >= SUBSET_MIN_RATE
+
+
+def drop_add_residual_subset(
+    x: torch.Tensor, residual_fn: Callable[[torch.Tensor], torch.Tensor], drop_prob: float
+) -> torch.Tensor:
+    """``x + residual_fn(x)`` with stochastic depth, computing the branch only where it is kept.
+
+    ``keep = max(int(b * (1 - drop_prob)), 1)`` of the ``b`` samples, drawn uniformly without
+    replacement, go through ``residual_fn``; their residual is added back scaled by
+    ``b / keep``. Each sample is kept with probability ``keep / b``, so the expected residual
+    equals the undropped one, as with the per-sample mask of ``drop_path`` (kept with
+    probability ``1 - drop_prob``, scaled by ``1 / (1 - drop_prob)``). The two differ in that the
+    number kept here is fixed per batch, not binomial, and the branch costs ``keep / b`` of a
+    full one, forward and backward.
+    """
+    b = x.shape[0]
+    keep = max(int(b * (1.0 - drop_prob)), 1)
+    index = torch.randperm(b, device=x.device)[:keep]
+    residual = residual_fn(x[index])
+    out = torch.index_add(x.flatten(1), 0, index, residual.flatten(1).to(x.dtype), alpha=b / keep)
+    return out.view_as(x)

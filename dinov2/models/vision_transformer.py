@@ -55,6 +55,8 @@ class DinoVisionTransformer(nn.Module):
         interpolate_antialias: bool = False,
         interpolate_offset: float = 0.1,
         block_chunks: int = 0,
+        stochastic_depth: str = "mask",
+        activation_checkpointing: int = 0,
     ):
         """
         Args:
@@ -68,6 +70,10 @@ class DinoVisionTransformer(nn.Module):
                 the register models were trained with antialias=True and offset=0.
             block_chunks: accepted for config compatibility; only 0 (flat ``blocks.<i>`` keys,
                 the released format) is supported.
+            stochastic_depth: "mask", "subset" or "auto", how blocks drop residual branches in
+                training (``dinov2.layers.drop_path``); no effect in eval mode or at rate 0.
+            activation_checkpointing: 0 (off), or k: every k-th block (0, k, 2k, ...) recomputes
+                its activations in backward instead of storing them (1: all blocks).
         """
         super().__init__()
         if block_chunks not in (0, None):
@@ -108,13 +114,22 @@ class DinoVisionTransformer(nn.Module):
                 norm_layer=norm_layer,
                 ffn_layer=FFN_LAYERS[ffn_layer],
                 init_values=init_values,
+                stochastic_depth=stochastic_depth,
             )
             for i in range(depth)
         )
+        self.set_activation_checkpointing(activation_checkpointing)
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.init_weights()
+
+    def set_activation_checkpointing(self, every: int) -> None:
+        """Checkpoint every ``every``-th block (0: none, 1: all); see ``Block``."""
+        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
+            raise ValueError(f"activation_checkpointing must be an integer >= 0 (0: off, k: every k-th block), got {every!r}")
+        for i, block in enumerate(self.blocks):
+            block.checkpoint_activations = every > 0 and i % every == 0
 
     def init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
