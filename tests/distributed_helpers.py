@@ -56,7 +56,7 @@ def training_overrides(dataset_root: Path, max_iterations: int, batch_size: int 
         "checkpointing.period_iterations=3",
         "checkpointing.keep_last=10",
         "logging.log_period_iterations=1",
-        "evaluation.eval_period_iterations=3",
+        "evaluation.export_period_iterations=3",
     ]
 
 

@@ -30,7 +30,7 @@ from dinov2.utils.io import atomic_write_text
 from train_helpers import make_image_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = ["train.max_iterations=2", "checkpointing.period_iterations=2", "evaluation.eval_period_iterations=2"]
+TRAIN = ["train.max_iterations=2", "checkpointing.period_iterations=2", "evaluation.export_period_iterations=2"]
 CHECKPOINT = "ckpt_00000002"
 
 
@@ -105,7 +105,7 @@ def test_planted_metadata_is_refused_by_resume_and_model_weights(planted_run, da
     # A fresh run initialised from that checkpoint.
     with pytest.raises(CheckpointError, match=str(checkpoint / ".metadata")):
         main(["--output-dir", str(tmp_path / "fresh"),
-              *tiny_overrides(data_root, *TRAIN, f"MODEL.WEIGHTS={checkpoint}")])
+              *tiny_overrides(data_root, *TRAIN, f"train.init_from_checkpoint={checkpoint}")])
     assert not pwned.exists()
     with pytest.raises(CheckpointError, match="posix.system"):
         checkpoint_keys(checkpoint)

@@ -115,3 +115,62 @@ def test_every_null_default_has_a_declared_type():
 
     defaults = OmegaConf.to_container(get_default_config())
     assert sorted(null_keys(defaults)) == sorted(NULL_DEFAULT_TYPES)
+
+
+@pytest.mark.parametrize("item, message", [
+    ("MODEL.WEIGHTS=/runs/a/checkpoints/ckpt_00000100", r"'MODEL\.WEIGHTS' was renamed to 'train\.init_from_checkpoint'"),
+    ("evaluation.eval_period_iterations=500",
+     r"'evaluation\.eval_period_iterations' was renamed to 'evaluation\.export_period_iterations'"),
+    ("train.saveckp_freq=5", r"'train\.saveckp_freq' was renamed to 'checkpointing\.period_iterations'"),
+    ("train.cache_dataset=false", r"'train\.cache_dataset' was removed"),
+    ("optim.lr=0.1", r"'optim\.lr' was removed: .*optim\.base_lr"),
+])
+def test_retired_keys_are_errors_naming_the_replacement(tmp_path, item, message):
+    with pytest.raises(ConfigError, match="command-line override: " + message):
+        load_config(None, [item])
+    key, value = item.split("=")
+    section, name = key.split(".")
+    recipe = _write(tmp_path / "recipe.yaml", f"{section}:\n  {name}: {value}\n")
+    with pytest.raises(ConfigError, match="recipe.yaml: " + message):
+        load_config(recipe)
+
+
+def test_an_old_runs_saved_config_loads_with_retired_keys_mapped(tmp_path, caplog):
+    # config.yaml as written before the keys were retired (the trainer also stored the scaled lr).
+    old = _write(tmp_path / "config.yaml",
+                 "MODEL:\n  WEIGHTS: /runs/a/checkpoints/ckpt_00000100\n"
+                 "train:\n  saveckp_freq: 2\n  OFFICIAL_EPOCH_LENGTH: 50\n  cache_dataset: true\n"
+                 "optim:\n  lr: 0.001\n  base_lr: 0.002\n"
+                 "evaluation:\n  eval_period_iterations: 300\n"
+                 "checkpointing:\n  period_iterations: 0\n")
+    with caplog.at_level("INFO", logger="dinov2"):
+        cfg = load_saved_config(tmp_path)
+    assert cfg.train.init_from_checkpoint == "/runs/a/checkpoints/ckpt_00000100"
+    assert cfg.evaluation.export_period_iterations == 300
+    assert cfg.checkpointing.period_iterations == 100  # 0 meant every saveckp_freq epochs
+    assert cfg.optim.base_lr == 0.002 and "lr" not in cfg.optim and "MODEL" not in cfg
+    assert "'MODEL.WEIGHTS' was renamed to 'train.init_from_checkpoint'" in caplog.text
+    with pytest.raises(ConfigError, match="was renamed"):  # new input given with it must use the new keys
+        load_saved_config(tmp_path, ["MODEL.WEIGHTS=x"])
+
+
+def test_loaded_config_is_read_only():
+    from omegaconf.errors import ReadonlyConfigError
+
+    cfg = load_config(None, ["optim.base_lr=0.01"])
+    with pytest.raises(ReadonlyConfigError):
+        cfg.optim.base_lr = 0.1
+    with pytest.raises(ReadonlyConfigError):
+        cfg.train.output_dir = "/elsewhere"
+
+
+def test_schedule_given_in_epochs_or_iterations(tmp_path):
+    with pytest.raises(ConfigError, match=r"either 'optim\.warmup_epochs'.*or 'optim\.warmup_iterations', not both"):
+        load_config(None, ["optim.warmup_epochs=2", "optim.warmup_iterations=30"])
+    recipe = _write(tmp_path / "recipe.yaml", "optim:\n  epochs: 3\n  total_iterations: 90\n")
+    with pytest.raises(ConfigError, match=r"recipe\.yaml: give either 'optim\.epochs'"):
+        load_config(recipe)
+    recipe = _write(tmp_path / "recipe.yaml", "optim:\n  warmup_iterations: 30\n")
+    assert load_config(recipe).optim.warmup_iterations == 30
+    # A later source giving the epochs key replaces the file's iterations.
+    assert load_config(recipe, ["optim.warmup_epochs=2"]).optim.warmup_iterations is None

@@ -109,7 +109,7 @@ def uninterrupted(slurm_cluster, tmp_path_factory, dataset_root):
     import pytest as _pytest
 
     out = tmp_path_factory.mktemp("slurm_full") / "out"
-    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=100", "evaluation.eval_period_iterations=100"], 10, 60)
+    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=100", "evaluation.export_period_iterations=100"], 10, 60)
     try:
         assert job.results() == [0, 0]  # one result per task
     except Exception as error:  # the job's own traceback is in its log
@@ -137,7 +137,7 @@ def test_time_limit_checkpoints_requeues_and_matches(uninterrupted, dataset_root
     # over a minute, so SLURM's signal (17-45 s into an attempt) cuts the first attempt. Checkpoint
     # frequency does not change the result (resume is exact). On a heavily loaded machine job
     # start-up (18-29 s seen at load 5) can eat most of an attempt; CI runs on a quiet one.
-    overrides = ["checkpointing.period_iterations=2", "checkpointing.keep_last=2", "evaluation.eval_period_iterations=100"]
+    overrides = ["checkpointing.period_iterations=2", "checkpointing.keep_last=2", "evaluation.export_period_iterations=100"]
     job = _submit(out, training_overrides(dataset_root, ITERATIONS) + overrides, 1, 15)
     try:
         assert job.results() == [0, 0]

@@ -77,7 +77,7 @@ def poison(trainer, bad_iterations, blow_up=False):
 def test_a_run_that_explodes_after_a_healthy_checkpoint_resumes_from_it(tmp_path, data_root):
     out = tmp_path / "run"
     common = tiny_overrides(data_root, "checkpointing.keep_last=1", "checkpointing.period_iterations=3",
-                            "evaluation.eval_period_iterations=3", "train.max_nonfinite_steps=5")
+                            "evaluation.export_period_iterations=3", "train.max_nonfinite_steps=5")
     # Healthy to iteration 3 (checkpoint and export), then weights of order 1e6 and NaN losses
     # from iteration 5 on: the boundary at 6 falls inside the streak, which stops the run at 9.
     cfg = load_config(None, common + ["train.max_iterations=20"])
@@ -113,7 +113,7 @@ def test_non_finite_steps_before_any_checkpoint_say_there_is_none(tmp_path, data
 def test_retention_keeps_the_checkpoint_before_non_finite_steps_also_after_a_resume(tmp_path, data_root):
     out = tmp_path / "run"
     common = tiny_overrides(data_root, "checkpointing.keep_last=1", "checkpointing.period_iterations=2",
-                            "evaluation.eval_period_iterations=100")
+                            "evaluation.export_period_iterations=100")
     cfg = load_config(None, common + ["train.max_iterations=8"])
     trainer = SSLTrainer(cfg, output_dir=out)
     poison(trainer, {3})  # one NaN step: the boundary at 4 is skipped, training recovers
@@ -165,7 +165,7 @@ def test_a_stop_signal_is_logged_with_the_iteration_and_its_checkpoint(tmp_path,
 def test_the_last_iteration_or_a_stop_right_after_non_finite_steps_writes_nothing(tmp_path, data_root, monkeypatch):
     out = tmp_path / "run"
     cfg = load_config(None, tiny_overrides(data_root, "train.max_iterations=6", "checkpointing.period_iterations=3",
-                                           "evaluation.eval_period_iterations=3"))
+                                           "evaluation.export_period_iterations=3"))
     trainer = SSLTrainer(cfg, output_dir=out)
     poison(trainer, {6})
     result = trainer.train()

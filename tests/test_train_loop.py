@@ -39,7 +39,8 @@ def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
                                                     "evaluation.knn_period_iterations=5",
                                                     "evaluation.knn_max_samples=8", "evaluation.knn_k=3")])
     cfg = load_saved_config(out)
-    assert cfg.optim.lr == pytest.approx(0.004 * math.sqrt(4 / 1024))  # scaled by the global batch
+    assert cfg.train.output_dir == str(out)  # where it ran, recorded without changing the loaded config
+    peak_lr = 0.004 * math.sqrt(4 / 1024)  # optim.base_lr scaled by the global batch
     lines = read_lines(out)
     assert [line["iteration"] for line in lines] == list(range(1, 11))
     first = lines[0]
@@ -47,7 +48,7 @@ def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
                 "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_sec", "eta_seconds",
                 "skipped_images", "nonfinite_steps", "last_layer_lr"):
         assert key in first, key
-    assert first["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(cfg.optim.lr)  # warm-up of 5 iterations
+    assert first["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(peak_lr)  # warm-up of 5 iterations
     assert [line["iteration"] for line in lines if "knn_top1" in line] == [5, 10]
     assert all(0.0 <= line["knn_top1"] <= 1.0 for line in lines if "knn_top1" in line)
     assert [p.name for p in sorted((out / "checkpoints").glob("ckpt_*"))] == ["ckpt_00000005", "ckpt_00000010"]
@@ -205,7 +206,7 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
 def test_model_weights_start_a_fresh_run_from_a_training_checkpoint(tmp_path, data_root):
     main(["--output-dir", str(tmp_path / "first"), *tiny_overrides(data_root, "train.max_iterations=5")])
     checkpoint = tmp_path / "first" / "checkpoints" / "ckpt_00000005"
-    cfg = load_config(None, tiny_overrides(data_root, f"MODEL.WEIGHTS={checkpoint}"))
+    cfg = load_config(None, tiny_overrides(data_root, f"train.init_from_checkpoint={checkpoint}"))
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "second")
     assert trainer.resume() is False and trainer.iteration == 0
     exported = torch.load(tmp_path / "first" / "exports" / "teacher_backbone_latest.pth", weights_only=True)

@@ -20,16 +20,15 @@ RECIPE = str(REPO / "configs/train/quickdraw_vit_tiny.yaml")
 
 
 def _recipe(*overrides):
-    cfg = load_config(RECIPE, list(overrides))
-    cfg.optim.lr = scaled_learning_rate(cfg.optim.base_lr, cfg.train.batch_size_per_gpu, cfg.optim.scaling_rule)
-    return cfg
+    return load_config(RECIPE, list(overrides))
 
 
-def test_recipe_schedules_in_25_iteration_units():
+def test_recipe_schedules_in_iterations():
     cfg = _recipe()
-    schedules = build_schedules(cfg)
+    lr = scaled_learning_rate(cfg.optim.base_lr, cfg.train.batch_size_per_gpu, cfg.optim.scaling_rule)
+    schedules = build_schedules(cfg, lr)
     assert schedules.total_iters == 8000
-    assert cfg.optim.lr == pytest.approx(0.001)
+    assert lr == pytest.approx(0.001)
     assert schedules.lr(99) == pytest.approx(0.001)  # 100 warm-up iterations end at the peak
     assert schedules.lr(50) < 0.001 and schedules.lr(7999) < 1e-5
     assert schedules.teacher_temp(0) == schedules.teacher_temp(3000) == pytest.approx(0.05)

