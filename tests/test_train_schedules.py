@@ -165,3 +165,6 @@ def test_quickdraw_recipe_in_iterations_has_its_former_epoch_schedules():
         "train.OFFICIAL_EPOCH_LENGTH=25", "optim.epochs=320", "optim.warmup_epochs=4",
         "optim.freeze_last_layer_epochs=1", "teacher.warmup_teacher_temp_epochs=0"]), lr=0.001)
     assert [old.at(i) for i in range(8001)] == [s.at(i) for i in range(8001)]
+    # optim.epochs=N on the command line (scripts/demo.sh) replaces the recipe's total_iterations.
+    demo = build_schedules(load_config("train/quickdraw_vit_tiny.yaml", ["optim.epochs=24"]), lr=0.001)
+    assert demo.total_iters == 600 and demo.lr.warmup_iters == 100
