@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from dinov2.checkpoint import CheckpointManager
 from dinov2.hub.weights import load_backbone_weights
@@ -203,11 +204,14 @@ def test_unreadable_images_are_skipped_and_counted(tmp_path):
         main(["--output-dir", str(tmp_path / "raise"), *tiny_overrides(data, "train.max_iterations=8")])
 
 
-def test_model_weights_start_a_fresh_run_from_a_training_checkpoint(tmp_path, data_root):
+def test_init_from_checkpoint_starts_a_fresh_run_from_a_training_checkpoint(tmp_path, data_root):
     main(["--output-dir", str(tmp_path / "first"), *tiny_overrides(data_root, "train.max_iterations=5")])
     checkpoint = tmp_path / "first" / "checkpoints" / "ckpt_00000005"
     cfg = load_config(None, tiny_overrides(data_root, f"train.init_from_checkpoint={checkpoint}"))
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "second")
+    # Derived values are the trainer's; the loaded config stays read-only and as given.
+    assert trainer.lr == pytest.approx(0.004 * math.sqrt(4 / 1024)) and trainer.output_dir == tmp_path / "second"
+    assert OmegaConf.is_readonly(cfg) and cfg.train.output_dir == "."
     assert trainer.resume() is False and trainer.iteration == 0
     exported = torch.load(tmp_path / "first" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
     for key, value in trainer.model.teacher["backbone"].state_dict().items():
