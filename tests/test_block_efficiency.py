@@ -18,8 +18,9 @@ def _block(rate, mode, seed=0):
     return Block(dim=16, num_heads=2, drop_path=rate, init_values=0.5, stochastic_depth=mode)
 
 
-def test_auto_mode_switches_to_the_subset_from_its_threshold():
+def test_auto_mode_switches_to_the_subset_above_rate_0_1():
     assert not uses_sample_subset("auto", 0.0) and not uses_sample_subset("subset", 0.0)
+    assert not uses_sample_subset("auto", 0.1) and uses_sample_subset("auto", 0.11)
     assert not uses_sample_subset("mask", 0.4)
     assert uses_sample_subset("subset", 0.05) and uses_sample_subset("auto", 0.4)
     with pytest.raises(ValueError, match="stochastic_depth"):
@@ -130,3 +131,20 @@ def test_an_ssl_training_step_is_unchanged_by_checkpointing():
     assert results[1][1].keys() == results[0][1].keys()
     for name, grad in results[0][1].items():
         torch.testing.assert_close(results[1][1][name], grad, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.slow
+def test_fsdp_two_rank_training_with_checkpointed_blocks_matches_without(tmp_path):
+    """Checkpointing inside each FSDP2 block unit: the recomputation all-gathers the block again."""
+    from test_train_distributed import run_two_ranks
+    from train_helpers import make_image_folder, tiny_overrides
+
+    data = make_image_folder(tmp_path / "images")
+    overrides = tiny_overrides(data, "train.max_iterations=2", "train.stochastic_depth=subset",
+                               "student.drop_path_rate=0.4")
+    plain = run_two_ranks(tmp_path / "plain", overrides)
+    checkpointed = run_two_ranks(tmp_path / "checkpointed", overrides + ["train.activation_checkpointing=1"])
+    assert [line["iteration"] for line in checkpointed] == [1, 2]
+    for a, b in zip(checkpointed, plain):
+        for key in ("total_loss", "dino_loss", "ibot_loss", "koleo_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-6), (a["iteration"], key)

@@ -20,7 +20,7 @@ class Block(nn.Module):
       FSDP2 units that wrap this block's ``forward``);
     * ``stochastic_depth``: how a drop rate > 0 drops residual branches: ``"mask"`` (a per-sample
       Bernoulli mask, every sample computed), ``"subset"`` (the branch runs only on the samples
-      that keep it) or ``"auto"`` (subset from ``SUBSET_MIN_RATE`` on); see ``drop_path``.
+      that keep it) or ``"auto"`` (subset above ``SUBSET_ABOVE_RATE``, i.e. 0.1); see ``drop_path``.
     """
 
     def __init__(
