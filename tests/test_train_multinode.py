@@ -19,7 +19,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distributed_helpers import (  # noqa: E402
+from distributed_helpers import (
     REPO,
     TORCHRUN,
     free_port,
@@ -31,7 +31,7 @@ from distributed_helpers import (  # noqa: E402
     training_overrides,
 )
 
-from dinov2.checkpoint import CheckpointManager, read_checkpoint_info  # noqa: E402
+from dinov2.checkpoint import CheckpointManager, read_checkpoint_info
 
 pytestmark = pytest.mark.slow
 
@@ -67,14 +67,14 @@ def node_command(output_dir: Path, overrides, endpoint: str, run_id: str, hosts_
 def run_two_nodes(output_dir: Path, overrides, logs_dir: Path):
     """Start both nodes, wait for both (bounded), kill both process groups on any failure."""
     endpoint, run_id = f"127.0.0.1:{free_port()}", f"dinov2-test-{uuid.uuid4().hex[:8]}"
-    processes, logs = [], []
+    processes, logs, handles = [], [], []
     try:
         for node in range(2):
-            log = logs_dir / f"node{node}.log"
-            logs.append(log)
+            logs.append(logs_dir / f"node{node}.log")
+            handles.append(open(logs[-1], "w"))  # noqa: SIM115 (closed below, after both nodes ended)
             processes.append(subprocess.Popen(
                 node_command(output_dir, overrides, endpoint, run_id, hosts_store=node == 0),
-                cwd=REPO, env=subprocess_env(), stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                cwd=REPO, env=subprocess_env(), stdout=handles[-1], stderr=subprocess.STDOUT,
                 start_new_session=True,  # torchrun and its worker share a group: killed together
             ))
         deadline = time.monotonic() + LAUNCH_TIMEOUT
@@ -93,6 +93,8 @@ def run_two_nodes(output_dir: Path, overrides, logs_dir: Path):
             if process.poll() is None:
                 os.killpg(process.pid, signal.SIGKILL)
                 process.wait(timeout=30)
+        for handle in handles:
+            handle.close()
     return [log.read_text() for log in logs]
 
 
