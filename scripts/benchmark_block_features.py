@@ -10,7 +10,8 @@
 2. Activation checkpointing: backbone forward + backward (``--arch``, ``--img-size``,
    ``--ckpt-batch``) with ``train.activation_checkpointing`` 0 (off), 2 (every other block)
    and 1 (all), each in a fresh subprocess so that peak memory is its own: peak RSS growth over
-   the process after building model and input (``resource.getrusage``) on the CPU,
+   the process after building model and input (``resource.getrusage``, glibc's mmap threshold
+   fixed so that freed activations leave the resident set) on the CPU,
    ``torch.cuda.max_memory_allocated`` on CUDA; median step time and the ratio to "off".
 
 Prints the load average before and after: the machine may be shared, so compare ratios.
@@ -94,7 +95,10 @@ def checkpoint_results(args) -> list:
     results = []
     for every in (0, 2, 1):
         cmd = [sys.executable, __file__, f"--child={every}"] + [a for a in sys.argv[1:] if not a.startswith("--child")]
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=os.environ)
+        # A fixed mmap threshold: glibc otherwise raises it after each large free and keeps freed
+        # activations in its heap, so peak RSS would not fall when fewer are alive at once.
+        env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
+        out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env)
         results.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return results
 
