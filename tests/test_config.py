@@ -144,7 +144,7 @@ def test_an_old_runs_saved_config_loads_with_retired_keys_mapped(tmp_path, caplo
                  "evaluation:\n  eval_period_iterations: 300\n"
                  "checkpointing:\n  period_iterations: 0\n")
     with caplog.at_level("INFO", logger="dinov2"):
-        cfg = load_saved_config(tmp_path)
+        cfg = load_saved_config(old)
     assert cfg.train.init_from_checkpoint == "/runs/a/checkpoints/ckpt_00000100"
     assert cfg.evaluation.export_period_iterations == 300
     assert cfg.checkpointing.period_iterations == 100  # 0 meant every saveckp_freq epochs
