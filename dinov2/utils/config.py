@@ -178,7 +178,8 @@ def _migrate_retired(saved: dict, source: str) -> dict:
                 _set(saved, "checkpointing.period_iterations", int(value) * int(epoch_length))
         elif replacement and _get(saved, replacement) is None:
             _set(saved, replacement, value)
-        logger.info("%s: %s; read as such", source, _retired_message(key))
+        logger.info("%s: %s; %s", source, _retired_message(key),
+                    f"its value is read as '{replacement}'" if replacement else "its value is dropped")
     return saved
 
 
