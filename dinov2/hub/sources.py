@@ -145,7 +145,7 @@ def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int]
 
 def _export_hint(directory: Path) -> str:
     return (
-        f"Training writes one every evaluation.eval_period_iterations iterations; to make one now from the "
+        f"Training writes one every evaluation.export_period_iterations iterations; to make one now from the "
         f"newest checkpoint, run `python scripts/consolidate_checkpoint.py {directory} "
         f"--output {directory / TRAINING_EXPORT}` (see its --help)."
     )
