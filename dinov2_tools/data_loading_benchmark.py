@@ -42,8 +42,16 @@ def loader_rate(dataset, batch_size: int, num_workers: int, batches: int, warmup
     """Images per second delivered by a training loader (after ``warmup`` batches of worker start-up)."""
     from dinov2.data.loaders import make_data_loader
 
-    loader = make_data_loader(dataset, batch_size, num_workers=num_workers, seed=0, sampler_type="infinite",
-                              collate_fn=collate_fn, rank=0, world_size=1)
+    loader = make_data_loader(
+        dataset,
+        batch_size,
+        num_workers=num_workers,
+        seed=0,
+        sampler_type="infinite",
+        collate_fn=collate_fn,
+        rank=0,
+        world_size=1,
+    )
     iterator = iter(loader)
     for _ in range(warmup):
         next(iterator)
@@ -68,14 +76,23 @@ def _sketch_spec(workdir: str) -> str:
     os.makedirs(folder, exist_ok=True)
     drawings = _random_drawings(400, seed=1)
     for c in range(4):
-        ink = np.stack([rasterize_strokes(d, 28).reshape(-1) for d in drawings[c * 100:(c + 1) * 100]])
+        ink = np.stack([rasterize_strokes(d, 28).reshape(-1) for d in drawings[c * 100 : (c + 1) * 100]])
         np.save(os.path.join(folder, f"class{c}.npy"), ink)
     return f"QuickDraw:root={folder}:split=all"
 
 
-def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, warmup: int = 2,
-                  local_crops_number: int = 8, global_crops_size: int = 224, local_crops_size: int = 96,
-                  patch_size: int = 14, jpeg_images: int = 256, print_fn=print) -> list[dict]:
+def run_benchmark(
+    workers: list[int],
+    batch_size: int = 32,
+    batches: int = 8,
+    warmup: int = 2,
+    local_crops_number: int = 8,
+    global_crops_size: int = 224,
+    local_crops_size: int = 96,
+    patch_size: int = 14,
+    jpeg_images: int = 256,
+    print_fn=print,
+) -> list[dict]:
     """Measure and print every case; returns the rows (case, workers, images_per_s)."""
     from dinov2.data.augmentations import FastDataAugmentationDINO  # what training runs
     from dinov2.data.collate import collate_data_and_cast
@@ -85,7 +102,10 @@ def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, wa
 
     grid = global_crops_size // patch_size
     collate = functools.partial(
-        collate_data_and_cast, mask_ratio_tuple=(0.1, 0.5), mask_probability=0.5, n_tokens=grid * grid,
+        collate_data_and_cast,
+        mask_ratio_tuple=(0.1, 0.5),
+        mask_probability=0.5,
+        n_tokens=grid * grid,
         mask_generator=MaskingGenerator(input_size=(grid, grid), max_num_patches=int(0.5 * grid * grid)),
     )
     rows = []
@@ -93,8 +113,14 @@ def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, wa
     print_fn(f"{os.cpu_count()} CPU cores, load average {load:.2f} before starting (other jobs slow every figure)")
     for size, antialias in ((28, False), (28, True), (224, False), (224, True)):
         rate = rasterisation_rate(size, antialias)
-        rows.append({"case": f"rasterise strokes {size} px antialias={antialias}", "workers": 0, "rate": rate,
-                     "unit": "drawings/s"})
+        rows.append(
+            {
+                "case": f"rasterise strokes {size} px antialias={antialias}",
+                "workers": 0,
+                "rate": rate,
+                "unit": "drawings/s",
+            }
+        )
         print_fn(f"{rows[-1]['case']:48s} {rate:9.0f} drawings/s (one process)")
     with tempfile.TemporaryDirectory() as workdir:
         groups = max(4, jpeg_images // 4)
@@ -105,13 +131,24 @@ def run_benchmark(workers: list[int], batch_size: int = 32, batches: int = 8, wa
         ]
         for name, spec, policy in cases:
             augmentation = FastDataAugmentationDINO(
-                global_crops_scale=(0.32, 1.0), local_crops_scale=(0.05, 0.32), local_crops_number=local_crops_number,
-                global_crops_size=global_crops_size, local_crops_size=local_crops_size, policy=policy,
+                global_crops_scale=(0.32, 1.0),
+                local_crops_scale=(0.05, 0.32),
+                local_crops_number=local_crops_number,
+                global_crops_size=global_crops_size,
+                local_crops_size=local_crops_size,
+                policy=policy,
             )
             dataset = make_dataset(spec, transform=augmentation)
             for num_workers in workers:
                 rate = loader_rate(dataset, batch_size, num_workers, batches, warmup, collate)
-                rows.append({"case": f"{name} -> DINO multi-crop 2x{global_crops_size}+{local_crops_number}x"
-                                     f"{local_crops_size}", "workers": num_workers, "rate": rate, "unit": "images/s"})
+                rows.append(
+                    {
+                        "case": f"{name} -> DINO multi-crop 2x{global_crops_size}+{local_crops_number}x"
+                        f"{local_crops_size}",
+                        "workers": num_workers,
+                        "rate": rate,
+                        "unit": "images/s",
+                    }
+                )
                 print_fn(f"{rows[-1]['case']:48s} {rate:9.1f} images/s with {num_workers} loader worker(s)")
     return rows

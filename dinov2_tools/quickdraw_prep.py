@@ -35,7 +35,9 @@ def quickdraw_npm_dir(cache_dir: str | None = None, version: str = NPM_VERSION) 
 
 def _complete(package_dir: str) -> bool:
     drawings = os.path.join(package_dir, "src", "drawings")
-    return os.path.isdir(drawings) and len([n for n in os.listdir(drawings) if n.endswith(".ndjson.gz")]) == NPM_CATEGORIES
+    return (
+        os.path.isdir(drawings) and len([n for n in os.listdir(drawings) if n.endswith(".ndjson.gz")]) == NPM_CATEGORIES
+    )
 
 
 def fetch_quickdraw_npm(cache_dir: str | None = None, version: str = NPM_VERSION, npm: str = "npm") -> str:
@@ -133,19 +135,21 @@ def write_quickdraw_shards(
             pool = _Inline()
         with pool:
             for shard in range(n_shards):
-                chunk = order[shard * shard_size:(shard + 1) * shard_size]
+                chunk = order[shard * shard_size : (shard + 1) * shard_size]
                 pngs = pool.map(_encode_png, [int(i) for i in chunk], chunksize=64)
                 path = os.path.join(out_dir, f"{split}-{shard:06d}.tar")
                 tmp = f"{path}.{os.getpid()}.tmp"
                 with wds.TarWriter(tmp) as sink:
                     for index, png in zip(chunk, pngs):
                         label = int(targets[index])
-                        sink.write({
-                            "__key__": f"{split}_{int(index):08d}",
-                            "png": png,
-                            "cls": label,
-                            "json": {"category": dataset.classes[label], "index": int(index)},
-                        })
+                        sink.write(
+                            {
+                                "__key__": f"{split}_{int(index):08d}",
+                                "png": png,
+                                "cls": label,
+                                "json": {"category": dataset.classes[label], "index": int(index)},
+                            }
+                        )
                 os.replace(tmp, path)
         classes_file = os.path.join(out_dir, f"classes_{split}.txt")
         write_bytes_atomic(classes_file, ("\n".join(dataset.classes) + "\n").encode())

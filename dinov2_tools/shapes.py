@@ -111,7 +111,9 @@ def draw_sample(rng: np.random.Generator, presence: str, closure: str, circulari
     else:
         span = 2 * np.pi * rng.uniform(0.5, 0.78)
     if presence == "clear":
-        return [_ellipse_stroke(rng, center, major, aspect, rotation, start, span, rng.uniform(0.02, 0.06), 0.002, width)]
+        return [
+            _ellipse_stroke(rng, center, major, aspect, rotation, start, span, rng.uniform(0.02, 0.06), 0.002, width)
+        ]
     # "resembles": a badly drawn version - strong wobble, broken into pieces with small gaps and
     # offsets, sometimes traced a second time.
     pieces = int(rng.integers(2, 4))
@@ -122,15 +124,34 @@ def draw_sample(rng: np.random.Generator, presence: str, closure: str, circulari
         gap = rng.uniform(0.04, 0.12)
         offset = rng.normal(0.0, 0.02, size=2)
         strokes.append(
-            _ellipse_stroke(rng, center + offset, major, aspect, rotation, start + a + gap / 2, b - a - gap,
-                            rng.uniform(0.15, 0.3), 0.006, width)
+            _ellipse_stroke(
+                rng,
+                center + offset,
+                major,
+                aspect,
+                rotation,
+                start + a + gap / 2,
+                b - a - gap,
+                rng.uniform(0.15, 0.3),
+                0.006,
+                width,
+            )
         )
     if rng.uniform() < 0.4:
         redo = rng.uniform(0.3, 0.6) * span
         strokes.append(
-            _ellipse_stroke(rng, center + rng.normal(0, 0.03, size=2), major * rng.uniform(0.9, 1.1), aspect,
-                            rotation + rng.normal(0, 0.15), start + rng.uniform(0, span - redo), redo,
-                            rng.uniform(0.15, 0.3), 0.006, width * 0.8)
+            _ellipse_stroke(
+                rng,
+                center + rng.normal(0, 0.03, size=2),
+                major * rng.uniform(0.9, 1.1),
+                aspect,
+                rotation + rng.normal(0, 0.15),
+                start + rng.uniform(0, span - redo),
+                redo,
+                rng.uniform(0.15, 0.3),
+                0.006,
+                width * 0.8,
+            )
         )
     return strokes
 

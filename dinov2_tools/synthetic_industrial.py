@@ -43,7 +43,8 @@ def _render_part(rng: np.random.Generator, size: int, base_colour, shape: str, d
         r = size * rng.uniform(0.06, 0.1)
         draw.ellipse([centre[0] - r, centre[1] - r, centre[0] + r, centre[1] + r], fill=(35, 25, 20))
     return image.rotate(float(rng.uniform(-8, 8)), resample=Image.BILINEAR, fillcolor=(100, 100, 100)).filter(
-        ImageFilter.GaussianBlur(0.6))
+        ImageFilter.GaussianBlur(0.6)
+    )
 
 
 def _assign_splits(n_groups: int, rng: np.random.Generator) -> list[str]:
@@ -54,13 +55,14 @@ def _assign_splits(n_groups: int, rng: np.random.Generator) -> list[str]:
     splits = ["train"] * n_groups
     for i in order[:n_val]:
         splits[i] = "val"
-    for i in order[n_val:n_val + n_test]:
+    for i in order[n_val : n_val + n_test]:
         splits[i] = "test"
     return splits
 
 
-def make_industrial_dataset(out: str, groups: int = 12, images_per_group: int = 3, size: int = 64,
-                            seed: int = 0, quality: int = 92) -> dict[str, int]:
+def make_industrial_dataset(
+    out: str, groups: int = 12, images_per_group: int = 3, size: int = 64, seed: int = 0, quality: int = 92
+) -> dict[str, int]:
     """Write the dataset under ``out``; returns the number of images per split."""
     if groups < 1 or images_per_group < 1:
         raise ValueError(f"need groups >= 1 and images_per_group >= 1, got {groups}, {images_per_group}")

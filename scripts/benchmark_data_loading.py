@@ -35,8 +35,15 @@ def main() -> None:
     parser.add_argument("--local-crops-size", type=int, default=96)
     args = parser.parse_args()
     torch.set_num_threads(1)
-    run_benchmark(args.workers, args.batch_size, args.batches, args.warmup, args.local_crops_number,
-                  args.global_crops_size, args.local_crops_size)
+    run_benchmark(
+        args.workers,
+        args.batch_size,
+        args.batches,
+        args.warmup,
+        args.local_crops_number,
+        args.global_crops_size,
+        args.local_crops_size,
+    )
 
 
 if __name__ == "__main__":

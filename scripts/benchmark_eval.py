@@ -68,7 +68,10 @@ def knn_worker(args) -> dict:
     # start from normalised features (normalising is a pass over the data, the same for both).
     bank_n = normalize_features(bank)
     bank_indices = torch.arange(args.bank)
-    chunks = [normalize_features(queries[q : q + args.query_chunk_size]) for q in range(0, args.queries, args.query_chunk_size)]
+    chunks = [
+        normalize_features(queries[q : q + args.query_chunk_size])
+        for q in range(0, args.queries, args.query_chunk_size)
+    ]
 
     def bare_matmuls(chunk) -> dict:
         clock = Clock()
@@ -80,8 +83,14 @@ def knn_worker(args) -> dict:
     def knn(chunk):
         clock = Clock()
         top_sims, _, top_labels = knn_search(
-            chunk, bank_n, bank_labels, bank_indices, 200, query_chunk_size=args.query_chunk_size,
-            bank_chunk_size=args.bank_chunk_size, normalize=False,
+            chunk,
+            bank_n,
+            bank_labels,
+            bank_indices,
+            200,
+            query_chunk_size=args.query_chunk_size,
+            bank_chunk_size=args.bank_chunk_size,
+            normalize=False,
         )
         scores = vote(top_sims, top_labels, (10, 20, 100, 200), 0.07, num_classes)
         return clock.elapsed(), scores
@@ -104,14 +113,22 @@ def knn_worker(args) -> dict:
     knn_seconds = {kind: min(run[kind] for run in knn_runs) for kind in kinds}
     top1 = {k: float((s.argmax(dim=1) == query_labels).float().mean()) for k, s in scores.items()}
     return {
-        "bank": args.bank, "queries": args.queries, "dim": dim, "threads": args.threads,
-        "repeats": args.repeats, "matmul_runs": matmul_runs, "knn_runs": knn_runs,
-        "query_chunk_size": args.query_chunk_size, "bank_chunk_size": args.bank_chunk_size,
-        "matmul_seconds": matmul_seconds, "knn_seconds": knn_seconds,
+        "bank": args.bank,
+        "queries": args.queries,
+        "dim": dim,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "matmul_runs": matmul_runs,
+        "knn_runs": knn_runs,
+        "query_chunk_size": args.query_chunk_size,
+        "bank_chunk_size": args.bank_chunk_size,
+        "matmul_seconds": matmul_seconds,
+        "knn_seconds": knn_seconds,
         "ratio": {kind: knn_seconds[kind] / matmul_seconds[kind] for kind in kinds},
         "paired_ratios": [{kind: k[kind] / m[kind] for kind in kinds} for m, k in zip(matmul_runs, knn_runs)],
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "rss_after_data_mb": rss_before, "top1": top1,
+        "rss_after_data_mb": rss_before,
+        "top1": top1,
     }
 
 
@@ -129,7 +146,9 @@ def linear_benchmark(args) -> dict:
         def __init__(self, n, seed, num_classes=10):
             g = torch.Generator().manual_seed(seed)
             self.labels = torch.randint(0, num_classes, (n,), generator=g)
-            patterns = torch.randn(num_classes, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(99))
+            patterns = torch.randn(
+                num_classes, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(99)
+            )
             self.images = patterns[self.labels] + 3.0 * torch.randn(n, 3, args.image_size, args.image_size, generator=g)
 
         def __len__(self):
@@ -158,15 +177,22 @@ def linear_benchmark(args) -> dict:
     online_seconds = clock.elapsed()
     with torch.no_grad():
         max_weight_diff = max(
-            float((cached_result.grid.head(i).weight - online_result.grid.head(i).weight).abs().max()) for i in range(len(configs))
+            float((cached_result.grid.head(i).weight - online_result.grid.head(i).weight).abs().max())
+            for i in range(len(configs))
         )
     kinds = ("cpu", "wall")
     cached_seconds = {kind: extraction[kind] + cached_heads[kind] for kind in kinds}
     return {
-        "heads": len(configs), "train_samples": args.train_samples, "epochs": args.epochs,
-        "iterations": cached_result.iterations, "backbone": f"ViT-S/8 depth {args.depth} at {args.image_size}px",
-        "threads": args.threads, "extraction_seconds": extraction, "cached_head_seconds": cached_heads,
-        "cached_seconds": cached_seconds, "online_seconds": online_seconds,
+        "heads": len(configs),
+        "train_samples": args.train_samples,
+        "epochs": args.epochs,
+        "iterations": cached_result.iterations,
+        "backbone": f"ViT-S/8 depth {args.depth} at {args.image_size}px",
+        "threads": args.threads,
+        "extraction_seconds": extraction,
+        "cached_head_seconds": cached_heads,
+        "cached_seconds": cached_seconds,
+        "online_seconds": online_seconds,
         "training_speedup": {kind: online_seconds[kind] / cached_heads[kind] for kind in kinds},
         "speedup": {kind: online_seconds[kind] / cached_seconds[kind] for kind in kinds},
         "cached_best": [configs[cached_result.best_head].name, cached_result.val_accuracy[cached_result.best_head]],
@@ -203,9 +229,23 @@ def main() -> int:
         return 0
     print("load average (1, 5, 15 min) at the start: {:.2f} {:.2f} {:.2f}".format(*os.getloadavg()))
     if args.only in (None, "knn"):
-        argv = [sys.executable, __file__, "--knn-worker", "--threads", str(args.threads), "--bank", str(args.bank),
-                "--queries", str(args.queries), "--query-chunk-size", str(args.query_chunk_size),
-                "--bank-chunk-size", str(args.bank_chunk_size), "--repeats", str(args.repeats)]
+        argv = [
+            sys.executable,
+            __file__,
+            "--knn-worker",
+            "--threads",
+            str(args.threads),
+            "--bank",
+            str(args.bank),
+            "--queries",
+            str(args.queries),
+            "--query-chunk-size",
+            str(args.query_chunk_size),
+            "--bank-chunk-size",
+            str(args.bank_chunk_size),
+            "--repeats",
+            str(args.repeats),
+        ]
         out = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         knn = json.loads(out.strip().splitlines()[-1])
         print(

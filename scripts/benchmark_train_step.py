@@ -127,27 +127,41 @@ def main(argv=None) -> int:
     rate, best_rate = statistics.median(rates[torch.float32]), max(rates[torch.float32])
     achieved = flops / step
     print(f"recipe: {args.config_file} {' '.join(overrides)}")
-    print(f"threads: {torch.get_num_threads()}, batch {batch_size} images x (2 global {cfg.crops.global_crops_size}px + "
-          f"{n_local} local {cfg.crops.local_crops_size}px), loader workers {cfg.train.num_workers}")
-    print(f"step time (median of {len(before + after)} pre-built-batch steps after {args.warmup} warm-up): {step * 1000:.0f} ms")
+    print(
+        f"threads: {torch.get_num_threads()}, batch {batch_size} images x (2 global {cfg.crops.global_crops_size}px + "
+        f"{n_local} local {cfg.crops.local_crops_size}px), loader workers {cfg.train.num_workers}"
+    )
+    print(
+        f"step time (median of {len(before + after)} pre-built-batch steps after {args.warmup} warm-up): {step * 1000:.0f} ms"
+    )
     print(f"throughput: {batch_size / step:.1f} images/s ({2 * batch_size / step:.1f} global crops/s)")
     print(f"model FLOPs per step (FlopCounterMode): {flops / 1e9:.1f} GFLOP -> {achieved / 1e9:.1f} GFLOP/s")
-    print(f"fp32 matmul rate (3 x 1024^3 torch.mm after each step, same threads): median {rate / 1e9:.1f}, "
-          f"best {best_rate / 1e9:.1f} GFLOP/s over {len(rates[torch.float32])} samples")
-    print(f"MFU: {100 * achieved / rate:.1f}% of the median fp32 matmul rate ({100 * achieved / best_rate:.1f}% of the best)")
+    print(
+        f"fp32 matmul rate (3 x 1024^3 torch.mm after each step, same threads): median {rate / 1e9:.1f}, "
+        f"best {best_rate / 1e9:.1f} GFLOP/s over {len(rates[torch.float32])} samples"
+    )
+    print(
+        f"MFU: {100 * achieved / rate:.1f}% of the median fp32 matmul rate ({100 * achieved / best_rate:.1f}% of the best)"
+    )
     if compute_dtype != torch.float32:
         name = cfg.compute_precision.param_dtype
         low_rate = statistics.median(rates[compute_dtype])
-        print(f"{name} matmul rate (same products): median {low_rate / 1e9:.1f} GFLOP/s -> "
-              f"MFU {100 * achieved / low_rate:.1f}% of the {name} rate (the recipe computes in {name})")
+        print(
+            f"{name} matmul rate (same products): median {low_rate / 1e9:.1f} GFLOP/s -> "
+            f"MFU {100 * achieved / low_rate:.1f}% of the {name} rate (the recipe computes in {name})"
+        )
     if with_loader:
         first, second = statistics.median(before), statistics.median(after)
         reference = 0.5 * (first + second)
         real = statistics.median(with_loader)
-        print(f"real data loading: median step {real * 1000:.0f} ms vs pre-built {reference * 1000:.0f} ms "
-              f"(before {first * 1000:.0f}, after {second * 1000:.0f}): overhead {100 * (real / reference - 1):+.1f}%")
-    print(f"load average (1, 5, 15 min): start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
-          f"end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} on {os.cpu_count()} CPUs")
+        print(
+            f"real data loading: median step {real * 1000:.0f} ms vs pre-built {reference * 1000:.0f} ms "
+            f"(before {first * 1000:.0f}, after {second * 1000:.0f}): overhead {100 * (real / reference - 1):+.1f}%"
+        )
+    print(
+        f"load average (1, 5, 15 min): start {load_start[0]:.2f} {load_start[1]:.2f} {load_start[2]:.2f}, "
+        f"end {load_end[0]:.2f} {load_end[1]:.2f} {load_end[2]:.2f} on {os.cpu_count()} CPUs"
+    )
     return 0
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Consolidate a sharded training checkpoint into one teacher-backbone file.
 
-    python scripts/consolidate_checkpoint.py OUTPUT_DIR_OR_CKPT_DIR --output teacher.pth [--with-heads] [--safetensors]
+python scripts/consolidate_checkpoint.py OUTPUT_DIR_OR_CKPT_DIR --output teacher.pth [--with-heads] [--safetensors]
 """
 
 import sys

@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Export a backbone for transformers, timm or ONNX Runtime (see docs/interop.md).
 
-    python scripts/export_backbone.py RUN_DIR_OR_WEIGHTS --format hf --output exported/hf
-    python scripts/export_backbone.py dinov2_vits14_pretrain.pth --format timm --output exported/timm
-    python scripts/export_backbone.py RUN_DIR --format onnx --output backbone.onnx --image-size 224 --check
+python scripts/export_backbone.py RUN_DIR_OR_WEIGHTS --format hf --output exported/hf
+python scripts/export_backbone.py dinov2_vits14_pretrain.pth --format timm --output exported/timm
+python scripts/export_backbone.py RUN_DIR --format onnx --output backbone.onnx --image-size 224 --check
 """
 
 import sys

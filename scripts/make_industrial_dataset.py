@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Write a small synthetic dataset in the industrial inspection layout.
 
-    python scripts/make_industrial_dataset.py --out /tmp/bbu --groups 24 --images-per-group 4
-    then: Industrial:root=/tmp/bbu:split=train
+python scripts/make_industrial_dataset.py --out /tmp/bbu --groups 24 --images-per-group 4
+then: Industrial:root=/tmp/bbu:split=train
 """
 
 import argparse

@@ -1,6 +1,6 @@
 """Render the multi-head hand-drawn shapes demo dataset (see dinov2_tools/shapes.py).
 
-    python scripts/make_shapes_dataset.py /data/shapes --count 2000 --size 64
+python scripts/make_shapes_dataset.py /data/shapes --count 2000 --size 64
 """
 
 import sys

@@ -54,10 +54,12 @@ def plot_training_metrics(output_dir, output=None) -> Path:
         ax.grid(alpha=0.3)
         if len(names) > 1:
             ax.legend()
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
     fig.tight_layout()
-    output = Path(output) if output else (output_dir if output_dir.is_dir() else output_dir.parent) / "training_metrics.png"
+    output = (
+        Path(output) if output else (output_dir if output_dir.is_dir() else output_dir.parent) / "training_metrics.png"
+    )
     tmp = output.with_name(f".{output.name}.tmp.png")
     fig.savefig(tmp, dpi=100)
     plt.close(fig)

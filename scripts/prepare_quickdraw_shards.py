@@ -29,13 +29,19 @@ def main() -> None:
     parser.add_argument("--categories", default="", help="comma list or file of categories (default: all)")
     parser.add_argument("--size", type=int, default=224)
     parser.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    parser.add_argument("--no-balance", action="store_true", help="keep all drawings instead of cutting to the rarest class")
+    parser.add_argument(
+        "--no-balance", action="store_true", help="keep all drawings instead of cutting to the rarest class"
+    )
     parser.add_argument("--workers", type=int, default=1, help="processes rendering and encoding images")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO)
     spec = f"QuickDraw:root={args.root}"
-    for key, value in (("format", args.format), ("train_per_class", args.train_per_class),
-                       ("holdout", args.holdout), ("categories", args.categories)):
+    for key, value in (
+        ("format", args.format),
+        ("train_per_class", args.train_per_class),
+        ("holdout", args.holdout),
+        ("categories", args.categories),
+    ):
         if value:
             spec += f":{key}={value}"
     manifest = write_quickdraw_shards(spec, args.out, args.size, args.shard_size, not args.no_balance, args.workers)

@@ -53,13 +53,16 @@ def main(argv=None) -> int:
     bank, queries = pixel_features(bank_ds), pixel_features(query_ds)
     bank_labels = torch.as_tensor(np.asarray(bank_ds.get_targets()), dtype=torch.long)
     query_labels = torch.as_tensor(np.asarray(query_ds.get_targets()), dtype=torch.long)
-    scores = knn_classify(queries, bank, bank_labels, ks=[args.k], temperature=args.temperature,
-                          num_classes=len(bank_ds.classes))[args.k]
+    scores = knn_classify(
+        queries, bank, bank_labels, ks=[args.k], temperature=args.temperature, num_classes=len(bank_ds.classes)
+    )[args.k]
     top5 = scores.topk(5, dim=1).indices
     top1_acc = (top5[:, 0] == query_labels).float().mean().item()
     top5_acc = (top5 == query_labels[:, None]).any(dim=1).float().mean().item()
-    print(f"raw-pixel k-NN (k={args.k}, T={args.temperature}): bank {len(bank)} x {bank.shape[1]}, "
-          f"queries {len(queries)}, classes {len(bank_ds.classes)}")
+    print(
+        f"raw-pixel k-NN (k={args.k}, T={args.temperature}): bank {len(bank)} x {bank.shape[1]}, "
+        f"queries {len(queries)}, classes {len(bank_ds.classes)}"
+    )
     print(f"top-1 {100 * top1_acc:.2f}%  top-5 {100 * top5_acc:.2f}%")
     return 0
 

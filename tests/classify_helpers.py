@@ -29,7 +29,9 @@ def tiny_classifier(heads=HEADS, seed=0):
     # Non-trivial head weights so that probabilities differ between images.
     for head in model.heads.values():
         torch.nn.init.normal_(head.weight, std=1.0)
-    config = ClassifierConfig(backbone=spec, heads=list(heads), preprocessing=preprocessing_settings(crop_size=16, resize_size=20))
+    config = ClassifierConfig(
+        backbone=spec, heads=list(heads), preprocessing=preprocessing_settings(crop_size=16, resize_size=20)
+    )
     return model.eval(), config
 
 

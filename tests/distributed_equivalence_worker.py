@@ -84,8 +84,9 @@ def run(cfg, out: Path, save: bool):
     if save:
         save_config(cfg, out) if distributed.is_main_process() else None
         manager = CheckpointManager(out / "checkpoints")
-        manager.save(STEPS, {"train": ModelOptimizerState(model, optimizer), "extra": {"iteration": STEPS},
-                             "rng": RNGState(0)})
+        manager.save(
+            STEPS, {"train": ModelOptimizerState(model, optimizer), "extra": {"iteration": STEPS}, "rng": RNGState(0)}
+        )
         images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(7))
         with torch.no_grad():
             features = model.teacher["backbone"](images)

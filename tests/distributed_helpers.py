@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 
@@ -81,12 +81,16 @@ def subprocess_env() -> Dict[str, str]:
 
 
 def torchrun_command(nproc: int, script: str, args: List[str], port: int) -> List[str]:
-    return TORCHRUN + [
-        f"--nproc_per_node={nproc}",
-        "--master_addr=127.0.0.1",
-        f"--master_port={port}",
-        script,
-    ] + list(args)
+    return (
+        TORCHRUN
+        + [
+            f"--nproc_per_node={nproc}",
+            "--master_addr=127.0.0.1",
+            f"--master_port={port}",
+            script,
+        ]
+        + list(args)
+    )
 
 
 def train_command(output_dir: Path, overrides: List[str], nproc: int, port: int) -> List[str]:
@@ -98,7 +102,9 @@ def train_command(output_dir: Path, overrides: List[str], nproc: int, port: int)
 
 def run(command: List[str], log: Path, timeout: float = 240) -> subprocess.CompletedProcess:
     with open(log, "w") as handle:
-        result = subprocess.run(command, cwd=REPO, env=subprocess_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=timeout)
+        result = subprocess.run(
+            command, cwd=REPO, env=subprocess_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=timeout
+        )
     return result
 
 

@@ -41,7 +41,8 @@ def _aug(n_local=2, cls=FastDataAugmentationDINO, **kwargs):
 
 def _has(pipeline, kind):
     return any(
-        isinstance(step, kind) or (isinstance(step, v2.RandomApply) and any(isinstance(t, kind) for t in step.transforms))
+        isinstance(step, kind)
+        or (isinstance(step, v2.RandomApply) and any(isinstance(t, kind) for t in step.transforms))
         for step in pipeline.transforms
     )
 
@@ -90,7 +91,13 @@ def _reference_crops(aug, image, seed):
 
 def _set_probabilities(aug, p):
     """Set every random on/off step (flip, colour jitter, grayscale, blur, solarisation) to ``p``."""
-    for pipeline in (aug.geometric_global, aug.geometric_local, aug.global_transform_1, aug.global_transform_2, aug.local_transform):
+    for pipeline in (
+        aug.geometric_global,
+        aug.geometric_local,
+        aug.global_transform_1,
+        aug.global_transform_2,
+        aug.local_transform,
+    ):
         for step in pipeline.transforms:
             if hasattr(step, "p"):
                 step.p = p
@@ -128,8 +135,12 @@ def test_fast_augmentation_gives_the_reference_crops_under_a_seed(configuration,
         assert torch.equal(got_next, want_next)  # the same number of draws
     # The comparison is not vacuous: the crop, flip, blur, solarisation and normalisation take the
     # fast path; the colour steps run as v2 transforms.
-    fast = {type(step).__name__ for pipeline in (aug.geometric_global, aug.global_transform_2)
-            for step in pipeline.transforms if _fast_kernel(step) is not None}
+    fast = {
+        type(step).__name__
+        for pipeline in (aug.geometric_global, aug.global_transform_2)
+        for step in pipeline.transforms
+        if _fast_kernel(step) is not None
+    }
     expected = {"RandomResizedCrop", "RandomHorizontalFlip", "RandomApply", "Compose"}
     if policy == "natural":
         assert fast == expected | {"RandomSolarize"}
@@ -184,7 +195,9 @@ def test_fast_augmentation_runs_steps_it_does_not_know_as_v2(name):
         "rotation": v2.RandomRotation(20),
         "blur-and-invert": v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0)), v2.RandomInvert(p=1.0)], p=0.7),
         "blur-subclass": v2.RandomApply([_BlurSubclass(9, sigma=(0.1, 2.0))], p=0.7),
-        "other-normalisation": v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.2] * 3)]),
+        "other-normalisation": v2.Compose(
+            [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.2] * 3)]
+        ),
     }
     aug.geometric_global.transforms.insert(0, added["rotation"])
     aug.local_transform.transforms[2] = added["blur-and-invert"]
@@ -220,10 +233,15 @@ def test_sketch_policy_works_on_one_channel_with_the_pixels_of_the_rgb_path():
         fast = aug(drawing)
         torch.manual_seed(seed)
         reference = rgb_path(drawing)
-        for got, want in zip(fast["global_crops"] + fast["local_crops"], reference["global_crops"] + reference["local_crops"], strict=True):
+        for got, want in zip(
+            fast["global_crops"] + fast["local_crops"],
+            reference["global_crops"] + reference["local_crops"],
+            strict=True,
+        ):
             assert got.shape[0] == 3 and torch.equal(got, want)
     # Colour is dropped by the sketch policy (luminance), kept by the natural one.
     red = Image.new("RGB", (32, 32), (255, 0, 0))
+
     def raw(augmentation):
         crop = augmentation(red)["global_crops"][0]
         return crop * torch.tensor(augmentation.std).view(3, 1, 1) + torch.tensor(augmentation.mean).view(3, 1, 1)
@@ -263,7 +281,8 @@ def test_blur_probabilities_paper_default_and_upstream_flag():
 
 def _blur_step(pipeline):
     return next(
-        step for step in pipeline.transforms
+        step
+        for step in pipeline.transforms
         if isinstance(step, v2.RandomApply) and isinstance(step.transforms[0], v2.GaussianBlur)
     )
 
@@ -306,9 +325,15 @@ def test_policies_differ_in_photometric_steps():
 def test_augmentation_config_and_input_errors():
     cfg = OmegaConf.create(
         {
-            "global_crops_scale": [0.32, 1.0], "local_crops_number": 4, "local_crops_scale": [0.05, 0.32],
-            "global_crops_size": 32, "local_crops_size": 16, "policy": "sketch", "upstream_blur_probs": True,
-            "mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2],
+            "global_crops_scale": [0.32, 1.0],
+            "local_crops_number": 4,
+            "local_crops_scale": [0.05, 0.32],
+            "global_crops_size": 32,
+            "local_crops_size": 16,
+            "policy": "sketch",
+            "upstream_blur_probs": True,
+            "mean": [0.5, 0.5, 0.5],
+            "std": [0.2, 0.2, 0.2],
         }
     )
     aug = DataAugmentationDINO.from_config(cfg)
@@ -404,10 +429,10 @@ def test_collate_crop_order_is_view_major():
     samples = [_fake_sample(2) for _ in range(3)]
     gen = MaskingGenerator((4, 4))
     out = collate_data_and_cast(samples, mask_generator=gen, n_tokens=16)
-    g, l = out["collated_global_crops"], out["collated_local_crops"]
+    g, loc = out["collated_global_crops"], out["collated_local_crops"]
     for b, (crops, _) in enumerate(samples):
         assert torch.equal(g[b], crops["global_crops"][0]) and torch.equal(g[3 + b], crops["global_crops"][1])
-        assert torch.equal(l[b], crops["local_crops"][0]) and torch.equal(l[3 + b], crops["local_crops"][1])
+        assert torch.equal(loc[b], crops["local_crops"][0]) and torch.equal(loc[3 + b], crops["local_crops"][1])
 
 
 def test_collate_mask_ratios_spread_over_range():
@@ -421,9 +446,7 @@ def test_collate_mask_ratios_spread_over_range():
     for count, (low, high) in zip(counts, mask_ratio_bins(16, (0.1, 0.5))):
         assert int(n_tokens * low) - 1 <= count <= int(n_tokens * high)
     # Each masked crop's weights sum to 1.
-    per_crop = torch.zeros(2 * batch).index_add_(
-        0, out["mask_indices_list"] // n_tokens, out["masks_weight"]
-    )
+    per_crop = torch.zeros(2 * batch).index_add_(0, out["mask_indices_list"] // n_tokens, out["masks_weight"])
     torch.testing.assert_close(per_crop[per_crop > 0], torch.ones(16))
 
 
@@ -445,8 +468,10 @@ def test_collate_reproducible_with_generators_and_skips_none():
 
 def test_collate_from_config_with_real_augmentation():
     cfg = OmegaConf.create(
-        {"crops": {"global_crops_size": 28},
-         "ibot": {"loss_weight": 1.0, "mask_ratio_min_max": [0.1, 0.5], "mask_sample_probability": 0.5}}
+        {
+            "crops": {"global_crops_size": 28},
+            "ibot": {"loss_weight": 1.0, "mask_ratio_min_max": [0.1, 0.5], "mask_sample_probability": 0.5},
+        }
     )
     collate = build_collate_fn_from_config(cfg, patch_size=7)
     aug = DataAugmentationDINO((0.32, 1.0), (0.05, 0.32), 2, global_crops_size=28, local_crops_size=14)
@@ -475,8 +500,15 @@ def test_training_loader_installs_the_fast_augmentation():
         def __getitem__(self, index):
             return self.transform(_photo(seed=index)), 0
 
-    cfg = load_config(overrides=["train.batch_size_per_gpu=4", "train.num_workers=0", "crops.global_crops_size=28",
-                                 "crops.local_crops_size=14", "crops.local_crops_number=1"])
+    cfg = load_config(
+        overrides=[
+            "train.batch_size_per_gpu=4",
+            "train.num_workers=0",
+            "crops.global_crops_size=28",
+            "crops.local_crops_size=14",
+            "crops.local_crops_number=1",
+        ]
+    )
     loader, dataset = build_train_data_loader(cfg, patch_size=7, rank=0, world_size=1, dataset=Photos())
     assert type(dataset.transform) is FastDataAugmentationDINO
     assert next(iter(loader))["collated_global_crops"].shape == (8, 3, 28, 28)

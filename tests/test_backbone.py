@@ -133,8 +133,10 @@ def test_bf16_cpu_attention_takes_the_explicit_path_and_stays_close_to_fp32(monk
     x = torch.randn(3, 11, 48)
     reference = attention(x)
     calls = []
-    monkeypatch.setattr("dinov2.layers.attention.explicit_attention",
-                        lambda *args, **kwargs: calls.append(args[0].dtype) or explicit_attention(*args, **kwargs))
+    monkeypatch.setattr(
+        "dinov2.layers.attention.explicit_attention",
+        lambda *args, **kwargs: calls.append(args[0].dtype) or explicit_attention(*args, **kwargs),
+    )
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low = attention(x)
     assert calls == [torch.bfloat16]

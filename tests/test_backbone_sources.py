@@ -12,8 +12,16 @@ from dinov2.hub.weights import save_state_dict
 from dinov2.train.warm_start import load_warm_start_weights
 from dinov2.utils.config import load_config, save_config
 
-TINY = ["student.arch=vit_small", "student.patch_size=4", "student.embed_dim=32", "student.depth=2",
-        "student.num_heads=2", "crops.global_crops_size=16", "crops.mean=[0.5,0.5,0.5]", "crops.std=[0.25,0.25,0.25]"]
+TINY = [
+    "student.arch=vit_small",
+    "student.patch_size=4",
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "crops.global_crops_size=16",
+    "crops.mean=[0.5,0.5,0.5]",
+    "crops.std=[0.25,0.25,0.25]",
+]
 
 
 @pytest.fixture
@@ -29,7 +37,9 @@ def run(tmp_path):
 
 
 def _same(state, model):
-    return all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and set(state) == set(model.state_dict())
+    return all(torch.equal(state[k], v) for k, v in model.state_dict().items()) and set(state) == set(
+        model.state_dict()
+    )
 
 
 def test_a_training_output_directory_is_one_backbone_everywhere(run):
@@ -53,17 +63,31 @@ def test_sharded_checkpoints_and_missing_exports_name_the_consolidation_command(
     for option, load in (
         ("--pretrained-weights", lambda: build_model_for_eval(directory / "config.yaml", checkpoint)),
         ("student.pretrained_weights", lambda: load_warm_start_weights(backbone, checkpoint)),
-        ("pretrained_weights", lambda: make_dinov2_model("vit_small", img_size=16, patch_size=4, embed_dim=32, depth=2,
-                                                          num_heads=2, pretrained_weights=checkpoint)),
+        (
+            "pretrained_weights",
+            lambda: make_dinov2_model(
+                "vit_small",
+                img_size=16,
+                patch_size=4,
+                embed_dim=32,
+                depth=2,
+                num_heads=2,
+                pretrained_weights=checkpoint,
+            ),
+        ),
     ):
         with pytest.raises(ValueError, match=rf"^{option}: .*sharded training checkpoint.*consolidate_checkpoint.py"):
             load()
-    with pytest.raises(BackboneSourceError, match=r"^backbone source: .*sharded training checkpoint.*consolidate_checkpoint.py"):
+    with pytest.raises(
+        BackboneSourceError, match=r"^backbone source: .*sharded training checkpoint.*consolidate_checkpoint.py"
+    ):
         load_backbone(str(checkpoint))  # backbone.source of a classifier
     (directory / "exports" / "teacher_backbone_latest.pth").unlink()
     with pytest.raises(BackboneSourceError, match=r"no backbone export.*consolidate_checkpoint.py .*--output"):
         load_backbone(str(directory))
-    with pytest.raises(FileNotFoundError, match=r"^--pretrained-weights: .*without a teacher export.*consolidate_checkpoint.py"):
+    with pytest.raises(
+        FileNotFoundError, match=r"^--pretrained-weights: .*without a teacher export.*consolidate_checkpoint.py"
+    ):
         build_model_for_eval(None, directory)
     with pytest.raises(FileNotFoundError, match=r"^student.pretrained_weights: .*missing.pth does not exist"):
         load_warm_start_weights(backbone, tmp_path / "missing.pth")

@@ -51,7 +51,10 @@ def test_industrial_annotations_not_in_utf8(tmp_path):
     _image(tmp_path / "train" / "a.png")
     (tmp_path / "annotations").mkdir()
     annotation = tmp_path / "annotations" / "train.json"
-    content = {"metainfo": {"classes": [LATIN1_NAME, "ok"]}, "data_list": [{"img_path": "a.png", "gt_label": 0, "group_id": 1}]}
+    content = {
+        "metainfo": {"classes": [LATIN1_NAME, "ok"]},
+        "data_list": [{"img_path": "a.png", "gt_label": 0, "group_id": 1}],
+    }
     annotation.write_bytes(json.dumps(content, ensure_ascii=False).encode("latin-1"))
     with pytest.raises(DatasetFormatError, match=rf"annotation file {annotation} is not UTF-8"):
         make_dataset(f"Industrial:root={tmp_path}:split=train")
@@ -150,7 +153,9 @@ def test_sound_jpegs_decode_to_the_same_pixels_with_and_without_simplejpeg(monke
     for mode in ("L", "CMYK"):  # converted by Pillow either way
         buffer = io.BytesIO()
         Image.open(io.BytesIO(data)).convert(mode).save(buffer, "JPEG")
-        assert np.array_equal(np.asarray(decode_image_bytes(buffer.getvalue(), f"{mode}.jpg")), _pillow_rgb(buffer.getvalue()))
+        assert np.array_equal(
+            np.asarray(decode_image_bytes(buffer.getvalue(), f"{mode}.jpg")), _pillow_rgb(buffer.getvalue())
+        )
     # Without the optional package, Pillow decodes: same pixels, truncation is still reported.
     monkeypatch.setattr(image_io, "_simplejpeg", lambda: None)
     assert np.array_equal(np.asarray(decode_image_bytes(data, "sound.jpg")), expected)

@@ -2,15 +2,14 @@
 
 import pytest
 import torch
+from test_train_ssl_meta_arch import synthetic_batch, tiny_cfg
+from train_helpers import TINY_OVERRIDES
 
 from dinov2.layers import Block
 from dinov2.layers.drop_path import drop_add_residual_subset, uses_sample_subset
 from dinov2.models import build_model_from_cfg, vit_small
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
-from test_train_ssl_meta_arch import synthetic_batch, tiny_cfg
-from train_helpers import TINY_OVERRIDES
-
 
 
 def _block(rate, mode, seed=0):
@@ -90,8 +89,17 @@ def _loss_and_grads(model, x):
 @pytest.mark.parametrize("every", [1, 2])
 def test_activation_checkpointing_gives_the_same_loss_and_gradients(every, mode):
     torch.manual_seed(0)
-    model = vit_small(patch_size=4, img_size=16, embed_dim=32, depth=4, num_heads=2, init_values=1.0,
-                      drop_path_rate=0.3, drop_path_uniform=True, stochastic_depth=mode).train()
+    model = vit_small(
+        patch_size=4,
+        img_size=16,
+        embed_dim=32,
+        depth=4,
+        num_heads=2,
+        init_values=1.0,
+        drop_path_rate=0.3,
+        drop_path_uniform=True,
+        stochastic_depth=mode,
+    ).train()
     x = torch.randn(6, 3, 16, 16)
     reference = _loss_and_grads(model, x)
     model.set_activation_checkpointing(every)
@@ -110,8 +118,11 @@ def test_config_keys_reach_the_student_only_and_bad_values_are_refused():
     student, teacher, _ = build_model_from_cfg(cfg)
     assert all(b.checkpoint_activations and b.stochastic_depth == "subset" for b in student.blocks)
     assert not any(b.checkpoint_activations for b in teacher.blocks)
-    for key, value in (("activation_checkpointing", "-1"), ("activation_checkpointing", "true"),
-                       ("stochastic_depth", "fast")):
+    for key, value in (
+        ("activation_checkpointing", "-1"),
+        ("activation_checkpointing", "true"),
+        ("stochastic_depth", "fast"),
+    ):
         with pytest.raises(ValueError, match=f"train.{key}"):
             build_model_from_cfg(load_config(None, TINY_OVERRIDES + [f"train.{key}={value}"]))
 
@@ -119,8 +130,9 @@ def test_config_keys_reach_the_student_only_and_bad_values_are_refused():
 def test_an_ssl_training_step_is_unchanged_by_checkpointing():
     results = []
     for every in (0, 1):
-        cfg = tiny_cfg(f"train.activation_checkpointing={every}", "train.stochastic_depth=subset",
-                       "student.drop_path_rate=0.4")
+        cfg = tiny_cfg(
+            f"train.activation_checkpointing={every}", "train.stochastic_depth=subset", "student.drop_path_rate=0.4"
+        )
         torch.manual_seed(0)
         model = SSLMetaArch(cfg).train()
         torch.manual_seed(2)
@@ -140,8 +152,9 @@ def test_fsdp_two_rank_training_with_checkpointed_blocks_matches_without(tmp_pat
     from train_helpers import make_image_folder, tiny_overrides
 
     data = make_image_folder(tmp_path / "images")
-    overrides = tiny_overrides(data, "train.max_iterations=2", "train.stochastic_depth=subset",
-                               "student.drop_path_rate=0.4")
+    overrides = tiny_overrides(
+        data, "train.max_iterations=2", "train.stochastic_depth=subset", "student.drop_path_rate=0.4"
+    )
     plain = run_two_ranks(tmp_path / "plain", overrides)
     checkpointed = run_two_ranks(tmp_path / "checkpointed", overrides + ["train.activation_checkpointing=1"])
     assert [line["iteration"] for line in checkpointed] == [1, 2]

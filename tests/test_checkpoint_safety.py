@@ -17,6 +17,7 @@ import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import filesystem as dcp_filesystem
+from train_helpers import make_image_folder, tiny_overrides
 
 from dinov2.checkpoint import MARKER, CheckpointError, CheckpointManager, ModelOptimizerState, checkpoint_keys
 from dinov2.checkpoint.consolidate import consolidate_checkpoint, resolve_checkpoint
@@ -27,7 +28,6 @@ from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.train import main
 from dinov2.utils.config import load_config
 from dinov2.utils.io import atomic_write_text
-from train_helpers import make_image_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = ["train.max_iterations=2", "checkpointing.period_iterations=2", "evaluation.export_period_iterations=2"]
@@ -104,8 +104,13 @@ def test_planted_metadata_is_refused_by_resume_and_model_weights(planted_run, da
     assert not pwned.exists()
     # A fresh run initialised from that checkpoint.
     with pytest.raises(CheckpointError, match=str(checkpoint / ".metadata")):
-        main(["--output-dir", str(tmp_path / "fresh"),
-              *tiny_overrides(data_root, *TRAIN, f"train.init_from_checkpoint={checkpoint}")])
+        main(
+            [
+                "--output-dir",
+                str(tmp_path / "fresh"),
+                *tiny_overrides(data_root, *TRAIN, f"train.init_from_checkpoint={checkpoint}"),
+            ]
+        )
     assert not pwned.exists()
     with pytest.raises(CheckpointError, match="posix.system"):
         checkpoint_keys(checkpoint)
@@ -117,9 +122,17 @@ def test_planted_metadata_is_refused_by_consolidation(planted_run, tmp_path):
     with pytest.raises(CheckpointError, match=r"refusing to read .*\.metadata.*posix\.system"):
         consolidate_checkpoint(run, tmp_path / "teacher.pth")
     script = subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "consolidate_checkpoint.py"), str(run / "checkpoints" / CHECKPOINT),
-         "--output", str(tmp_path / "teacher.pth")],
-        capture_output=True, text=True, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            str(REPO / "scripts" / "consolidate_checkpoint.py"),
+            str(run / "checkpoints" / CHECKPOINT),
+            "--output",
+            str(tmp_path / "teacher.pth"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert script.returncode != 0
     assert "posix.system" in script.stderr and "refusing to read" in script.stderr
@@ -131,8 +144,13 @@ def test_planted_metadata_is_never_read_by_warm_start_or_evaluation(planted_run,
     checkpoint = run / "checkpoints" / CHECKPOINT
     # Warm start and evaluation take backbone files: a checkpoint directory is refused unread.
     with pytest.raises((FileNotFoundError, ValueError)):
-        main(["--output-dir", str(tmp_path / "warm"),
-              *tiny_overrides(data_root, *TRAIN, f"student.pretrained_weights={checkpoint}")])
+        main(
+            [
+                "--output-dir",
+                str(tmp_path / "warm"),
+                *tiny_overrides(data_root, *TRAIN, f"student.pretrained_weights={checkpoint}"),
+            ]
+        )
     with pytest.raises(ValueError, match="consolidate_checkpoint"):
         resolve_weights_path(checkpoint)
     # A training output directory is evaluated from its export, never from its checkpoints.
@@ -163,12 +181,26 @@ def test_real_checkpoints_read_through_the_restricted_reader(trained_run, tmp_pa
     assert restricted.state_dict_metadata == plain.state_dict_metadata
     assert restricted.storage_data == plain.storage_data
     # bf16 / fp16 / int tensors and plain values pickle more dtypes into the metadata.
-    state = {"extra": {"a": torch.ones(3, dtype=torch.bfloat16), "b": torch.ones(2, dtype=torch.float16),
-                       "c": torch.arange(4, dtype=torch.int32), "d": [1, "x", 2.5], "e": True}}
+    state = {
+        "extra": {
+            "a": torch.ones(3, dtype=torch.bfloat16),
+            "b": torch.ones(2, dtype=torch.float16),
+            "c": torch.arange(4, dtype=torch.int32),
+            "d": [1, "x", 2.5],
+            "e": True,
+        }
+    }
     path = CheckpointManager(tmp_path).save(1, state)
     assert "extra.a" in checkpoint_keys(path)
-    loaded = {"extra": {"a": torch.zeros(3, dtype=torch.bfloat16), "b": torch.zeros(2, dtype=torch.float16),
-                        "c": torch.zeros(4, dtype=torch.int32), "d": None, "e": False}}
+    loaded = {
+        "extra": {
+            "a": torch.zeros(3, dtype=torch.bfloat16),
+            "b": torch.zeros(2, dtype=torch.float16),
+            "c": torch.zeros(4, dtype=torch.int32),
+            "d": None,
+            "e": False,
+        }
+    }
     CheckpointManager(tmp_path).load(path, loaded)
     assert torch.equal(loaded["extra"]["a"], state["extra"]["a"]) and loaded["extra"]["d"] == [1, "x", 2.5]
     assert loaded["extra"]["e"] is True
@@ -247,8 +279,11 @@ def test_disk_full_during_a_checkpoint_says_so_and_removes_the_partial_one(tmp_p
     state = {"extra": {"weights": torch.randn(50000)}}
     good = manager.save(1, state)
     with _shards_go_to_dev_full(monkeypatch):
-        with pytest.raises(CheckpointError, match=rf"cannot write checkpoint {tmp_path / 'ckpt_00000002'}: "
-                                                   r"no space left on device while writing .*\.tmp_ckpt_00000002"):
+        with pytest.raises(
+            CheckpointError,
+            match=rf"cannot write checkpoint {tmp_path / 'ckpt_00000002'}: "
+            r"no space left on device while writing .*\.tmp_ckpt_00000002",
+        ):
             manager.save(2, state)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt_00000001"]
     assert manager.latest() == good
@@ -305,7 +340,9 @@ def test_loading_into_another_model_names_every_mismatched_key(tmp_path):
     for key in unexpected + missing:
         assert f"    train.model.{key}\n" in message + "\n", key
     for key in reshaped:
-        assert f"train.model.{key}: checkpoint {tuple(saved[key].shape)} vs this run {tuple(wanted[key].shape)}" in message
+        assert (
+            f"train.model.{key}: checkpoint {tuple(saved[key].shape)} vs this run {tuple(wanted[key].shape)}" in message
+        )
     # The optimizer state of the removed block is unexpected too.
     assert "train.optimizer.state.student.backbone.blocks.1.attn.qkv.weight.exp_avg" in message
     # The model is untouched.
@@ -316,7 +353,9 @@ def test_resume_with_another_depth_lists_the_blocks_it_lacks(trained_run, data_r
     run = tmp_path / "run"
     shutil.copytree(trained_run, run)
     with pytest.raises(CheckpointError) as caught:
-        main(["--output-dir", str(run), *tiny_overrides(data_root, *TRAIN, "train.max_iterations=4", "student.depth=1")])
+        main(
+            ["--output-dir", str(run), *tiny_overrides(data_root, *TRAIN, "train.max_iterations=4", "student.depth=1")]
+        )
     message = str(caught.value)
     for name in ("student", "teacher"):
         for parameter in ("norm1.weight", "attn.qkv.weight", "mlp.fc2.bias"):
@@ -324,7 +363,7 @@ def test_resume_with_another_depth_lists_the_blocks_it_lacks(trained_run, data_r
 
 
 # ------------------------------------------------------------------ two ranks
-_TWO_RANK_WORKER = '''
+_TWO_RANK_WORKER = """
 import json, os, sys, warnings
 import torch
 from dinov2 import distributed
@@ -353,7 +392,7 @@ except CheckpointError as error:
 with open(f"{out}.{rank}.json", "w") as handle:
     json.dump({"chosen": str(chosen), "warnings": [str(w.message) for w in caught], "refused": refused}, handle)
 distributed.disable()
-'''
+"""
 
 
 def test_two_ranks_share_the_checksum_work_and_agree_on_a_corrupted_shard(tmp_path):
@@ -364,7 +403,9 @@ def test_two_ranks_share_the_checksum_work_and_agree_on_a_corrupted_shard(tmp_pa
     worker = tmp_path / "worker.py"
     worker.write_text(_TWO_RANK_WORKER)
     checkpoints, out = tmp_path / "checkpoints", tmp_path / "result"
-    result = run(torchrun_command(2, str(worker), [str(checkpoints), str(out)], free_port()), tmp_path / "log.txt", timeout=180)
+    result = run(
+        torchrun_command(2, str(worker), [str(checkpoints), str(out)], free_port()), tmp_path / "log.txt", timeout=180
+    )
     assert result.returncode == 0, (tmp_path / "log.txt").read_text()[-3000:]
     ranks = [json.loads(Path(f"{out}.{rank}.json").read_text()) for rank in range(2)]
     shard = checkpoints / "ckpt_00000002" / "__1_0.distcp"

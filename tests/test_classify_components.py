@@ -4,6 +4,7 @@ groups from dinov2.optim."""
 
 import pytest
 import torch
+from classify_helpers import tiny_classifier
 from torch.utils.data import Subset
 
 from dinov2.classify.checkpoint import ClassifierFileError
@@ -20,8 +21,6 @@ from dinov2.classify.resume import (
 from dinov2.classify.transforms import eval_transform, preprocessing_settings
 from dinov2.optim import scale_learning_rates
 from dinov2_tools.shapes import make_shapes_dataset
-
-from classify_helpers import tiny_classifier
 
 
 def test_cached_features_are_the_backbone_pooling_with_every_task_target(tmp_path):

@@ -2,14 +2,13 @@ import copy
 
 import pytest
 import torch
+from classify_helpers import tiny_classifier
 
 from dinov2.classify.checkpoint import load_classifier, save_classifier
 from dinov2.classify.config import load_classify_config
 from dinov2.classify.lora import add_lora, has_lora, lora_settings, merge_lora, trainable_fraction
 from dinov2.classify.trainer import train_classifier
 from dinov2_tools.shapes import make_shapes_dataset
-
-from classify_helpers import tiny_classifier
 
 
 def _with_random_adapters(model, mlp=False):
@@ -69,10 +68,20 @@ def test_lpft_stage_two_changes_only_adapters_and_heads(tmp_path):
             f"output_dir={tmp_path / 'run'}",
             f"data.train=CSV:path={tmp_path / 'data' / 'train.csv'}",
             f"data.val=CSV:path={tmp_path / 'data' / 'val.csv'}",
-            "data.crop_size=16", "data.batch_size=8", "data.num_workers=0",
-            "backbone.patch_size=4", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
-            "optim.mode=lpft", "optim.epochs=2", "lpft.probe_epochs=1", "lpft.r=2", "lpft.lr=0.01",
-            "optim.warmup_epochs=0", "checkpoint.keep=5",
+            "data.crop_size=16",
+            "data.batch_size=8",
+            "data.num_workers=0",
+            "backbone.patch_size=4",
+            "backbone.embed_dim=32",
+            "backbone.depth=2",
+            "backbone.num_heads=2",
+            "optim.mode=lpft",
+            "optim.epochs=2",
+            "lpft.probe_epochs=1",
+            "lpft.r=2",
+            "lpft.lr=0.01",
+            "optim.warmup_epochs=0",
+            "checkpoint.keep=5",
         ],
     )
     summary = train_classifier(cfg)
@@ -86,7 +95,9 @@ def test_lpft_stage_two_changes_only_adapters_and_heads(tmp_path):
             changed_heads += not torch.equal(after[key], value)
             continue
         # Wrapped layers keep their original weight under base_layer.
-        new_key = key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        new_key = (
+            key if key in after else key.replace(".weight", ".base_layer.weight").replace(".bias", ".base_layer.bias")
+        )
         assert torch.equal(after[new_key], value), f"{key} changed in stage 2"
     assert changed_heads == len([k for k in before if k.startswith("heads.")])
     lora_b = [v for k, v in after.items() if "lora_B" in k]

@@ -1,12 +1,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from classify_helpers import TINY_VIT
 
 from dinov2.classify.heads import HeadSpec, MultiHeadClassifier
 from dinov2.classify.losses import masked_cross_entropy, multitask_loss
 from dinov2.hub.sources import load_backbone
-
-from classify_helpers import TINY_VIT
 
 
 def test_task_with_all_labels_missing_gives_zero_loss_and_no_gradient():

@@ -4,10 +4,9 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from classify_helpers import HEADS, random_image, save_tiny_classifier, symmetric_image
 
 from dinov2.classify.predict import Predictor, main, predict
-
-from classify_helpers import HEADS, random_image, save_tiny_classifier, symmetric_image
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +90,12 @@ def test_inputs_errors_and_cli(model_path, image_dir, tmp_path, capsys):
     bad.write_bytes(b"not a png")
     with pytest.raises(Exception, match="bad.png"):
         predict(images=[bad], model=model_path)
-    assert main(["--model", str(model_path), "--images", str(image_dir), "--output", str(tmp_path / "cli.csv"), "--no-tta"]) == 0
+    assert (
+        main(
+            ["--model", str(model_path), "--images", str(image_dir), "--output", str(tmp_path / "cli.csv"), "--no-tta"]
+        )
+        == 0
+    )
     cli = pd.read_csv(tmp_path / "cli.csv")
     api = predict(images=image_dir, model=model_path, tta=False)
     np.testing.assert_allclose(cli["presence_prob_clear"], api["presence_prob_clear"], rtol=1e-6)

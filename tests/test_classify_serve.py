@@ -1,19 +1,26 @@
 """The HTTP service, tested against a real uvicorn server on 127.0.0.1 and in-process."""
 
+import asyncio
+import contextlib
+import hashlib
 import io
 import json
+import logging
 import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
-
-from dinov2.classify.predict import predict
-
 from classify_helpers import random_image, save_tiny_classifier
+from PIL import Image, ImageFile
+from prometheus_client.parser import text_string_to_metric_families
+
+from dinov2.classify import serve
+from dinov2.classify.predict import Predictor, predict
 
 MAX_UPLOAD_BYTES = 20_000
 MAX_PIXELS = 1_000
@@ -37,9 +44,24 @@ def server(tmp_path_factory):
     port = _free_port()
     env = dict(os.environ, OMP_NUM_THREADS="1")
     process = subprocess.Popen(
-        [sys.executable, "-m", "dinov2.classify.serve", "--model", str(model_path), "--host", "127.0.0.1",
-         "--port", str(port), "--max-upload-mb", str(MAX_UPLOAD_BYTES / 2**20), "--max-image-pixels", str(MAX_PIXELS)],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        [
+            sys.executable,
+            "-m",
+            "dinov2.classify.serve",
+            "--model",
+            str(model_path),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--max-upload-mb",
+            str(MAX_UPLOAD_BYTES / 2**20),
+            "--max-image-pixels",
+            str(MAX_PIXELS),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
     )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 90
@@ -98,11 +120,15 @@ def test_rejections_are_4xx_with_reasons(server):
     assert broken.status_code == 400, broken.text
     assert "cut.png" in broken.json()["detail"]
 
-    too_many_pixels = httpx.post(f"{url}/predict", files={"file": ("big.png", _png(random_image(2, size=(40, 40))), "image/png")})
+    too_many_pixels = httpx.post(
+        f"{url}/predict", files={"file": ("big.png", _png(random_image(2, size=(40, 40))), "image/png")}
+    )
     assert too_many_pixels.status_code == 413
     assert "40x40" in too_many_pixels.json()["detail"]
 
-    oversized = httpx.post(f"{url}/predict", files={"file": ("huge.png", os.urandom(3 * MAX_UPLOAD_BYTES), "image/png")})
+    oversized = httpx.post(
+        f"{url}/predict", files={"file": ("huge.png", os.urandom(3 * MAX_UPLOAD_BYTES), "image/png")}
+    )
     assert oversized.status_code == 413
 
     missing_field = httpx.post(f"{url}/predict", files={"other": ("a.png", b"x", "image/png")})
@@ -115,15 +141,7 @@ def test_rejections_are_4xx_with_reasons(server):
 # ----------------------------------------------------------------------------- in-process checks
 # The tests below run the app in this process (fastapi's TestClient, httpx's ASGI transport):
 # nothing listens on any address.
-import asyncio
-import hashlib
-import logging
-import threading
 
-from PIL import Image, ImageFile
-
-from dinov2.classify import serve
-from dinov2.classify.predict import Predictor
 
 TOKEN = "correct-horse-battery-staple"
 
@@ -224,7 +242,12 @@ def test_large_images_are_shrunk_before_the_model_resize(served_model):
 def test_token_guards_every_path_and_docs(served_model):
     with _client(served_model[0], token=TOKEN) as client:
         good = {"Authorization": f"Bearer {TOKEN}"}
-        for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}, {"Authorization": f"Basic {TOKEN}"}):
+        for headers in (
+            {},
+            {"Authorization": "Bearer wrong"},
+            {"Authorization": TOKEN},
+            {"Authorization": f"Basic {TOKEN}"},
+        ):
             for path in ("/health", "/openapi.json", "/docs", "/redoc", "/no-such-path"):
                 response = client.get(path, headers=headers)
                 assert response.status_code == 401, (path, headers)
@@ -273,7 +296,10 @@ def test_concurrent_decodes_are_limited(served_model, monkeypatch):
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
             return await asyncio.gather(
-                *(client.post("/predict", files={"file": (f"{i}.png", _png(random_image(i)), "image/png")}) for i in range(6))
+                *(
+                    client.post("/predict", files={"file": (f"{i}.png", _png(random_image(i)), "image/png")})
+                    for i in range(6)
+                )
             )
 
     responses = asyncio.run(send_all())
@@ -317,9 +343,6 @@ def test_start_up_warns_when_exposed_without_a_token(served_model, monkeypatch, 
 
 
 # ----------------------------------------------------------------------------- /metrics
-import contextlib
-
-from prometheus_client.parser import text_string_to_metric_families
 
 
 def _samples(text: str) -> dict:
@@ -366,9 +389,16 @@ def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch)
     after = _samples(text)
 
     expected = {
-        ("/predict", "POST", "200"): 2, ("/predict", "POST", "415"): 1, ("/predict", "POST", "413"): 2,
-        ("/predict", "POST", "422"): 1, ("/predict", "POST", "400"): 1, ("/predict", "POST", "500"): 1, ("/health", "GET", "200"): 1,
-        ("unmatched", "GET", "404"): 1, ("/health", "other", "405"): 1, ("/metrics", "GET", "200"): 1,
+        ("/predict", "POST", "200"): 2,
+        ("/predict", "POST", "415"): 1,
+        ("/predict", "POST", "413"): 2,
+        ("/predict", "POST", "422"): 1,
+        ("/predict", "POST", "400"): 1,
+        ("/predict", "POST", "500"): 1,
+        ("/health", "GET", "200"): 1,
+        ("unmatched", "GET", "404"): 1,
+        ("/health", "other", "405"): 1,
+        ("/metrics", "GET", "200"): 1,
     }
     for (route, method, status), count in expected.items():
         assert _delta(before, after, **_requests(route, status, method)) == count, (route, method, status)
@@ -381,7 +411,13 @@ def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch)
     assert _delta(before, after, "dinov2_serve_images_per_request_count") == 8
     assert _delta(before, after, "dinov2_serve_images_per_request_sum") == 2
     assert _delta(before, after, "dinov2_serve_images_per_request_bucket", le="0.0") == 6
-    rejections = {"unsupported_format": 1, "too_many_pixels": 1, "body_too_large": 1, "invalid_request": 2, "corrupt": 0}
+    rejections = {
+        "unsupported_format": 1,
+        "too_many_pixels": 1,
+        "body_too_large": 1,
+        "invalid_request": 2,
+        "corrupt": 0,
+    }
     for reason, count in rejections.items():
         assert _delta(before, after, "dinov2_serve_upload_rejections_total", reason=reason) == count, reason
     assert ("dinov2_serve_upload_rejections_total", (("reason", "out_of_memory"),)) in before  # exported at 0
@@ -391,8 +427,14 @@ def test_metrics_count_requests_rejections_and_images(served_model, monkeypatch)
     assert _value(after, "dinov2_serve_requests_in_flight") == 1  # the scrape itself
     assert _value(after, "dinov2_serve_uploads_waiting") == 0
     info = [labels for (name, labels), _ in after.items() if name == "dinov2_serve_model_info"]
-    assert info == [(("device", "cpu"), ("model_sha256", hashlib.sha256(path.read_bytes()).hexdigest()),
-                     ("multi_crop", "false"), ("tta", "true"))]
+    assert info == [
+        (
+            ("device", "cpu"),
+            ("model_sha256", hashlib.sha256(path.read_bytes()).hexdigest()),
+            ("multi_crop", "false"),
+            ("tta", "true"),
+        )
+    ]
     assert "dinov2_serve_model_load_seconds" not in text  # the Predictor was loaded elsewhere
     assert "process_resident_memory_bytes" in text
     # Route templates only: neither the requested path nor the model's location shows.

@@ -2,7 +2,6 @@ import csv
 import json
 
 import numpy as np
-import pytest
 
 from dinov2.classify import check_setup
 from dinov2.data.loaders import make_dataset
@@ -32,8 +31,11 @@ def test_shapes_dataset_is_deterministic_and_labelled_by_construction(tmp_path):
 def test_shapes_csv_loads_as_multi_task_dataset_with_missing_labels(tmp_path):
     make_shapes_dataset(tmp_path, count=40, size=16, seed=0)
     dataset = make_dataset(f"CSV:path={tmp_path / 'labels.csv'}")
-    assert dataset.tasks == {"presence": ["clear", "none", "resembles"], "closure": ["closed", "open"],
-                             "circularity": ["elongated", "round"]}
+    assert dataset.tasks == {
+        "presence": ["clear", "none", "resembles"],
+        "closure": ["closed", "open"],
+        "circularity": ["elongated", "round"],
+    }
     targets = dataset.get_targets()
     none_rows = targets[:, 0] == dataset.tasks["presence"].index("none")
     assert none_rows.any()

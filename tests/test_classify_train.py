@@ -3,10 +3,11 @@ import shutil
 
 import pytest
 import torch
+from classify_helpers import TINY_VIT
 
 from dinov2.classify.checkpoint import load_classifier
 from dinov2.classify.config import load_classify_config
-from dinov2.classify.heads import MultiHeadClassifier, HeadSpec
+from dinov2.classify.heads import HeadSpec, MultiHeadClassifier
 from dinov2.classify.optimization import build_optimizer
 from dinov2.classify.stages import set_trainable
 from dinov2.classify.trainer import train_classifier
@@ -15,10 +16,15 @@ from dinov2.hub.weights import save_state_dict
 from dinov2.utils.config import ConfigError, load_config, save_config
 from dinov2_tools.shapes import make_shapes_dataset
 
-from classify_helpers import TINY_VIT
-
-TINY = ["backbone.patch_size=4", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
-        "data.crop_size=16", "data.batch_size=8", "data.num_workers=0"]
+TINY = [
+    "backbone.patch_size=4",
+    "backbone.embed_dim=32",
+    "backbone.depth=2",
+    "backbone.num_heads=2",
+    "data.crop_size=16",
+    "data.batch_size=8",
+    "data.num_workers=0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +35,16 @@ def shapes(tmp_path_factory):
 
 
 def _cfg(output_dir, shapes, *extra):
-    return load_classify_config(None, [f"output_dir={output_dir}", f"data.train=CSV:path={shapes / 'train.csv'}",
-                                       f"data.val=CSV:path={shapes / 'val.csv'}", *TINY, *extra])
+    return load_classify_config(
+        None,
+        [
+            f"output_dir={output_dir}",
+            f"data.train=CSV:path={shapes / 'train.csv'}",
+            f"data.val=CSV:path={shapes / 'val.csv'}",
+            *TINY,
+            *extra,
+        ],
+    )
 
 
 def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
@@ -39,11 +53,11 @@ def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
     out = tmp_path / "a"
     for name in ("config.yaml", "metrics.jsonl", "model_final.pth", "model_best.pth", "summary.json"):
         assert (out / name).is_file(), name
-    lines = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in lines] == [1, 2, 3]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
     assert set(lines[0]["val"]["tasks"]) == {"presence", "closure", "circularity"}
     assert lines[0]["val"]["tasks"]["closure"]["num_labelled"] < lines[0]["val"]["tasks"]["presence"]["num_labelled"]
-    assert summary["best_mean_top1"] == max(l["val"]["mean_top1"] for l in lines)
+    assert summary["best_mean_top1"] == max(line["val"]["mean_top1"] for line in lines)
 
     # Interrupt after epoch 2: drop what epoch 3 wrote, then run again with the same options.
     shutil.copytree(out, tmp_path / "b")
@@ -56,8 +70,8 @@ def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
     for (key, a), b in zip(final_a.state_dict().items(), final_b.state_dict().values()):
         assert torch.equal(a, b), key
     # The resumed run replaces the line of the epoch it trains again: one line per epoch.
-    resumed_lines = [json.loads(l) for l in (resumed / "metrics.jsonl").read_text().splitlines()]
-    assert [l["epoch"] for l in resumed_lines] == [1, 2, 3]
+    resumed_lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in resumed_lines] == [1, 2, 3]
     assert resumed_lines[:2] == lines[:2]
 
 
@@ -94,9 +108,19 @@ def test_probe_keeps_backbone_and_partial_unfreezes_last_blocks(tmp_path, shapes
 
 
 def test_backbone_from_training_output_and_consolidated_file(tmp_path, shapes):
-    ssl_cfg = load_config(None, ["student.arch=vit_small", "student.patch_size=4", "student.embed_dim=32",
-                                 "student.depth=2", "student.num_heads=2", "crops.global_crops_size=16",
-                                 "crops.mean=[0.5,0.5,0.5]", "crops.std=[0.25,0.25,0.25]"])
+    ssl_cfg = load_config(
+        None,
+        [
+            "student.arch=vit_small",
+            "student.patch_size=4",
+            "student.embed_dim=32",
+            "student.depth=2",
+            "student.num_heads=2",
+            "crops.global_crops_size=16",
+            "crops.mean=[0.5,0.5,0.5]",
+            "crops.std=[0.25,0.25,0.25]",
+        ],
+    )
     run = tmp_path / "ssl_run"
     save_config(ssl_cfg, run)
     reference, spec = load_backbone("random", **TINY_VIT, init_values=1e-5)
@@ -150,12 +174,20 @@ def test_single_label_folders_use_the_configured_task_name(tmp_path):
         for c, name in enumerate(("cats", "dogs")):
             (tmp_path / split / name).mkdir(parents=True)
             for i in range(4):
-                random_image(100 * c + 10 * i + (split == "val"), size=(16, 16)).save(tmp_path / split / name / f"{i}.png")
-    cfg = load_classify_config(None, [
-        f"output_dir={tmp_path / 'run'}", f"data.train=ImageFolder:root={tmp_path / 'train'}:cache=false",
-        f"data.val=ImageFolder:root={tmp_path / 'val'}:cache=false", "heads.single_task_name=animal",
-        "optim.epochs=1", *TINY,
-    ])
+                random_image(100 * c + 10 * i + (split == "val"), size=(16, 16)).save(
+                    tmp_path / split / name / f"{i}.png"
+                )
+    cfg = load_classify_config(
+        None,
+        [
+            f"output_dir={tmp_path / 'run'}",
+            f"data.train=ImageFolder:root={tmp_path / 'train'}:cache=false",
+            f"data.val=ImageFolder:root={tmp_path / 'val'}:cache=false",
+            "heads.single_task_name=animal",
+            "optim.epochs=1",
+            *TINY,
+        ],
+    )
     summary = train_classifier(cfg)
     assert summary["final"]["tasks"]["animal"]["num_labelled"] == 8
     _, config = load_classifier(tmp_path / "run")
@@ -163,8 +195,9 @@ def test_single_label_folders_use_the_configured_task_name(tmp_path):
 
 
 def test_partial_finetuning_with_bf16_autocast(tmp_path, shapes):
-    cfg = _cfg(tmp_path / "bf16", shapes, "optim.mode=partial", "optim.unfreeze_last_k=1", "optim.amp=bf16",
-               "optim.epochs=1")
+    cfg = _cfg(
+        tmp_path / "bf16", shapes, "optim.mode=partial", "optim.unfreeze_last_k=1", "optim.amp=bf16", "optim.epochs=1"
+    )
     summary = train_classifier(cfg)
     assert summary["final"]["mean_top1"] is not None
     line = json.loads((tmp_path / "bf16" / "metrics.jsonl").read_text().splitlines()[0])

@@ -117,14 +117,22 @@ def test_every_null_default_has_a_declared_type():
     assert sorted(null_keys(defaults)) == sorted(NULL_DEFAULT_TYPES)
 
 
-@pytest.mark.parametrize("item, message", [
-    ("MODEL.WEIGHTS=/runs/a/checkpoints/ckpt_00000100", r"'MODEL\.WEIGHTS' was renamed to 'train\.init_from_checkpoint'"),
-    ("evaluation.eval_period_iterations=500",
-     r"'evaluation\.eval_period_iterations' was renamed to 'evaluation\.export_period_iterations'"),
-    ("train.saveckp_freq=5", r"'train\.saveckp_freq' was renamed to 'checkpointing\.period_iterations'"),
-    ("train.cache_dataset=false", r"'train\.cache_dataset' was removed"),
-    ("optim.lr=0.1", r"'optim\.lr' was removed: .*optim\.base_lr"),
-])
+@pytest.mark.parametrize(
+    "item, message",
+    [
+        (
+            "MODEL.WEIGHTS=/runs/a/checkpoints/ckpt_00000100",
+            r"'MODEL\.WEIGHTS' was renamed to 'train\.init_from_checkpoint'",
+        ),
+        (
+            "evaluation.eval_period_iterations=500",
+            r"'evaluation\.eval_period_iterations' was renamed to 'evaluation\.export_period_iterations'",
+        ),
+        ("train.saveckp_freq=5", r"'train\.saveckp_freq' was renamed to 'checkpointing\.period_iterations'"),
+        ("train.cache_dataset=false", r"'train\.cache_dataset' was removed"),
+        ("optim.lr=0.1", r"'optim\.lr' was removed: .*optim\.base_lr"),
+    ],
+)
 def test_retired_keys_are_errors_naming_the_replacement(tmp_path, item, message):
     with pytest.raises(ConfigError, match="command-line override: " + message):
         load_config(None, [item])
@@ -137,12 +145,14 @@ def test_retired_keys_are_errors_naming_the_replacement(tmp_path, item, message)
 
 def test_an_old_runs_saved_config_loads_with_retired_keys_mapped(tmp_path, caplog):
     # config.yaml as written before the keys were retired (the trainer also stored the scaled lr).
-    old = _write(tmp_path / "config.yaml",
-                 "MODEL:\n  WEIGHTS: /runs/a/checkpoints/ckpt_00000100\n"
-                 "train:\n  saveckp_freq: 2\n  OFFICIAL_EPOCH_LENGTH: 50\n  cache_dataset: true\n"
-                 "optim:\n  lr: 0.001\n  base_lr: 0.002\n"
-                 "evaluation:\n  eval_period_iterations: 300\n"
-                 "checkpointing:\n  period_iterations: 0\n")
+    old = _write(
+        tmp_path / "config.yaml",
+        "MODEL:\n  WEIGHTS: /runs/a/checkpoints/ckpt_00000100\n"
+        "train:\n  saveckp_freq: 2\n  OFFICIAL_EPOCH_LENGTH: 50\n  cache_dataset: true\n"
+        "optim:\n  lr: 0.001\n  base_lr: 0.002\n"
+        "evaluation:\n  eval_period_iterations: 300\n"
+        "checkpointing:\n  period_iterations: 0\n",
+    )
     with caplog.at_level("INFO", logger="dinov2"):
         cfg = load_saved_config(old)
     assert cfg.train.init_from_checkpoint == "/runs/a/checkpoints/ckpt_00000100"

@@ -47,7 +47,9 @@ def test_imagenet_train_val_test_with_labels_file(imagenet_root, tmp_path):
 
 def test_synset_mapping_labels_form(imagenet_root, tmp_path):
     labels = tmp_path / "LOC_synset_mapping.txt"
-    labels.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n")
+    labels.write_text(
+        "n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\nn01484850 great white shark\n"
+    )
     train = make_dataset(f"ImageNet:root={imagenet_root}:labels={labels}:cache=false")
     assert train.classes[0] == "tench, Tinca tinca" and train.classes[2] == "great white shark"
     labels.write_text("n01440764 tench\n")

@@ -54,16 +54,18 @@ def test_resume_with_another_world_size_continues_the_global_stream():
 
 def test_loader_state_counts_received_batches_despite_prefetch():
     dataset = Numbers(23)
-    loader = make_data_loader(dataset, batch_size=4, num_workers=2, seed=5, sampler_type="infinite",
-                              rank=0, world_size=1)
+    loader = make_data_loader(
+        dataset, batch_size=4, num_workers=2, seed=5, sampler_type="infinite", rank=0, world_size=1
+    )
     iterator = iter(loader)
     seen = [next(iterator).tolist() for _ in range(3)]
     state = loader.state_dict()
     assert state["consumed_samples"] == 12 and all(isinstance(v, int) for v in state.values())
     following = [next(iterator).tolist() for _ in range(2)]
     del iterator
-    resumed = make_data_loader(dataset, batch_size=4, num_workers=0, seed=5, sampler_type="infinite",
-                               rank=0, world_size=1)
+    resumed = make_data_loader(
+        dataset, batch_size=4, num_workers=0, seed=5, sampler_type="infinite", rank=0, world_size=1
+    )
     resumed.load_state_dict(state)
     again = iter(resumed)
     assert [next(again).tolist() for _ in range(2)] == following
@@ -83,8 +85,12 @@ def test_epoch_sampler_splits_without_duplicates():
 def test_epoch_and_distributed_loaders_cover_the_dataset():
     dataset = Numbers(10)
     for kind in ("epoch", "distributed"):
-        batches = [make_data_loader(dataset, batch_size=3, sampler_type=kind, shuffle=False, drop_last=False,
-                                    rank=r, world_size=2) for r in range(2)]
+        batches = [
+            make_data_loader(
+                dataset, batch_size=3, sampler_type=kind, shuffle=False, drop_last=False, rank=r, world_size=2
+            )
+            for r in range(2)
+        ]
         seen = sorted(int(v) for loader in batches for batch in loader for v in batch)
         assert seen == list(range(10))
 
@@ -99,15 +105,26 @@ def _folder_with_a_corrupted_image(root):
 
 
 def _dict_collate(samples):
-    return {"images": torch.stack([torch.as_tensor(np.asarray(s[0])) for s in samples]),
-            "targets": torch.tensor([s[1] for s in samples])}
+    return {
+        "images": torch.stack([torch.as_tensor(np.asarray(s[0])) for s in samples]),
+        "targets": torch.tensor([s[1] for s in samples]),
+    }
 
 
 def test_skip_policy_counts_reach_the_loop_across_workers(tmp_path):
     bad = _folder_with_a_corrupted_image(tmp_path)
     dataset = make_dataset(f"ImageFolder:root={tmp_path}:bad_images=skip:cache=false")
-    loader = make_data_loader(dataset, batch_size=2, num_workers=2, sampler_type="epoch", shuffle=False,
-                              drop_last=False, collate_fn=_dict_collate, rank=0, world_size=1)
+    loader = make_data_loader(
+        dataset,
+        batch_size=2,
+        num_workers=2,
+        sampler_type="epoch",
+        shuffle=False,
+        drop_last=False,
+        collate_fn=_dict_collate,
+        rank=0,
+        world_size=1,
+    )
     skipped, images = 0, 0
     for batch in loader:
         skipped += batch.pop(SKIPPED_KEY)
@@ -119,8 +136,16 @@ def test_skip_policy_counts_reach_the_loop_across_workers(tmp_path):
 def test_raise_policy_error_names_the_file_from_a_worker(tmp_path):
     bad = _folder_with_a_corrupted_image(tmp_path)
     dataset = make_dataset(f"ImageFolder:root={tmp_path}:cache=false")
-    loader = make_data_loader(dataset, batch_size=2, num_workers=1, sampler_type="epoch", shuffle=False,
-                              collate_fn=_dict_collate, rank=0, world_size=1)
+    loader = make_data_loader(
+        dataset,
+        batch_size=2,
+        num_workers=1,
+        sampler_type="epoch",
+        shuffle=False,
+        collate_fn=_dict_collate,
+        rank=0,
+        world_size=1,
+    )
     with pytest.raises(BadImageError, match=str(bad)):
         for _ in loader:
             pass

@@ -69,16 +69,29 @@ def _simplify(strokes):
     xs = np.concatenate([s[0] for s in strokes])
     ys = np.concatenate([s[1] for s in strokes])
     scale = 255.0 / max(xs.max() - xs.min(), ys.max() - ys.min())
-    return [[((np.asarray(s[0]) - xs.min()) * scale).tolist(), ((np.asarray(s[1]) - ys.min()) * scale).tolist()]
-            for s in strokes]
+    return [
+        [((np.asarray(s[0]) - xs.min()) * scale).tolist(), ((np.asarray(s[1]) - ys.min()) * scale).tolist()]
+        for s in strokes
+    ]
 
 
 def _write_ndjson(path, word, drawings, gz=False):
     opener = gzip.open if gz else open
     with opener(path, "wt") as f:
         for k, drawing in enumerate(drawings):
-            f.write(json.dumps({"word": word, "countrycode": "DE", "timestamp": "2017-03-01 00:00:00.0",
-                                "recognized": k % 4 != 3, "key_id": f"{word}-{k}", "drawing": drawing}) + "\n")
+            f.write(
+                json.dumps(
+                    {
+                        "word": word,
+                        "countrycode": "DE",
+                        "timestamp": "2017-03-01 00:00:00.0",
+                        "recognized": k % 4 != 3,
+                        "key_id": f"{word}-{k}",
+                        "drawing": drawing,
+                    }
+                )
+                + "\n"
+            )
 
 
 @pytest.fixture
@@ -257,8 +270,9 @@ def test_prepared_shards_are_balanced_and_load_as_webdataset(npy_root, tmp_path,
     from dinov2_tools.quickdraw_prep import write_quickdraw_shards
 
     out = tmp_path / "shards"
-    manifest = write_quickdraw_shards(f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun", str(out),
-                                      size=32, shard_size=6, workers=workers)
+    manifest = write_quickdraw_shards(
+        f"QuickDraw:root={npy_root}:train_per_class=8:holdout=sun", str(out), size=32, shard_size=6, workers=workers
+    )
     assert manifest["splits"]["train"] == {**manifest["splits"]["train"], "samples": 16, "shards": 3, "classes": 2}
     assert manifest["splits"]["holdout"]["samples"] == 10 and manifest["splits"]["test"]["samples"] == 4
     assert (out / "classes_holdout.txt").read_text().split() == ["sun"]

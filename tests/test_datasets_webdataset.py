@@ -27,8 +27,14 @@ def shards(tmp_path):
         with wds.TarWriter(str(tmp_path / f"train-{s:06d}.tar")) as sink:
             for k in range(PER_SHARD):
                 n = s * PER_SHARD + k
-                sink.write({"__key__": f"sample{n:04d}", "jpg": _jpeg_bytes(10 * n), "cls": n % 3,
-                            "json": {"group_id": f"g{n // 2}"}})
+                sink.write(
+                    {
+                        "__key__": f"sample{n:04d}",
+                        "jpg": _jpeg_bytes(10 * n),
+                        "cls": n % 3,
+                        "json": {"group_id": f"g{n // 2}"},
+                    }
+                )
     (tmp_path / "classes.json").write_text(json.dumps(["a", "b", "c"]))
     return tmp_path
 
@@ -81,8 +87,9 @@ def test_corrupted_sample_raise_and_skip(tmp_path):
     with pytest.raises(BadImageError, match="bad-000000.tar:broken.jpg"):
         list(make_dataset(f"WebDataset:urls={tmp_path}/bad-000000.tar"))
     dataset = make_dataset(f"WebDataset:urls={tmp_path}/bad-000000.tar:bad_images=skip")
-    loader = make_data_loader(dataset, batch_size=4, num_workers=1, drop_last=False,
-                              collate_fn=lambda s: {"targets": [t for _, t in s]})
+    loader = make_data_loader(
+        dataset, batch_size=4, num_workers=1, drop_last=False, collate_fn=lambda s: {"targets": [t for _, t in s]}
+    )
     batches = list(loader)
     assert batches == [{"targets": [1], SKIPPED_KEY: 1}]
 
@@ -121,8 +128,15 @@ def _sample_numbers(samples):
 def _stream_loader(spec, rank, num_workers, batch_size=3):
     dataset = make_dataset(spec)
     dataset.rank, dataset.world_size = rank, 2  # as if built on rank `rank` of 2
-    return make_data_loader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=_sample_numbers,
-                            rank=rank, world_size=2, persistent_workers=num_workers > 0)
+    return make_data_loader(
+        dataset,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        collate_fn=_sample_numbers,
+        rank=rank,
+        world_size=2,
+        persistent_workers=num_workers > 0,
+    )
 
 
 def _take(loader, count):

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-import torch.distributed.checkpoint as dcp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -38,16 +37,37 @@ from dinov2.utils.config import load_config  # noqa: E402
 # ------------------------------------------------------------------ environment
 def test_environment_from_torchrun_variables():
     env = distributed.read_environment(
-        {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "node7", "MASTER_PORT": "1234",
-         "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "1"}
+        {
+            "RANK": "3",
+            "WORLD_SIZE": "8",
+            "LOCAL_RANK": "1",
+            "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "node7",
+            "MASTER_PORT": "1234",
+            "SLURM_PROCID": "0",
+            "SLURM_STEP_NUM_TASKS": "1",
+        }
     )
     assert (env.rank, env.world_size, env.local_rank, env.master_addr, env.master_port, env.source) == (
-        3, 8, 1, "node7", 1234, "torchrun")
+        3,
+        8,
+        1,
+        "node7",
+        1234,
+        "torchrun",
+    )
 
 
 def test_environment_from_a_slurm_step():
-    slurm = {"SLURM_PROCID": "1", "SLURM_STEP_NUM_TASKS": "2", "SLURM_LOCALID": "1", "SLURM_STEP_NUM_NODES": "1",
-             "SLURM_JOB_NODELIST": "vm", "SLURM_JOB_ID": "4711", "SLURM_STEP_TASKS_PER_NODE": "2"}
+    slurm = {
+        "SLURM_PROCID": "1",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_LOCALID": "1",
+        "SLURM_STEP_NUM_NODES": "1",
+        "SLURM_JOB_NODELIST": "vm",
+        "SLURM_JOB_ID": "4711",
+        "SLURM_STEP_TASKS_PER_NODE": "2",
+    }
     env = distributed.read_environment(slurm)
     assert (env.rank, env.world_size, env.local_rank, env.local_world_size, env.source) == (1, 2, 1, 2, "slurm")
     assert env.master_addr == "127.0.0.1"  # one node: loopback
@@ -115,12 +135,17 @@ def test_save_and_load_restore_model_optimizer_centres_extra_and_rng(tmp_path):
     fresh_extra = {"iteration": 0, "sampler": {"consumed_samples": 0, "seed": 0}}
     rng = RNGState(0)
     seed_all(123)
-    info = manager.load(manager.latest(), {"train": ModelOptimizerState(fresh_model, fresh_optimizer),
-                                           "extra": fresh_extra, "rng": rng})
+    info = manager.load(
+        manager.latest(), {"train": ModelOptimizerState(fresh_model, fresh_optimizer), "extra": fresh_extra, "rng": rng}
+    )
     assert info["iteration"] == 1 and info["world_size"] == 1
     assert fresh_extra == extra and not rng.reseeded
     draws = (torch.rand(3), np.random.rand(2), random.random())
-    assert torch.equal(draws[0], expected_draws[0]) and np.array_equal(draws[1], expected_draws[1]) and draws[2] == expected_draws[2]
+    assert (
+        torch.equal(draws[0], expected_draws[0])
+        and np.array_equal(draws[1], expected_draws[1])
+        and draws[2] == expected_draws[2]
+    )
     for (name, a), b in zip(model.state_dict().items(), fresh_model.state_dict().values()):
         assert torch.equal(a, b), name
     saved, loaded = optimizer.state_dict()["state"], fresh_optimizer.state_dict()["state"]

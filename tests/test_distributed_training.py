@@ -145,8 +145,13 @@ def test_signal_kill_truncation_and_exact_resume(reference_run, dataset_root, tm
     endless = training_overrides(dataset_root, 1000)
 
     # 1. SIGUSR1 to one worker: every rank stops at the same step boundary, checkpoints, exits 0.
-    process = subprocess.Popen(train_command(out, endless, 2, free_port()), cwd=REPO, env=subprocess_env(),
-                               stdout=open(tmp_path / "a.log", "w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        train_command(out, endless, 2, free_port()),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=open(tmp_path / "a.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for_iteration(process, out, 2)
         workers = worker_pids(process.pid)
@@ -161,8 +166,13 @@ def test_signal_kill_truncation_and_exact_resume(reference_run, dataset_root, tm
     assert newest == stopped_at, "the stop signal must checkpoint the last completed iteration"
 
     # 2. Relaunch (resumes from the signal checkpoint), then SIGKILL one worker mid-run.
-    process = subprocess.Popen(train_command(out, endless, 2, free_port()), cwd=REPO, env=subprocess_env(),
-                               stdout=open(tmp_path / "b.log", "w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        train_command(out, endless, 2, free_port()),
+        cwd=REPO,
+        env=subprocess_env(),
+        stdout=open(tmp_path / "b.log", "w"),
+        stderr=subprocess.STDOUT,
+    )
     try:
         wait_for_iteration(process, out, stopped_at + 2)
         os.kill(worker_pids(process.pid)[-1], signal.SIGKILL)
@@ -195,7 +205,12 @@ def test_signal_kill_truncation_and_exact_resume(reference_run, dataset_root, tm
 
 def test_consolidate_command_on_a_training_output(reference_run, tmp_path):
     """CLI: newest checkpoint of an output dir -> teacher file (+ heads, safetensors) equal to the export."""
-    assert consolidate_main([str(reference_run), "--output", str(tmp_path / "teacher.pth"), "--with-heads", "--safetensors"]) == 0
+    assert (
+        consolidate_main(
+            [str(reference_run), "--output", str(tmp_path / "teacher.pth"), "--with-heads", "--safetensors"]
+        )
+        == 0
+    )
     backbone = read_state_dict(tmp_path / "teacher.safetensors")
     exported = read_state_dict(reference_run / "exports" / "teacher_backbone_00000012.pth")
     assert backbone.keys() == exported.keys()

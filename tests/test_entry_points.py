@@ -21,7 +21,6 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from train_helpers import TINY_OVERRIDES, make_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,16 +64,20 @@ def _dependency_path() -> str:
 
 
 def run_isolated(args, cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    }
     env.update(PYTHONPATH=_dependency_path(), PYTHONNOUSERSITE="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-S", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def imported_packages(stderr: str) -> list:
     """The ``__init__.py`` files of dinov2 / dinov2_tools that the run imported."""
-    return [Path(line[len(IMPORTED):-1]) for line in stderr.splitlines() if line.startswith(IMPORTED)]
+    return [Path(line[len(IMPORTED) : -1]) for line in stderr.splitlines() if line.startswith(IMPORTED)]
 
 
 def test_the_original_package_is_out_of_reach_of_the_isolated_interpreter(tmp_path):
@@ -83,11 +86,14 @@ def test_the_original_package_is_out_of_reach_of_the_isolated_interpreter(tmp_pa
 
 
 # train/train.py itself runs a training step below.
-@pytest.mark.parametrize("script, expected, package", [
-    ("eval/knn.py", "--pretrained-weights", "dinov2"),
-    ("run/eval/knn.py", "--ngpus", "dinov2"),
-    ("scripts/make_shapes_dataset.py", "--val-fraction", "dinov2_tools"),
-])
+@pytest.mark.parametrize(
+    "script, expected, package",
+    [
+        ("eval/knn.py", "--pretrained-weights", "dinov2"),
+        ("run/eval/knn.py", "--ngpus", "dinov2"),
+        ("scripts/make_shapes_dataset.py", "--val-fraction", "dinov2_tools"),
+    ],
+)
 def test_entry_script_runs_from_a_clone_without_install(clone, script, expected, package):
     result = run_isolated([script, "--help"], cwd=clone)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -99,11 +105,23 @@ def test_training_from_a_clone_reads_the_clone_configs(clone, tmp_path):
     images = make_image_folder(tmp_path / "images", n_classes=2, per_class=4)
     out = tmp_path / "run"
     # From the clone's root, as the README shows; the recipe name is resolved inside configs/.
-    result = run_isolated(["train/train.py", "--config-file", "train/quickdraw_vit_tiny.yaml", "--output-dir",
-                           str(out), f"train.dataset_path=ImageFolder:root={images}:cache=false", *TINY_OVERRIDES,
-                           "train.max_iterations=1", "checkpointing.period_iterations=1",
-                           "evaluation.knn_period_iterations=0", "compute_precision.param_dtype=fp32",
-                           "compute_precision.teacher_dtype=fp32"], cwd=clone)
+    result = run_isolated(
+        [
+            "train/train.py",
+            "--config-file",
+            "train/quickdraw_vit_tiny.yaml",
+            "--output-dir",
+            str(out),
+            f"train.dataset_path=ImageFolder:root={images}:cache=false",
+            *TINY_OVERRIDES,
+            "train.max_iterations=1",
+            "checkpointing.period_iterations=1",
+            "evaluation.knn_period_iterations=0",
+            "compute_precision.param_dtype=fp32",
+            "compute_precision.teacher_dtype=fp32",
+        ],
+        cwd=clone,
+    )
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert imported_packages(result.stderr) == [clone / "dinov2" / "__init__.py"]
     saved = yaml.safe_load((out / "config.yaml").read_text())
@@ -114,16 +132,23 @@ def test_training_from_a_clone_reads_the_clone_configs(clone, tmp_path):
 
 
 def test_recipe_names_resolve_inside_the_clone_configs(clone, tmp_path):
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); from dinov2.utils.config import configs_dir, "
-            "resolve_config_path; print(configs_dir()); print(resolve_config_path('train/quickdraw_vit_tiny.yaml'))")
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from dinov2.utils.config import configs_dir, "
+        "resolve_config_path; print(configs_dir()); print(resolve_config_path('train/quickdraw_vit_tiny.yaml'))"
+    )
     result = run_isolated(["-c", code, str(clone)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.split() == [str(clone / "configs"), str(clone / "configs" / "train" / "quickdraw_vit_tiny.yaml")]
+    assert result.stdout.split() == [
+        str(clone / "configs"),
+        str(clone / "configs" / "train" / "quickdraw_vit_tiny.yaml"),
+    ]
 
 
 def test_hubconf_loads_from_a_clone(clone, tmp_path):
-    code = ("import sys, torch; model = torch.hub.load(sys.argv[1], 'dinov2_vits14', source='local', "
-            "pretrained=False); print(type(model).__name__, model.embed_dim)")
+    code = (
+        "import sys, torch; model = torch.hub.load(sys.argv[1], 'dinov2_vits14', source='local', "
+        "pretrained=False); print(type(model).__name__, model.embed_dim)"
+    )
     result = run_isolated(["-c", code, str(clone)], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.split() == ["DinoVisionTransformer", "384"]
@@ -142,13 +167,21 @@ def _imported_modules(path: Path) -> set:
 
 
 def test_the_library_imports_no_tooling_and_layers_no_process_groups():
-    offenders = [str(path.relative_to(REPO)) for path in sorted((REPO / "dinov2").rglob("*.py"))
-                 if any(name.split(".")[0] == "dinov2_tools" for name in _imported_modules(path))]
+    offenders = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "dinov2").rglob("*.py"))
+        if any(name.split(".")[0] == "dinov2_tools" for name in _imported_modules(path))
+    ]
     assert offenders == []
     # Model layers take their collectives as arguments (GlobalBatchNorm1d's all_reduce).
-    layers = [str(path.relative_to(REPO)) for path in sorted((REPO / "dinov2" / "layers").rglob("*.py"))
-              if any(name == "dinov2.distributed" or name.startswith(("dinov2.distributed.", "torch.distributed"))
-                     for name in _imported_modules(path))]
+    layers = [
+        str(path.relative_to(REPO))
+        for path in sorted((REPO / "dinov2" / "layers").rglob("*.py"))
+        if any(
+            name == "dinov2.distributed" or name.startswith(("dinov2.distributed.", "torch.distributed"))
+            for name in _imported_modules(path)
+        )
+    ]
     assert layers == []
 
 

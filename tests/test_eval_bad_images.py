@@ -54,14 +54,20 @@ def test_skipped_images_in_a_stream(tmp_path, model):
         for n in range(4):
             data = jpeg(50 * n)
             sink.write({"__key__": f"k{n}", "jpg": data[:100] if n == 1 else data, "cls": n % 2})
-    stream = make_dataset(f"WebDataset:urls={tmp_path}/s-000000.tar:bad_images=skip", transform=make_classification_eval_transform(crop_size=16))
+    stream = make_dataset(
+        f"WebDataset:urls={tmp_path}/s-000000.tar:bad_images=skip",
+        transform=make_classification_eval_transform(crop_size=16),
+    )
     features = extract_features(model, stream, batch_size=2, num_workers=0)
     assert features.labels.tolist() == [0, 0, 1]  # samples 0, 2, 3
 
 
 def test_online_linear_probe_survives_an_all_skipped_batch(tmp_path, model):
     _folder(tmp_path, broken=[0, 2])  # dataset indices 0 and 1: the first batch below
-    dataset = make_dataset(f"ImageFolder:root={tmp_path}:bad_images=skip:cache=false", transform=make_classification_eval_transform(crop_size=16))
+    dataset = make_dataset(
+        f"ImageFolder:root={tmp_path}:bad_images=skip:cache=false",
+        transform=make_classification_eval_transform(crop_size=16),
+    )
     val = extract_features(model, dataset, feature_fn=BlockFeatures(2), batch_size=4, num_workers=0)
     source = OnlineTrainSource(model, dataset, range(len(dataset)), 2, "cpu", num_workers=0)
     batches = list(source.batches([torch.tensor([0, 1]).numpy(), torch.tensor([2, 3]).numpy()]))
@@ -71,7 +77,8 @@ def test_online_linear_probe_survives_an_all_skipped_batch(tmp_path, model):
     before = [p.detach().clone() for p in grid.parameters()]
     assert grid.train_step(*batches[0], lr_factor=1.0).tolist() == [0.0, 0.0]  # an empty step changes nothing
     assert all(torch.equal(a, b) for a, b in zip(before, grid.parameters()))
-    result = train_linear_grid(source, val, 2, make_head_grid([0.1], [1, 2], [True]), 32, epochs=2, batch_size=2,
-                               seed=0, progress=False)
+    result = train_linear_grid(
+        source, val, 2, make_head_grid([0.1], [1, 2], [True]), 32, epochs=2, batch_size=2, seed=0, progress=False
+    )
     assert result.iterations == 6 and len(result.history) == 2
     assert all(torch.isfinite(p).all() for p in result.grid.parameters())

@@ -25,8 +25,15 @@ from dinov2.models import build_model_from_cfg
 from dinov2.utils.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["student.arch=vit_small", "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
-        "student.patch_size=4", "crops.global_crops_size=16", "student.layerscale=1.0"]
+TINY = [
+    "student.arch=vit_small",
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "student.patch_size=4",
+    "crops.global_crops_size=16",
+    "student.layerscale=1.0",
+]
 
 
 @pytest.fixture(scope="module")
@@ -58,8 +65,22 @@ def free_port() -> int:
 
 
 def common_args(run, specs, out):
-    return ["--pretrained-weights", str(run), "--train-dataset", specs["train"], "--val-dataset", specs["val"],
-            "--test-dataset", specs["test"], "--output-dir", str(out), "--num-workers", "0", "--batch-size", "8"]
+    return [
+        "--pretrained-weights",
+        str(run),
+        "--train-dataset",
+        specs["train"],
+        "--val-dataset",
+        specs["val"],
+        "--test-dataset",
+        specs["test"],
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "8",
+    ]
 
 
 def test_knn_cli_writes_results(workspace):
@@ -99,9 +120,23 @@ def test_knn_cli_two_ranks_equals_one(workspace):
     knn.main(common_args(run, specs, out1) + args)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-         str(REPO / "eval" / "knn.py"), "--device", "cpu", *common_args(run, specs, out2), *args],
-        check=True, env=env, cwd=REPO, capture_output=True, timeout=180,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node=2",
+            f"--master_port={free_port()}",
+            str(REPO / "eval" / "knn.py"),
+            "--device",
+            "cpu",
+            *common_args(run, specs, out2),
+            *args,
+        ],
+        check=True,
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        timeout=180,
     )
     one, two = (json.loads((o / "results.json").read_text()) for o in (out1, out2))
     assert two["settings"]["world_size"] == 2
@@ -115,8 +150,10 @@ def test_knn_cli_two_ranks_equals_one(workspace):
 def test_linear_and_log_regression_cli(workspace):
     root, run, specs = workspace
     out = root / "linear"
-    linear.main(common_args(run, specs, out) + ["--learning-rates", "0.01", "0.1", "--n-last-blocks", "1", "2",
-                                                  "--epochs", "2", "--train-batch-size", "8"])
+    linear.main(
+        common_args(run, specs, out)
+        + ["--learning-rates", "0.01", "0.1", "--n-last-blocks", "1", "2", "--epochs", "2", "--train-batch-size", "8"]
+    )
     results = json.loads((out / "results.json").read_text())
     assert len(results["heads"]) == 2 * 2 * 2
     assert results["best_head"]["val_top1"] == max(h["val_top1"] for h in results["heads"])
@@ -124,8 +161,23 @@ def test_linear_and_log_regression_cli(workspace):
     assert (out / "best_linear_head.pth").is_file()
     # on-the-fly features with the upstream augmentation (random-resized crop + flip)
     out = root / "linear_online"
-    linear.main(common_args(run, specs, out) + ["--learning-rates", "0.1", "--n-last-blocks", "1", "--avgpool", "no",
-                                                  "--epochs", "1", "--train-batch-size", "8", "--feature-mode", "online"])
+    linear.main(
+        common_args(run, specs, out)
+        + [
+            "--learning-rates",
+            "0.1",
+            "--n-last-blocks",
+            "1",
+            "--avgpool",
+            "no",
+            "--epochs",
+            "1",
+            "--train-batch-size",
+            "8",
+            "--feature-mode",
+            "online",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["settings"]["augment"] is True and len(results["heads"]) == 1
     with pytest.raises(SystemExit, match="--augment needs --feature-mode online"):
@@ -146,7 +198,9 @@ def test_backbone_loading_sources_and_errors(workspace, tmp_path):
     torch.save(nested, tmp_path / "ckpt.pth")
     loaded = build_model_for_eval(run / "config.yaml", tmp_path / "ckpt.pth", image_size=24)
     assert loaded.image_size == 24
-    assert all(torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), from_dir.model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.model.state_dict().values(), from_dir.model.state_dict().values())
+    )
     empty = tmp_path / "empty_run"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="consolidate_checkpoint.py"):
@@ -178,8 +232,9 @@ def test_group_metrics_through_cli_on_industrial_data(workspace, tmp_path):
     val = results["runs"][0]["splits"]["val"]["k=3"]
     assert val["binary"]["youden_threshold"] is not None  # every split holds both classes
     assert test["binary"]["operating_points"]["val_youden"]["threshold"] == val["binary"]["youden_threshold"]
-    assert test["groups"]["max"]["binary"]["operating_points"]["val_youden"]["threshold"] == (
-        val["groups"]["max"]["binary"]["youden_threshold"]
+    assert (
+        test["groups"]["max"]["binary"]["operating_points"]["val_youden"]["threshold"]
+        == (val["groups"]["max"]["binary"]["youden_threshold"])
     )
 
 

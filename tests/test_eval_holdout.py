@@ -12,8 +12,15 @@ from dinov2.hub.weights import save_state_dict
 from dinov2.models import build_model_from_cfg
 from dinov2.utils.config import load_config, save_config
 
-TINY = ["student.arch=vit_small", "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
-        "student.patch_size=4", "crops.global_crops_size=16", "student.layerscale=1.0"]
+TINY = [
+    "student.arch=vit_small",
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "student.patch_size=4",
+    "crops.global_crops_size=16",
+    "student.layerscale=1.0",
+]
 CATEGORIES = ["apple", "bird", "car", "dog"]
 
 
@@ -40,9 +47,23 @@ def test_knn_on_held_out_categories(setup):
     root, run, data = setup
     base = f"QuickDraw:root={data}:train_per_class=8:holdout=bird,dog"
     out = root / "knn_holdout"
-    knn.main(["--pretrained-weights", str(run), "--train-dataset", f"{base}:split=holdout_train",
-              "--test-dataset", f"{base}:split=holdout_test", "--output-dir", str(out), "--num-workers", "0",
-              "--nb-knn", "1", "3"])
+    knn.main(
+        [
+            "--pretrained-weights",
+            str(run),
+            "--train-dataset",
+            f"{base}:split=holdout_train",
+            "--test-dataset",
+            f"{base}:split=holdout_test",
+            "--output-dir",
+            str(out),
+            "--num-workers",
+            "0",
+            "--nb-knn",
+            "1",
+            "3",
+        ]
+    )
     results = json.loads((out / "results.json").read_text())
     assert results["class_names"] == ["bird", "dog"]  # only the held-out categories, labelled 0..1
     run0 = results["runs"][0]
@@ -58,6 +79,19 @@ def test_held_out_queries_against_a_pretraining_bank_are_refused(setup):
     root, run, data = setup
     base = f"QuickDraw:root={data}:train_per_class=8:holdout=bird,dog"
     with pytest.raises(SystemExit, match="labels would not match"):
-        knn.main(["--pretrained-weights", str(run), "--train-dataset", f"{base}:split=train",
-                  "--test-dataset", f"{base}:split=holdout_test", "--output-dir", str(root / "bad"),
-                  "--num-workers", "0", "--nb-knn", "1"])
+        knn.main(
+            [
+                "--pretrained-weights",
+                str(run),
+                "--train-dataset",
+                f"{base}:split=train",
+                "--test-dataset",
+                f"{base}:split=holdout_test",
+                "--output-dir",
+                str(root / "bad"),
+                "--num-workers",
+                "0",
+                "--nb-knn",
+                "1",
+            ]
+        )

@@ -48,7 +48,9 @@ def check_against_reference(queries, bank, labels, num_classes, **chunks):
         np.testing.assert_allclose(scores[k].numpy(), ref_scores[k], rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("chunks", [{}, {"query_chunk_size": 7, "bank_chunk_size": 13}, {"query_chunk_size": 1, "bank_chunk_size": 25}])
+@pytest.mark.parametrize(
+    "chunks", [{}, {"query_chunk_size": 7, "bank_chunk_size": 13}, {"query_chunk_size": 1, "bank_chunk_size": 25}]
+)
 def test_knn_matches_brute_force_on_random_features(chunks):
     g = torch.Generator().manual_seed(1)
     bank, queries = torch.randn(300, 24, generator=g), torch.randn(40, 24, generator=g)
@@ -56,7 +58,9 @@ def test_knn_matches_brute_force_on_random_features(chunks):
     check_against_reference(queries, bank, labels, 6, **chunks)
 
 
-@pytest.mark.parametrize("chunks", [{}, {"query_chunk_size": 5, "bank_chunk_size": 11}, {"query_chunk_size": 3, "bank_chunk_size": 1}])
+@pytest.mark.parametrize(
+    "chunks", [{}, {"query_chunk_size": 5, "bank_chunk_size": 11}, {"query_chunk_size": 3, "bank_chunk_size": 1}]
+)
 def test_knn_ties_resolved_like_brute_force(chunks):
     bank, queries = tie_features(200, seed=2), tie_features(30, seed=3)
     bank[100:150] = bank[:50]  # exact duplicates: equal similarities for every query
@@ -150,7 +154,12 @@ def _rank_worker(rank, world_size, port):
         # random features (uneven shards: 301 rows) and tie-heavy features
         g = torch.Generator().manual_seed(5)
         cases = [
-            (torch.randn(301, 16, generator=g), torch.randn(23, 16, generator=g), torch.randint(0, 5, (301,), generator=g), 5),
+            (
+                torch.randn(301, 16, generator=g),
+                torch.randn(23, 16, generator=g),
+                torch.randint(0, 5, (301,), generator=g),
+                5,
+            ),
             (tie_features(150, seed=7), tie_features(20, seed=8), torch.arange(150) % 4, 4),
         ]
         cases[1][0][75:] = cases[1][0][:75]
@@ -169,7 +178,9 @@ def _rank_worker(rank, world_size, port):
         _, idx, _ = knn_search(queries, tiny[shard], torch.zeros(len(shard), dtype=torch.long), shard, 3)
         assert (idx[:, 0] == 0).all() and (idx[:, 1:] == torch.iinfo(torch.long).max).all()
         # gathering feature slices back into dataset order
-        local = FeatureSet(torch.full((3 - rank, 2), float(rank)), torch.tensor([rank] * (3 - rank)), torch.arange(rank, 5, 2))
+        local = FeatureSet(
+            torch.full((3 - rank, 2), float(rank)), torch.tensor([rank] * (3 - rank)), torch.arange(rank, 5, 2)
+        )
         full = gather_feature_set(local)
         assert full.indices.tolist() == [0, 1, 2, 3, 4]
         assert full.features[:, 0].tolist() == [0.0, 1.0, 0.0, 1.0, 0.0]

@@ -43,7 +43,11 @@ def test_linear_input_slices_last_blocks_and_avgpool():
 
 
 def test_schedule_and_data_order():
-    assert cosine_factor(0, 10) == 1.0 and cosine_factor(10, 10) == pytest.approx(0.0) and cosine_factor(5, 10) == pytest.approx(0.5)
+    assert (
+        cosine_factor(0, 10) == 1.0
+        and cosine_factor(10, 10) == pytest.approx(0.0)
+        and cosine_factor(5, 10) == pytest.approx(0.5)
+    )
     batches = batch_positions(10, 10, 4, epochs=2, seed=0, rank=0)
     assert len(batches) == 2 * 3 and all(len(b) == 4 for b in batches)
     flat = np.concatenate(batches)
@@ -82,7 +86,8 @@ class _PerHeadGrid:
                 head.bias.zero_()
             self.heads.append(head)
         self.optimizers = [
-            torch.optim.SGD(h.parameters(), lr=c.lr * lr_scale, momentum=0.9, weight_decay=0.0) for h, c in zip(self.heads, self.configs)
+            torch.optim.SGD(h.parameters(), lr=c.lr * lr_scale, momentum=0.9, weight_decay=0.0)
+            for h, c in zip(self.heads, self.configs)
         ]
 
     def head(self, index):
@@ -118,15 +123,21 @@ def test_batched_grid_equals_per_head_optimisers(monkeypatch):
     reference = train_linear_grid(CachedTrainSource(train), val, 3, configs, EMBED, **options)
     assert isinstance(batched.grid, HeadGrid) and isinstance(reference.grid, _PerHeadGrid)
     for index in range(len(configs)):
-        torch.testing.assert_close(batched.grid.head(index).weight, reference.grid.head(index).weight, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            batched.grid.head(index).weight, reference.grid.head(index).weight, rtol=1e-5, atol=1e-6
+        )
         torch.testing.assert_close(batched.grid.head(index).bias, reference.grid.head(index).bias, rtol=1e-5, atol=1e-6)
     assert batched.history == reference.history and batched.val_accuracy == reference.val_accuracy
     assert batched.best_head == reference.best_head
     # the losses of one step, per head in grid order
     grid = HeadGrid(configs, EMBED, 3, seed=5, lr_scale=0.125, device="cpu")
     per_head = _PerHeadGrid(configs, EMBED, 3, seed=5, lr_scale=0.125, device="cpu")
-    torch.testing.assert_close(grid.train_step(train.features[:32], train.labels[:32], 1.0),
-                               per_head.train_step(train.features[:32], train.labels[:32], 1.0), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        grid.train_step(train.features[:32], train.labels[:32], 1.0),
+        per_head.train_step(train.features[:32], train.labels[:32], 1.0),
+        rtol=1e-6,
+        atol=1e-7,
+    )
     probs = batched.grid.probabilities(batched.best_head, val)
     expected = torch.softmax(reference.grid.logits(val.features)[reference.best_head], dim=1)
     torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-6)
@@ -185,8 +196,12 @@ def _linear_rank_worker(rank, world_size, port, out_path):
         train, val = block_feature_set(64, 0), block_feature_set(30, 1)
         shard = torch.arange(rank, 64, world_size)
         result = train_linear_grid(
-            CachedTrainSource(train.select(shard)), val.select(torch.arange(rank, 30, world_size)), 3,
-            make_head_grid([0.1, 1.0], [1, 4], [True]), EMBED, **OPTIONS,
+            CachedTrainSource(train.select(shard)),
+            val.select(torch.arange(rank, 30, world_size)),
+            3,
+            make_head_grid([0.1, 1.0], [1, 4], [True]),
+            EMBED,
+            **OPTIONS,
         )
         weights = torch.cat([p.detach().flatten() for p in result.grid.parameters()])
         gathered = _dist.all_gather_rows(weights[None])
@@ -213,9 +228,19 @@ class _UnionOfShards:
         return len(self.features)
 
     def batches(self, positions):
-        shards = [self.features.select(torch.arange(r, len(self.features), self.world_size)) for r in range(self.world_size)]
+        shards = [
+            self.features.select(torch.arange(r, len(self.features), self.world_size)) for r in range(self.world_size)
+        ]
         per_rank = [
-            batch_positions(len(s), len(self.features), OPTIONS["batch_size"], OPTIONS["epochs"], OPTIONS["seed"], r, self.world_size)
+            batch_positions(
+                len(s),
+                len(self.features),
+                OPTIONS["batch_size"],
+                OPTIONS["epochs"],
+                OPTIONS["seed"],
+                r,
+                self.world_size,
+            )
             for r, s in enumerate(shards)
         ]
         assert len(per_rank[0]) == len(positions)
@@ -232,7 +257,9 @@ def test_linear_grid_two_gloo_ranks_equals_averaged_single_process(tmp_path):
     distributed = torch.load(out, weights_only=True)
     train, val = block_feature_set(64, 0), block_feature_set(30, 1)
     options = {**OPTIONS, "batch_size": 2 * OPTIONS["batch_size"]}  # same lr scale: batch * world / 256
-    reference = train_linear_grid(_UnionOfShards(train, 2), val, 3, make_head_grid([0.1, 1.0], [1, 4], [True]), EMBED, **options)
+    reference = train_linear_grid(
+        _UnionOfShards(train, 2), val, 3, make_head_grid([0.1, 1.0], [1, 4], [True]), EMBED, **options
+    )
     weights = torch.cat([p.detach().flatten() for p in reference.grid.parameters()])
     torch.testing.assert_close(distributed["weights"], weights, rtol=1e-5, atol=1e-6)
     assert distributed["val"] == reference.val_accuracy

@@ -33,15 +33,40 @@ def test_pca_maps_shape_range_and_foreground():
 
 
 def test_pca_script_writes_png(tmp_path):
-    cfg = load_config(None, ["student.arch=vit_small", "student.embed_dim=32", "student.depth=2", "student.num_heads=2",
-                             "student.patch_size=4", "crops.global_crops_size=16"])
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_small",
+            "student.embed_dim=32",
+            "student.depth=2",
+            "student.num_heads=2",
+            "student.patch_size=4",
+            "crops.global_crops_size=16",
+        ],
+    )
     save_config(cfg, tmp_path / "run")
     teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
     save_state_dict(teacher.state_dict(), tmp_path / "run" / "exports" / "teacher_backbone_latest.pth")
     for i in range(2):
-        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(
+            tmp_path / f"{i}.png"
+        )
     out = tmp_path / "pca.png"
-    assert main(["--pretrained-weights", str(tmp_path / "run"), "--images", str(tmp_path), "--output", str(out), "--image-size", "32"]) == 0
+    assert (
+        main(
+            [
+                "--pretrained-weights",
+                str(tmp_path / "run"),
+                "--images",
+                str(tmp_path),
+                "--output",
+                str(out),
+                "--image-size",
+                "32",
+            ]
+        )
+        == 0
+    )
     assert out.read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(FileNotFoundError, match="does not exist"):
         main(["--pretrained-weights", str(tmp_path / "run"), "--images", str(tmp_path / "nope"), "--output", str(out)])

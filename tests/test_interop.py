@@ -10,13 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from classify_helpers import random_image, save_tiny_classifier, tiny_classifier
 
 from dinov2.hub import interop
 from dinov2.hub.sources import build_backbone_from_spec, vit_kwargs_of
 from dinov2.hub.weights import save_state_dict
 from dinov2.models.vision_transformer import DinoVisionTransformer
-
-from classify_helpers import random_image, save_tiny_classifier, tiny_classifier
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = dict(img_size=56, patch_size=14, embed_dim=64, depth=2, num_heads=2, init_values=1.0)

@@ -339,7 +339,9 @@ def test_dino_head_variants_and_shared_or_separate_ibot_head():
 
     dino, ibot = build_dino_ibot_heads(16, 12, hidden_dim=24, bottleneck_dim=8)
     assert dino is ibot
-    dino, ibot = build_dino_ibot_heads(16, 12, ibot_out_dim=20, separate_ibot_head=True, hidden_dim=24, bottleneck_dim=8)
+    dino, ibot = build_dino_ibot_heads(
+        16, 12, ibot_out_dim=20, separate_ibot_head=True, hidden_dim=24, bottleneck_dim=8
+    )
     assert dino is not ibot and ibot.out_dim == 20 and dino.out_dim == 12
     with pytest.raises(ValueError, match="separate_ibot_head"):
         build_dino_ibot_heads(16, 12, ibot_out_dim=20, separate_ibot_head=False)
@@ -371,9 +373,15 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
         # Different batch sizes per rank (images skipped as unreadable): 2 rows on rank 0, 3 on rank 1.
         uneven_koleo = KoLeoLoss(distributed=True)(features[:2] if rank == 0 else features[2:5])
         torch.save(
-            {"targets": targets, "center": loss.center, "koleo": koleo.detach(), "koleo_grad": my_features.grad,
-             "ibot_targets": ibot_targets,
-             "ibot_center": ibot.center, "uneven_koleo": uneven_koleo.detach()},
+            {
+                "targets": targets,
+                "center": loss.center,
+                "koleo": koleo.detach(),
+                "koleo_grad": my_features.grad,
+                "ibot_targets": ibot_targets,
+                "ibot_center": ibot.center,
+                "uneven_koleo": uneven_koleo.detach(),
+            },
             os.path.join(out_dir, f"rank{rank}.pt"),
         )
         dist.barrier()  # nobody tears the group down while the other rank is still in a collective

@@ -58,8 +58,9 @@ def slurm_cluster():
     if os.environ.get("DINOV2_SLURM_AUTOSTART", "1") == "0":
         pytest.skip(f"{problem}; DINOV2_SLURM_AUTOSTART=0, so the test cluster is not started: {START_COMMAND}")
     try:
-        started = subprocess.run(["bash", str(CLUSTER_SCRIPT), "start"], check=False, capture_output=True,
-                                 text=True, timeout=START_TIMEOUT_S)
+        started = subprocess.run(
+            ["bash", str(CLUSTER_SCRIPT), "start"], check=False, capture_output=True, text=True, timeout=START_TIMEOUT_S
+        )
     except subprocess.TimeoutExpired as error:
         pytest.fail(f"{CLUSTER_SCRIPT.name} start took over {START_TIMEOUT_S} s:\n{error.stdout}\n{error.stderr}")
     output = (started.stdout + started.stderr).strip()
@@ -69,8 +70,9 @@ def slurm_cluster():
     if started.returncode != 0 or _cluster_problem() is not None:
         pytest.fail(f"{CLUSTER_SCRIPT.name} start failed (exit {started.returncode}):\n{output[-3000:]}")
     yield
-    stopped = subprocess.run(["bash", str(CLUSTER_SCRIPT), "stop"], check=False, capture_output=True, text=True,
-                             timeout=120)
+    stopped = subprocess.run(
+        ["bash", str(CLUSTER_SCRIPT), "stop"], check=False, capture_output=True, text=True, timeout=120
+    )
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
 
 
@@ -91,9 +93,22 @@ def _submit(output_dir: Path, overrides, timeout_min: int, signal_delay: int):
     from dinov2.run.submit import get_args_parser, submit
 
     argv = [
-        "--nodes", "1", "--ngpus", "0", "--ntasks-per-node", "2", "--cpus-per-task", "1",
-        "--timeout", str(timeout_min), "--signal-delay", str(signal_delay), "--job-name", "dinov2-test",
-        "--output-dir", str(output_dir),
+        "--nodes",
+        "1",
+        "--ngpus",
+        "0",
+        "--ntasks-per-node",
+        "2",
+        "--cpus-per-task",
+        "1",
+        "--timeout",
+        str(timeout_min),
+        "--signal-delay",
+        str(signal_delay),
+        "--job-name",
+        "dinov2-test",
+        "--output-dir",
+        str(output_dir),
     ] + list(overrides)
     args, rest = get_args_parser("test", "dinov2.train.train:main").parse_known_args(argv)
     assert rest[:2] == ["--output-dir", str(output_dir)]
@@ -109,7 +124,13 @@ def uninterrupted(slurm_cluster, tmp_path_factory, dataset_root):
     import pytest as _pytest
 
     out = tmp_path_factory.mktemp("slurm_full") / "out"
-    job = _submit(out, training_overrides(dataset_root, ITERATIONS) + ["checkpointing.period_iterations=100", "evaluation.export_period_iterations=100"], 10, 60)
+    job = _submit(
+        out,
+        training_overrides(dataset_root, ITERATIONS)
+        + ["checkpointing.period_iterations=100", "evaluation.export_period_iterations=100"],
+        10,
+        60,
+    )
     try:
         assert job.results() == [0, 0]  # one result per task
     except Exception as error:  # the job's own traceback is in its log
@@ -137,7 +158,11 @@ def test_time_limit_checkpoints_requeues_and_matches(uninterrupted, dataset_root
     # over a minute, so SLURM's signal (17-45 s into an attempt) cuts the first attempt. Checkpoint
     # frequency does not change the result (resume is exact). On a heavily loaded machine job
     # start-up (18-29 s seen at load 5) can eat most of an attempt; CI runs on a quiet one.
-    overrides = ["checkpointing.period_iterations=2", "checkpointing.keep_last=2", "evaluation.export_period_iterations=100"]
+    overrides = [
+        "checkpointing.period_iterations=2",
+        "checkpointing.keep_last=2",
+        "evaluation.export_period_iterations=100",
+    ]
     job = _submit(out, training_overrides(dataset_root, ITERATIONS) + overrides, 1, 15)
     try:
         assert job.results() == [0, 0]
@@ -150,7 +175,9 @@ def test_time_limit_checkpoints_requeues_and_matches(uninterrupted, dataset_root
     assert max(read_metrics(out)) == ITERATIONS
 
     # Same rank count throughout: the final teacher equals the uninterrupted run's exactly.
-    reference_backbone, _ = read_teacher_state(CheckpointManager(reference_out / "checkpoints").complete_checkpoints()[-1][1])
+    reference_backbone, _ = read_teacher_state(
+        CheckpointManager(reference_out / "checkpoints").complete_checkpoints()[-1][1]
+    )
     backbone, _ = read_teacher_state(CheckpointManager(out / "checkpoints").complete_checkpoints()[-1][1])
     for key, value in reference_backbone.items():
         assert torch.equal(backbone[key], value), key

@@ -9,23 +9,33 @@ import time
 from pathlib import Path
 
 import pytest
+from train_helpers import make_image_folder, tiny_overrides
 
 from dinov2.checkpoint.manager import read_checkpoint_info
 from dinov2.distributed import free_port
-from train_helpers import make_image_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def two_rank_command(output_dir, overrides):
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
-            str(REPO / "train" / "train.py"), "--output-dir", str(output_dir), *overrides]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={free_port()}",
+        str(REPO / "train" / "train.py"),
+        "--output-dir",
+        str(output_dir),
+        *overrides,
+    ]
 
 
 def run_two_ranks(output_dir, overrides):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    result = subprocess.run(two_rank_command(output_dir, overrides), capture_output=True, text=True, cwd=REPO, env=env,
-                            timeout=300)
+    result = subprocess.run(
+        two_rank_command(output_dir, overrides), capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(Path(output_dir) / "training_metrics.jsonl") as handle:
         return [json.loads(line) for line in handle]
@@ -48,7 +58,10 @@ def test_fsdp_and_replicated_two_rank_runs_agree(tmp_path):
     # The global batch (2 ranks x 4) scaled the learning rate; the sharded run exported a full backbone.
     assert sharded[-1]["lr"] == pytest.approx(replicated[-1]["lr"])
     assert (tmp_path / "fsdp" / "exports" / "teacher_backbone_latest.pth").is_file()
-    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").glob("ckpt_*")) == ["ckpt_00000002", "ckpt_00000004"]
+    assert sorted(p.name for p in (tmp_path / "fsdp" / "checkpoints").glob("ckpt_*")) == [
+        "ckpt_00000002",
+        "ckpt_00000004",
+    ]
 
 
 @pytest.mark.slow
@@ -57,8 +70,12 @@ def test_a_rank_whose_whole_batch_is_unreadable_does_not_desync_the_others(tmp_p
     for i in range(6):  # as many broken files as good ones: one rank often draws only broken ones
         (Path(data) / f"c{i % 2}" / f"broken{i}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     overrides = tiny_overrides(
-        data, "train.max_iterations=6", "train.batch_size_per_gpu=1", "train.bad_image_policy=skip",
-        "distributed.fsdp=false", "checkpointing.period_iterations=6",
+        data,
+        "train.max_iterations=6",
+        "train.batch_size_per_gpu=1",
+        "train.bad_image_policy=skip",
+        "distributed.fsdp=false",
+        "checkpointing.period_iterations=6",
     )
     # Batches of one image: whenever a rank draws a broken file its batch is empty, and every rank
     # must skip that step together (the run would otherwise pair collectives of different steps).
@@ -73,8 +90,9 @@ def test_sigterm_to_torchrun_checkpoints_on_both_ranks_and_says_so(tmp_path):
     out = tmp_path / "out"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     command = two_rank_command(out, tiny_overrides(data, "train.max_iterations=100000", "distributed.fsdp=false"))
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env,
-                               start_new_session=True)
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env, start_new_session=True
+    )
     try:
         metrics = out / "training_metrics.jsonl"
         deadline = time.monotonic() + 240
@@ -96,6 +114,8 @@ def test_sigterm_to_torchrun_checkpoints_on_both_ranks_and_says_so(tmp_path):
     last = (out / "train_log.txt").read_text().strip().splitlines()[-1]
     stopped_at = json.loads(metrics.read_text().splitlines()[-1])["iteration"]
     checkpoint = out / "checkpoints" / f"ckpt_{stopped_at:08d}"
-    assert last.endswith(f"training stopped on SIGTERM at iteration {stopped_at}; checkpoint {checkpoint} written, "
-                         "rerun the same command to resume"), last
+    assert last.endswith(
+        f"training stopped on SIGTERM at iteration {stopped_at}; checkpoint {checkpoint} written, "
+        "rerun the same command to resume"
+    ), last
     assert read_checkpoint_info(checkpoint)["world_size"] == 2

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from train_helpers import make_image_folder, tiny_overrides
 
 from dinov2.checkpoint import CheckpointError, CheckpointManager
 from dinov2.checkpoint.manager import checkpoint_keys
 from dinov2.train.train import main
 from dinov2.train.trainer import NonFiniteLossError, SSLTrainer
 from dinov2.utils.config import load_config, load_saved_config
-from train_helpers import make_image_folder, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -76,8 +76,13 @@ def poison(trainer, bad_iterations, blow_up=False):
 
 def test_a_run_that_explodes_after_a_healthy_checkpoint_resumes_from_it(tmp_path, data_root):
     out = tmp_path / "run"
-    common = tiny_overrides(data_root, "checkpointing.keep_last=1", "checkpointing.period_iterations=3",
-                            "evaluation.export_period_iterations=3", "train.max_nonfinite_steps=5")
+    common = tiny_overrides(
+        data_root,
+        "checkpointing.keep_last=1",
+        "checkpointing.period_iterations=3",
+        "evaluation.export_period_iterations=3",
+        "train.max_nonfinite_steps=5",
+    )
     # Healthy to iteration 3 (checkpoint and export), then weights of order 1e6 and NaN losses
     # from iteration 5 on: the boundary at 6 falls inside the streak, which stops the run at 9.
     cfg = load_config(None, common + ["train.max_iterations=20"])
@@ -104,16 +109,23 @@ def test_non_finite_steps_before_any_checkpoint_say_there_is_none(tmp_path, data
     cfg = load_config(None, tiny_overrides(data_root, "train.max_iterations=5", "train.max_nonfinite_steps=2"))
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "run")
     poison(trainer, {2, 3})
-    with pytest.raises(NonFiniteLossError, match=r"No checkpoint has been written to .* yet \(a rerun starts from "
-                       r"iteration 0\)"):
+    with pytest.raises(
+        NonFiniteLossError,
+        match=r"No checkpoint has been written to .* yet \(a rerun starts from "
+        r"iteration 0\)",
+    ):
         trainer.train()
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_retention_keeps_the_checkpoint_before_non_finite_steps_also_after_a_resume(tmp_path, data_root):
     out = tmp_path / "run"
-    common = tiny_overrides(data_root, "checkpointing.keep_last=1", "checkpointing.period_iterations=2",
-                            "evaluation.export_period_iterations=100")
+    common = tiny_overrides(
+        data_root,
+        "checkpointing.keep_last=1",
+        "checkpointing.period_iterations=2",
+        "evaluation.export_period_iterations=100",
+    )
     cfg = load_config(None, common + ["train.max_iterations=8"])
     trainer = SSLTrainer(cfg, output_dir=out)
     poison(trainer, {3})  # one NaN step: the boundary at 4 is skipped, training recovers
@@ -157,15 +169,24 @@ def test_a_stop_signal_is_logged_with_the_iteration_and_its_checkpoint(tmp_path,
         assert main(["--output-dir", str(out), *tiny_overrides(data_root, "train.max_iterations=9")]) == 0
     assert iterations(out) == [1, 2] and checkpoint_names(out) == ["ckpt_00000002"]
     messages = [message for _, message in log.lines]
-    assert (f"training stopped on SIGTERM at iteration 2; checkpoint {out / 'checkpoints' / 'ckpt_00000002'} "
-            "written, rerun the same command to resume") in messages
+    assert (
+        f"training stopped on SIGTERM at iteration 2; checkpoint {out / 'checkpoints' / 'ckpt_00000002'} "
+        "written, rerun the same command to resume"
+    ) in messages
     assert not any("training finished" in message for message in messages)
 
 
 def test_the_last_iteration_or_a_stop_right_after_non_finite_steps_writes_nothing(tmp_path, data_root, monkeypatch):
     out = tmp_path / "run"
-    cfg = load_config(None, tiny_overrides(data_root, "train.max_iterations=6", "checkpointing.period_iterations=3",
-                                           "evaluation.export_period_iterations=3"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            data_root,
+            "train.max_iterations=6",
+            "checkpointing.period_iterations=3",
+            "evaluation.export_period_iterations=3",
+        ),
+    )
     trainer = SSLTrainer(cfg, output_dir=out)
     poison(trainer, {6})
     result = trainer.train()
@@ -178,8 +199,10 @@ def test_the_last_iteration_or_a_stop_right_after_non_finite_steps_writes_nothin
     with LogLines() as log:
         main(["--output-dir", str(out), *tiny_overrides(data_root, "train.max_iterations=9")])
     assert iterations(out) == [1, 2, 3, 4, 5] and checkpoint_names(out) == ["ckpt_00000003"]
-    expected = (f"training stopped on SIGUSR1 at iteration 5 without a checkpoint (non-finite steps since the "
-                f"previous checkpoint boundary); a rerun resumes from {out / 'checkpoints' / 'ckpt_00000003'}")
+    expected = (
+        f"training stopped on SIGUSR1 at iteration 5 without a checkpoint (non-finite steps since the "
+        f"previous checkpoint boundary); a rerun resumes from {out / 'checkpoints' / 'ckpt_00000003'}"
+    )
     assert ("WARNING", expected) in log.lines
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from omegaconf import OmegaConf
+from train_helpers import make_image_folder, tiny_overrides
 
 from dinov2.checkpoint import CheckpointManager
 from dinov2.hub.weights import load_backbone_weights
@@ -19,7 +20,6 @@ from dinov2.train.knn_monitor import weighted_knn_top1
 from dinov2.train.train import main
 from dinov2.train.trainer import NonFiniteLossError, SSLTrainer
 from dinov2.utils.config import load_config, load_saved_config
-from train_helpers import make_image_folder, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,18 +36,42 @@ def read_lines(output_dir):
 
 def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
     out = tmp_path / "run"
-    main(["--output-dir", str(out), *tiny_overrides(data_root, "train.max_iterations=10",
-                                                    "evaluation.knn_period_iterations=5",
-                                                    "evaluation.knn_max_samples=8", "evaluation.knn_k=3")])
+    main(
+        [
+            "--output-dir",
+            str(out),
+            *tiny_overrides(
+                data_root,
+                "train.max_iterations=10",
+                "evaluation.knn_period_iterations=5",
+                "evaluation.knn_max_samples=8",
+                "evaluation.knn_k=3",
+            ),
+        ]
+    )
     cfg = load_saved_config(out)
     assert cfg.train.output_dir == str(out)  # where it ran, recorded without changing the loaded config
     peak_lr = 0.004 * math.sqrt(4 / 1024)  # optim.base_lr scaled by the global batch
     lines = read_lines(out)
     assert [line["iteration"] for line in lines] == list(range(1, 11))
     first = lines[0]
-    for key in ("total_loss", "dino_loss", "dino_global_crops_loss", "dino_local_crops_loss", "ibot_loss",
-                "koleo_loss", "lr", "wd", "momentum", "teacher_temp", "images_per_sec", "eta_seconds",
-                "skipped_images", "nonfinite_steps", "last_layer_lr"):
+    for key in (
+        "total_loss",
+        "dino_loss",
+        "dino_global_crops_loss",
+        "dino_local_crops_loss",
+        "ibot_loss",
+        "koleo_loss",
+        "lr",
+        "wd",
+        "momentum",
+        "teacher_temp",
+        "images_per_sec",
+        "eta_seconds",
+        "skipped_images",
+        "nonfinite_steps",
+        "last_layer_lr",
+    ):
         assert key in first, key
     assert first["lr"] == 0.0 and lines[4]["lr"] == pytest.approx(peak_lr)  # warm-up of 5 iterations
     assert [line["iteration"] for line in lines if "knn_top1" in line] == [5, 10]
@@ -59,7 +83,9 @@ def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
     backbone = build_backbone(cfg.student, cfg.crops.global_crops_size)
     load_backbone_weights(backbone, out / "exports" / "teacher_backbone_latest.pth")
     # The metrics plot script turns the run into a PNG.
-    spec = importlib.util.spec_from_file_location("plot_training_metrics", REPO / "scripts" / "plot_training_metrics.py")
+    spec = importlib.util.spec_from_file_location(
+        "plot_training_metrics", REPO / "scripts" / "plot_training_metrics.py"
+    )
     plot_module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(plot_module)
     png = plot_module.plot_training_metrics(out)
@@ -68,9 +94,19 @@ def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
 
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_root):
     # Fixed teacher (momentum 1) and temperature: the student fits the teacher's targets.
-    cfg = load_config(None, tiny_overrides(data_root, "teacher.momentum_teacher=1.0", "teacher.warmup_teacher_temp=0.07",
-                                           "optim.warmup_epochs=0", "optim.base_lr=0.1", "optim.min_lr=0.1",
-                                           "student.drop_path_rate=0", "optim.freeze_last_layer_epochs=0"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            data_root,
+            "teacher.momentum_teacher=1.0",
+            "teacher.warmup_teacher_temp=0.07",
+            "optim.warmup_epochs=0",
+            "optim.base_lr=0.1",
+            "optim.min_lr=0.1",
+            "student.drop_path_rate=0",
+            "optim.freeze_last_layer_epochs=0",
+        ),
+    )
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "fit")
     batch = next(iter(trainer.loader))
     batch.pop("skipped_images")
@@ -104,16 +140,26 @@ def test_resume_continues_with_the_same_losses(tmp_path, data_root):
 
 
 def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, data_root):
-    cfg = load_config(None, tiny_overrides(data_root, "train.max_iterations=20", "checkpointing.period_iterations=3",
-                                           "train.max_nonfinite_steps=2"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            data_root, "train.max_iterations=20", "checkpointing.period_iterations=3", "train.max_nonfinite_steps=2"
+        ),
+    )
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "nan")
     original = trainer.model.forward_backward
     snapshots = {}
 
     def poisoned(data, teacher_temp, scaler=None):
         if trainer.iteration >= 4:
-            snapshots.setdefault("state", {k: v.clone() for k, v in trainer.model.state_dict().items()
-                                           if k.startswith("teacher.") or k.endswith(".center")})
+            snapshots.setdefault(
+                "state",
+                {
+                    k: v.clone()
+                    for k, v in trainer.model.state_dict().items()
+                    if k.startswith("teacher.") or k.endswith(".center")
+                },
+            )
         losses = original(data, teacher_temp, scaler)
         if trainer.iteration >= 4:  # from the 5th iteration on, iBOT goes NaN
             losses["ibot_loss"] = torch.tensor(float("nan"))
@@ -185,8 +231,13 @@ def test_entry_script_help_and_bad_override(tmp_path, capsys):
         main(["--help"])
     assert exit_info.value.code == 0 and "--config-file" in capsys.readouterr().out
     # The thin script itself, as a user runs it: an unknown key is named in the error.
-    result = subprocess.run([sys.executable, str(REPO / "train" / "train.py"), "--output-dir", str(tmp_path),
-                             "optim.nope=1"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    result = subprocess.run(
+        [sys.executable, str(REPO / "train" / "train.py"), "--output-dir", str(tmp_path), "optim.nope=1"],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert result.returncode != 0 and "optim.nope" in result.stderr
 
 

@@ -50,18 +50,23 @@ def node_command(output_dir: Path, overrides, endpoint: str, run_id: str, hosts_
     is told to reach this one at (the workers' ``MASTER_ADDR`` when this node gets rank 0);
     without it torchrun uses this machine's FQDN.
     """
-    return TORCHRUN + [
-        "--nnodes=2",
-        "--nproc-per-node=1",
-        "--rdzv-backend=c10d",
-        f"--rdzv-endpoint={endpoint}",
-        f"--rdzv-id={run_id}",
-        f"--rdzv-conf=is_host={str(hosts_store).lower()},join_timeout=120",
-        "--local-addr=127.0.0.1",
-        "--max-restarts=0",
-        str(REPO / "train" / "train.py"),
-        "--output-dir", str(output_dir),
-    ] + list(overrides)
+    return (
+        TORCHRUN
+        + [
+            "--nnodes=2",
+            "--nproc-per-node=1",
+            "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={endpoint}",
+            f"--rdzv-id={run_id}",
+            f"--rdzv-conf=is_host={str(hosts_store).lower()},join_timeout=120",
+            "--local-addr=127.0.0.1",
+            "--max-restarts=0",
+            str(REPO / "train" / "train.py"),
+            "--output-dir",
+            str(output_dir),
+        ]
+        + list(overrides)
+    )
 
 
 def run_two_nodes(output_dir: Path, overrides, logs_dir: Path):
@@ -72,22 +77,32 @@ def run_two_nodes(output_dir: Path, overrides, logs_dir: Path):
         for node in range(2):
             logs.append(logs_dir / f"node{node}.log")
             handles.append(open(logs[-1], "w"))  # noqa: SIM115 (closed below, after both nodes ended)
-            processes.append(subprocess.Popen(
-                node_command(output_dir, overrides, endpoint, run_id, hosts_store=node == 0),
-                cwd=REPO, env=subprocess_env(), stdout=handles[-1], stderr=subprocess.STDOUT,
-                start_new_session=True,  # torchrun and its worker share a group: killed together
-            ))
+            processes.append(
+                subprocess.Popen(
+                    node_command(output_dir, overrides, endpoint, run_id, hosts_store=node == 0),
+                    cwd=REPO,
+                    env=subprocess_env(),
+                    stdout=handles[-1],
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # torchrun and its worker share a group: killed together
+                )
+            )
         deadline = time.monotonic() + LAUNCH_TIMEOUT
         while any(p.poll() is None for p in processes):
             failed = [i for i, p in enumerate(processes) if p.poll() not in (None, 0)]
-            assert not failed, f"node {failed[0]} exited with {processes[failed[0]].returncode}:\n" + \
-                logs[failed[0]].read_text()[-3000:]
-            assert time.monotonic() < deadline, f"the two nodes did not finish within {LAUNCH_TIMEOUT} s:\n" + \
-                "\n".join(log.read_text()[-1500:] for log in logs)
+            assert not failed, (
+                f"node {failed[0]} exited with {processes[failed[0]].returncode}:\n"
+                + logs[failed[0]].read_text()[-3000:]
+            )
+            assert time.monotonic() < deadline, (
+                f"the two nodes did not finish within {LAUNCH_TIMEOUT} s:\n"
+                + "\n".join(log.read_text()[-1500:] for log in logs)
+            )
             time.sleep(0.2)
         for node, process in enumerate(processes):
-            assert process.returncode == 0, f"node {node} exited with {process.returncode}:\n" + \
-                logs[node].read_text()[-3000:]
+            assert process.returncode == 0, (
+                f"node {node} exited with {process.returncode}:\n" + logs[node].read_text()[-3000:]
+            )
     finally:
         for process in processes:
             if process.poll() is None:

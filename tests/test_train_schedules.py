@@ -2,6 +2,7 @@ import math
 
 import pytest
 import torch
+from train_helpers import TINY_OVERRIDES
 
 from dinov2.optim import (
     apply_optim_scheduler,
@@ -13,7 +14,6 @@ from dinov2.optim import (
 from dinov2.optim.schedules import CosineSchedule, build_schedules, scaled_learning_rate
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
-from train_helpers import TINY_OVERRIDES
 
 
 def test_cosine_schedule_warmup_middle_end():
@@ -43,10 +43,20 @@ def test_lr_scaling_rules():
 
 
 def test_training_schedules_from_config():
-    cfg = load_config(None, TINY_OVERRIDES + ["optim.min_lr=0.0", "optim.freeze_last_layer_epochs=1",
-                                              "teacher.momentum_teacher=0.9", "teacher.final_momentum_teacher=1.0",
-                                              "teacher.warmup_teacher_temp=0.02", "teacher.teacher_temp=0.06",
-                                              "optim.weight_decay=0.04", "optim.weight_decay_end=0.4"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES
+        + [
+            "optim.min_lr=0.0",
+            "optim.freeze_last_layer_epochs=1",
+            "teacher.momentum_teacher=0.9",
+            "teacher.final_momentum_teacher=1.0",
+            "teacher.warmup_teacher_temp=0.02",
+            "teacher.teacher_temp=0.06",
+            "optim.weight_decay=0.04",
+            "optim.weight_decay_end=0.4",
+        ],
+    )
     s = build_schedules(cfg, lr=0.5)  # 4 epochs x 5 iterations, warm-up 1 epoch
     assert s.total_iters == 20
     at_warmup_end = s.at(4)
@@ -68,7 +78,11 @@ def test_training_schedules_from_config():
 def test_param_multipliers_by_name():
     depth, decay, pe = 2, 0.5, 0.2
     m = lambda name: param_multipliers(name, depth, decay, pe)  # noqa: E731
-    assert m("backbone.blocks.0.attn.qkv.weight") == {"lr_multiplier": 0.25, "wd_multiplier": 1.0, "is_last_layer": False}
+    assert m("backbone.blocks.0.attn.qkv.weight") == {
+        "lr_multiplier": 0.25,
+        "wd_multiplier": 1.0,
+        "is_last_layer": False,
+    }
     assert m("backbone.blocks.1.mlp.fc1.weight")["lr_multiplier"] == 0.5
     assert m("backbone.blocks.1.mlp.fc1.bias")["wd_multiplier"] == 0.0
     assert m("backbone.blocks.1.norm1.weight")["wd_multiplier"] == 0.0
@@ -82,8 +96,9 @@ def test_param_multipliers_by_name():
 
 
 def test_optimizer_groups_of_the_student():
-    cfg = load_config(None, TINY_OVERRIDES + ["optim.layerwise_decay=0.9", "optim.patch_embed_lr_mult=0.2",
-                                              "student.layerscale=1e-5"])
+    cfg = load_config(
+        None, TINY_OVERRIDES + ["optim.layerwise_decay=0.9", "optim.patch_embed_lr_mult=0.2", "student.layerscale=1e-5"]
+    )
     model = SSLMetaArch(cfg)
     groups = get_params_groups(model.student.named_parameters(), depth=2, layerwise_decay=0.9, patch_embed_lr_mult=0.2)
     names = {g["names"][0]: g for g in groups}
@@ -136,15 +151,33 @@ def test_both_trainers_take_optimisation_from_dinov2_optim():
 
 def test_schedules_in_iterations_take_precedence_over_epochs():
     tiny = [item for item in TINY_OVERRIDES if "_epochs=" not in item and not item.startswith("optim.epochs=")]
-    cfg = load_config(None, tiny + ["optim.total_iterations=17", "optim.warmup_iterations=3",
-                                    "optim.freeze_last_layer_iterations=2", "teacher.warmup_teacher_temp_iterations=4"])
+    cfg = load_config(
+        None,
+        tiny
+        + [
+            "optim.total_iterations=17",
+            "optim.warmup_iterations=3",
+            "optim.freeze_last_layer_iterations=2",
+            "teacher.warmup_teacher_temp_iterations=4",
+        ],
+    )
     s = build_schedules(cfg, lr=0.5)
     assert s.total_iters == 17 and s.lr.warmup_iters == 3 and s.teacher_temp.warmup_iters == 4
     assert s.last_layer_frozen(1) and not s.last_layer_frozen(2)
     assert s.lr(2) == pytest.approx(0.5)
     with pytest.raises(ValueError, match=r"teacher temperature warm-up \(40 iterations\) is longer"):
-        build_schedules(load_config(None, tiny + ["optim.total_iterations=17", "optim.warmup_iterations=3",
-                                                  "teacher.warmup_teacher_temp_iterations=40"]), lr=0.5)
+        build_schedules(
+            load_config(
+                None,
+                tiny
+                + [
+                    "optim.total_iterations=17",
+                    "optim.warmup_iterations=3",
+                    "teacher.warmup_teacher_temp_iterations=40",
+                ],
+            ),
+            lr=0.5,
+        )
 
 
 def test_quickdraw_recipe_in_iterations_has_its_former_epoch_schedules():
@@ -155,15 +188,42 @@ def test_quickdraw_recipe_in_iterations_has_its_former_epoch_schedules():
     points = [0, 24, 25, 99, 100, 4000, 7999]
     assert s.total_iters == 8000
     assert [s.lr(i) for i in points] == pytest.approx(
-        [0.0, 0.00024242424242424245, 0.0002525252525252525, 0.001, 0.001, 0.0005104311527387026, 1.0000394958126474e-06])
+        [
+            0.0,
+            0.00024242424242424245,
+            0.0002525252525252525,
+            0.001,
+            0.001,
+            0.0005104311527387026,
+            1.0000394958126474e-06,
+        ]
+    )
     assert [s.last_layer_lr(i) for i in points[:3]] == pytest.approx([0.0, 0.0, 0.0002525252525252525])
     assert [s.weight_decay(i) for i in points] == pytest.approx(
-        [0.04, 0.04000133238673151, 0.04000144573122016, 0.04002266870538743, 0.04002312891277831, 0.07,
-         0.0999999976868115])
+        [
+            0.04,
+            0.04000133238673151,
+            0.04000144573122016,
+            0.04002266870538743,
+            0.04002312891277831,
+            0.07,
+            0.0999999976868115,
+        ]
+    )
     # The same recipe with its schedules given the old way is identical at every iteration.
-    old = build_schedules(load_config("train/quickdraw_vit_tiny.yaml", [
-        "train.OFFICIAL_EPOCH_LENGTH=25", "optim.epochs=320", "optim.warmup_epochs=4",
-        "optim.freeze_last_layer_epochs=1", "teacher.warmup_teacher_temp_epochs=0"]), lr=0.001)
+    old = build_schedules(
+        load_config(
+            "train/quickdraw_vit_tiny.yaml",
+            [
+                "train.OFFICIAL_EPOCH_LENGTH=25",
+                "optim.epochs=320",
+                "optim.warmup_epochs=4",
+                "optim.freeze_last_layer_epochs=1",
+                "teacher.warmup_teacher_temp_epochs=0",
+            ],
+        ),
+        lr=0.001,
+    )
     assert [old.at(i) for i in range(8001)] == [s.at(i) for i in range(8001)]
     # optim.epochs=N on the command line (scripts/demo.sh) replaces the recipe's total_iterations.
     demo = build_schedules(load_config("train/quickdraw_vit_tiny.yaml", ["optim.epochs=24"]), lr=0.001)

@@ -2,6 +2,7 @@ import random
 
 import pytest
 import torch
+from train_helpers import TINY_OVERRIDES
 
 from dinov2.data.collate import build_collate_fn_from_config
 from dinov2.hub.weights import WeightsError, save_state_dict
@@ -9,7 +10,6 @@ from dinov2.models import build_backbone
 from dinov2.optim import apply_optim_scheduler, build_optimizer
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.utils.config import load_config
-from train_helpers import TINY_OVERRIDES
 
 
 def tiny_cfg(*extra):
@@ -51,10 +51,18 @@ def test_forward_backward_terms_and_no_teacher_gradients():
     model = SSLMetaArch(cfg)
     model.train()
     losses = model.forward_backward(synthetic_batch(cfg), teacher_temp=0.05)
-    assert set(losses) == {"dino_global_crops_loss", "dino_local_crops_loss", "dino_loss", "ibot_loss", "koleo_loss",
-                           "total_loss"}
+    assert set(losses) == {
+        "dino_global_crops_loss",
+        "dino_local_crops_loss",
+        "dino_loss",
+        "ibot_loss",
+        "koleo_loss",
+        "total_loss",
+    }
     assert all(torch.isfinite(v) for v in losses.values())
-    assert losses["dino_loss"] == pytest.approx(float(losses["dino_global_crops_loss"] + losses["dino_local_crops_loss"]))
+    assert losses["dino_loss"] == pytest.approx(
+        float(losses["dino_global_crops_loss"] + losses["dino_local_crops_loss"])
+    )
     expected_total = losses["dino_loss"] + 0.1 * losses["koleo_loss"] + losses["ibot_loss"]
     assert float(losses["total_loss"]) == pytest.approx(float(expected_total), rel=1e-5)
     assert all(p.grad is None for p in model.teacher.parameters())
@@ -125,7 +133,9 @@ def test_warm_start_loads_student_and_teacher_backbones(tmp_path):
         assert torch.equal(model.student["backbone"].state_dict()[key], value), key
         assert torch.equal(model.teacher["backbone"].state_dict()[key], value), key
     # Heads are fresh but still identical between student and teacher.
-    for (_, s), (_, t) in zip(model.student["dino_head"].named_parameters(), model.teacher["dino_head"].named_parameters()):
+    for (_, s), (_, t) in zip(
+        model.student["dino_head"].named_parameters(), model.teacher["dino_head"].named_parameters()
+    ):
         assert torch.equal(s, t)
 
     wrong = tiny_cfg("student.embed_dim=48", f"student.pretrained_weights={path}")
@@ -169,9 +179,14 @@ def test_each_head_layout_normalises_every_token_group_on_its_own(separate_head,
     """One call per head module and step; with BatchNorm every BatchNorm layer sees each token
     group (global-crop CLS, local-crop CLS, masked patches) in a call of its own."""
     bn = str(use_bn).lower()
-    cfg = tiny_cfg(f"ibot.separate_head={str(separate_head).lower()}", f"dino.head_use_bn={bn}",
-                   f"ibot.head_use_bn={bn}", f"dino.head_nlayers={nlayers}", f"ibot.head_nlayers={nlayers}",
-                   "train.centering=sinkhorn_knopp")
+    cfg = tiny_cfg(
+        f"ibot.separate_head={str(separate_head).lower()}",
+        f"dino.head_use_bn={bn}",
+        f"ibot.head_use_bn={bn}",
+        f"dino.head_nlayers={nlayers}",
+        f"ibot.head_nlayers={nlayers}",
+        "train.centering=sinkhorn_knopp",
+    )
     batch_size = 4
     model = SSLMetaArch(cfg)
     model.train()
@@ -191,18 +206,31 @@ def test_each_head_layout_normalises_every_token_group_on_its_own(separate_head,
     losses = model.forward_backward(data, teacher_temp=0.05)
     assert all(torch.isfinite(v) for v in losses.values())
 
-    n_global, n_local, n_masked = 2 * batch_size, cfg.crops.local_crops_number * batch_size, int(data["n_masked_patches"])
+    n_global, n_local, n_masked = (
+        2 * batch_size,
+        cfg.crops.local_crops_number * batch_size,
+        int(data["n_masked_patches"]),
+    )
     assert 0 < n_masked < 2 * batch_size * 16
     if separate_head:
-        groups = {("teacher", "dino_head"): [n_global], ("teacher", "ibot_head"): [n_masked],
-                  ("student", "dino_head"): [n_global, n_local], ("student", "ibot_head"): [n_masked]}
+        groups = {
+            ("teacher", "dino_head"): [n_global],
+            ("teacher", "ibot_head"): [n_masked],
+            ("student", "dino_head"): [n_global, n_local],
+            ("student", "ibot_head"): [n_masked],
+        }
     else:
-        groups = {("teacher", "dino_head"): [n_global, n_masked], ("student", "dino_head"): [n_global, n_local, n_masked]}
+        groups = {
+            ("teacher", "dino_head"): [n_global, n_masked],
+            ("student", "dino_head"): [n_global, n_local, n_masked],
+        }
     assert sorted(head_calls) == sorted(groups)  # each head module called once per side
     expected_rows = [
         ((side, name, index), rows)
         for (side, name), sizes in groups.items()
-        for index in range(len([m for m in getattr(model, side)[name].modules() if isinstance(m, torch.nn.BatchNorm1d)]))
+        for index in range(
+            len([m for m in getattr(model, side)[name].modules() if isinstance(m, torch.nn.BatchNorm1d)])
+        )
         for rows in sizes
     ]
     assert sorted(norm_rows) == sorted(expected_rows)
@@ -213,10 +241,14 @@ def _upstream_head_state(prefix, in_dim, hidden_dim, bottleneck_dim, n_prototype
     its training checkpoints: ``mlp`` = Linear, GELU, Linear, GELU, Linear; ``last_layer`` made by
     ``torch.nn.utils.weight_norm`` (magnitudes ``weight_g`` of shape (K, 1)); random values."""
     shapes = {
-        "mlp.0.weight": (hidden_dim, in_dim), "mlp.0.bias": (hidden_dim,),
-        "mlp.2.weight": (hidden_dim, hidden_dim), "mlp.2.bias": (hidden_dim,),
-        "mlp.4.weight": (bottleneck_dim, hidden_dim), "mlp.4.bias": (bottleneck_dim,),
-        "last_layer.weight_g": (n_prototypes, 1), "last_layer.weight_v": (n_prototypes, bottleneck_dim),
+        "mlp.0.weight": (hidden_dim, in_dim),
+        "mlp.0.bias": (hidden_dim,),
+        "mlp.2.weight": (hidden_dim, hidden_dim),
+        "mlp.2.bias": (hidden_dim,),
+        "mlp.4.weight": (bottleneck_dim, hidden_dim),
+        "mlp.4.bias": (bottleneck_dim,),
+        "last_layer.weight_g": (n_prototypes, 1),
+        "last_layer.weight_v": (n_prototypes, bottleneck_dim),
     }
     return {prefix + key: torch.randn(shape, generator=generator) for key, shape in shapes.items()}
 
@@ -229,8 +261,12 @@ def test_an_upstream_training_state_with_heads_loads_strictly(norm_last_layer):
     g = torch.Generator().manual_seed(0)
     state = {}
     for side in ("student", "teacher"):
-        state.update({f"{side}.backbone.{k}": torch.randn(v.shape, generator=g)
-                      for k, v in model.student["backbone"].state_dict().items()})
+        state.update(
+            {
+                f"{side}.backbone.{k}": torch.randn(v.shape, generator=g)
+                for k, v in model.student["backbone"].state_dict().items()
+            }
+        )
         for head in ("dino_head", "ibot_head"):
             state.update(_upstream_head_state(f"{side}.{head}.", 32, 64, 32, 64, g))
     state["dino_loss.center"] = torch.randn(1, 64, generator=g)

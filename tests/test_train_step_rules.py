@@ -8,6 +8,7 @@ import signal
 
 import pytest
 import torch
+from train_helpers import TINY_OVERRIDES, make_image_folder, tiny_overrides
 
 from dinov2.checkpoint.signals import StopSignal
 from dinov2.hub.weights import WeightsError, save_state_dict
@@ -15,7 +16,6 @@ from dinov2.models import build_backbone
 from dinov2.train.ssl_meta_arch import SSLMetaArch
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
-from train_helpers import TINY_OVERRIDES, make_image_folder, tiny_overrides
 
 
 @pytest.fixture(scope="module")
@@ -29,8 +29,16 @@ def _prototypes(trainer):
 
 def test_prototypes_stay_frozen_for_the_first_epoch_then_train(tmp_path, data_root):
     # Epoch = 2 iterations, warm-up 0 so the lr is non-zero from the first step.
-    cfg = load_config(None, tiny_overrides(data_root, "train.OFFICIAL_EPOCH_LENGTH=2", "optim.warmup_epochs=0",
-                                           "optim.freeze_last_layer_epochs=1", "optim.base_lr=0.05"))
+    cfg = load_config(
+        None,
+        tiny_overrides(
+            data_root,
+            "train.OFFICIAL_EPOCH_LENGTH=2",
+            "optim.warmup_epochs=0",
+            "optim.freeze_last_layer_epochs=1",
+            "optim.base_lr=0.05",
+        ),
+    )
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "run")
     # The shared DINO/iBOT head's prototype directions and (trained) magnitudes.
     assert len(trainer.model.last_layer_parameters()) == 2
@@ -56,15 +64,21 @@ def _norm(grads):
 
 @pytest.mark.parametrize("scope", ["per_module", "global"])
 def test_gradients_are_clipped_to_the_configured_norm_before_the_step(tmp_path, data_root, scope):
-    cfg = load_config(None, tiny_overrides(data_root, "optim.clip_grad=0.01", "ibot.separate_head=true",
-                                           f"optim.clip_grad_scope={scope}"))
+    cfg = load_config(
+        None,
+        tiny_overrides(data_root, "optim.clip_grad=0.01", "ibot.separate_head=true", f"optim.clip_grad_scope={scope}"),
+    )
     trainer = SSLTrainer(cfg, output_dir=tmp_path / "run")
     seen = []
     original_step = trainer.optimizer.step
 
     def recording_step(*args, **kwargs):
-        seen.append({name: _norm([p.grad for p in module.parameters() if p.grad is not None])
-                     for name, module in trainer.model.student.items()})
+        seen.append(
+            {
+                name: _norm([p.grad for p in module.parameters() if p.grad is not None])
+                for name, module in trainer.model.student.items()
+            }
+        )
         return original_step(*args, **kwargs)
 
     trainer.optimizer.step = recording_step
@@ -85,20 +99,27 @@ def test_gradients_are_clipped_to_the_configured_norm_before_the_step(tmp_path, 
 def test_clip_student_gradients_returns_the_norm_before_clipping_and_sees_non_finite():
     from dinov2.optim.grad_clip import clip_student_gradients
 
-    student = torch.nn.ModuleDict({"backbone": torch.nn.Linear(3, 4), "dino_head": torch.nn.Linear(4, 2),
-                                   "ibot_head": torch.nn.Linear(4, 2)})
+    student = torch.nn.ModuleDict(
+        {"backbone": torch.nn.Linear(3, 4), "dino_head": torch.nn.Linear(4, 2), "ibot_head": torch.nn.Linear(4, 2)}
+    )
 
     def set_grads(scale_backbone, scale_head):
         for name, module in student.items():
             for param in module.parameters():
-                param.grad = None if name == "ibot_head" else torch.full_like(param, scale_backbone if name == "backbone" else scale_head)
+                param.grad = (
+                    None
+                    if name == "ibot_head"
+                    else torch.full_like(param, scale_backbone if name == "backbone" else scale_head)
+                )
 
     set_grads(1.0, 0.01)  # 16 entries of 1 -> norm 4; 10 of 0.01 -> norm 0.0316
     expected = math.sqrt(16 + 10 * 1e-4)
     norm = clip_student_gradients(student, 1.0, "per_module")
     assert float(norm) == pytest.approx(expected)
     assert _norm([p.grad for p in student["backbone"].parameters()]) == pytest.approx(1.0)
-    assert _norm([p.grad for p in student["dino_head"].parameters()]) == pytest.approx(math.sqrt(10) * 0.01)  # under the limit
+    assert _norm([p.grad for p in student["dino_head"].parameters()]) == pytest.approx(
+        math.sqrt(10) * 0.01
+    )  # under the limit
     set_grads(1.0, 0.01)
     assert float(clip_student_gradients(student, 1.0, "global")) == pytest.approx(expected)
     assert _norm([p.grad for m in student.values() for p in m.parameters() if p.grad is not None]) == pytest.approx(1.0)
@@ -151,14 +172,17 @@ def test_sigterm_requests_a_checkpoint_and_stop():
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_mixed_precision_from_the_config(precision):
-    from dinov2.fsdp import mixed_precision_policy
     from test_train_ssl_meta_arch import synthetic_batch
+
+    from dinov2.fsdp import mixed_precision_policy
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     policy = mixed_precision_policy(precision, "fp32")  # what FSDP2 gets on several ranks
     assert (policy.param_dtype, policy.reduce_dtype) == (dtype, torch.float32)
-    cfg = load_config(None, TINY_OVERRIDES + [f"compute_precision.param_dtype={precision}",
-                                              f"compute_precision.teacher_dtype={precision}"])
+    cfg = load_config(
+        None,
+        TINY_OVERRIDES + [f"compute_precision.param_dtype={precision}", f"compute_precision.teacher_dtype={precision}"],
+    )
     model = SSLMetaArch(cfg)
     model.train()
     seen = []

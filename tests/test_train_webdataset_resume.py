@@ -10,6 +10,7 @@ import torch
 import torch.multiprocessing as mp
 import webdataset as wds
 from PIL import Image
+from train_helpers import TINY_OVERRIDES
 
 from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager
@@ -17,7 +18,6 @@ from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.train.data import build_train_data_loader
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
-from train_helpers import TINY_OVERRIDES
 
 
 @pytest.fixture(scope="module")
@@ -52,13 +52,18 @@ def _recorded_run(cfg, output_dir):
 def test_resumed_webdataset_run_trains_on_the_same_batches(tmp_path, shard_spec):
     # 27 samples, 3 shards (13 or 14 samples) per loader worker: in 7 iterations of 4, the first
     # worker delivers 16 samples and goes round its shards a second time.
-    common = [f"train.dataset_path={shard_spec}", *TINY_OVERRIDES, "train.num_workers=2",
-              "checkpointing.period_iterations=100"]
+    common = [
+        f"train.dataset_path={shard_spec}",
+        *TINY_OVERRIDES,
+        "train.num_workers=2",
+        "checkpointing.period_iterations=100",
+    ]
     _, straight = _recorded_run(load_config(None, [*common, "train.max_iterations=7"]), tmp_path / "straight")
     # Stopped after 3 iterations (an odd number of batches: the next one is the second worker's).
     _recorded_run(load_config(None, [*common, "train.max_iterations=3"]), tmp_path / "resumed")
-    resumed_trainer, resumed = _recorded_run(load_config(None, [*common, "train.max_iterations=7"]),
-                                             tmp_path / "resumed")
+    resumed_trainer, resumed = _recorded_run(
+        load_config(None, [*common, "train.max_iterations=7"]), tmp_path / "resumed"
+    )
     assert resumed_trainer.resumed_from is not None and resumed_trainer.resumed_from.name == "ckpt_00000003"
     assert sorted(resumed) == [4, 5, 6, 7]
     for iteration, (crops, loss) in resumed.items():
@@ -77,14 +82,25 @@ def _two_rank_stream_resume(rank, spec, checkpoints, port, results):
     """One rank of a gloo job with 2 loader workers: the straight stream, then one stopped after 5
     batches, checkpointed through the CheckpointManager (DCP across both ranks) and resumed in a
     new loader. The state saved is the same on both ranks (they consume batches in lockstep)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
-                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE="2",
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE="2",
+    )
     torch.set_num_threads(1)
     distributed.enable("gloo")
 
     def loader():  # rank and world size come from the process group
-        return make_data_loader(make_dataset(spec), batch_size=2, num_workers=2, persistent_workers=True,
-                                collate_fn=lambda samples: [int(np.asarray(image)[0, 0, 0]) for image, _ in samples])
+        return make_data_loader(
+            make_dataset(spec),
+            batch_size=2,
+            num_workers=2,
+            persistent_workers=True,
+            collate_fn=lambda samples: [int(np.asarray(image)[0, 0, 0]) for image, _ in samples],
+        )
 
     def take(source, count):
         iterator = iter(source)

@@ -5,13 +5,12 @@ import os
 
 import pytest
 import torch
+from classify_helpers import TINY_VIT, save_tiny_classifier
 
 from dinov2.classify.checkpoint import ClassifierFileError, read_classifier_file
 from dinov2.hub.sources import load_backbone
 from dinov2.hub.weights import WeightsError, load_weights_only, read_state_dict, save_state_dict
 from dinov2.train.warm_start import load_warm_start_weights
-
-from classify_helpers import TINY_VIT, save_tiny_classifier
 
 
 class _RunsCode:

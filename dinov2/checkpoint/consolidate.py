@@ -65,7 +65,9 @@ def _find_prefix(keys, mark: str, source: Path) -> str:
     return prefixes.pop()
 
 
-def read_teacher_state(checkpoint: PathLike, with_heads: bool = False) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
+def read_teacher_state(
+    checkpoint: PathLike, with_heads: bool = False
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, torch.Tensor]]:
     """(backbone state in official keys, heads state with ``dino_head.`` / ``ibot_head.`` keys)
     of the teacher in a DCP checkpoint; heads empty unless ``with_heads``."""
     checkpoint = Path(checkpoint)
@@ -173,18 +175,31 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description="Consolidate a sharded training checkpoint into one teacher-backbone file (official DINOv2 keys)."
     )
-    parser.add_argument("checkpoint", help="a ckpt_<iter> directory, or a training output directory (newest checkpoint)")
+    parser.add_argument(
+        "checkpoint", help="a ckpt_<iter> directory, or a training output directory (newest checkpoint)"
+    )
     parser.add_argument("--output", required=True, help="file to write, e.g. teacher.pth")
-    parser.add_argument("--with-heads", action="store_true", help="also write the teacher heads to <stem>_heads<suffix>")
+    parser.add_argument(
+        "--with-heads", action="store_true", help="also write the teacher heads to <stem>_heads<suffix>"
+    )
     parser.add_argument("--safetensors", action="store_true", help="write .safetensors instead of a torch file")
-    parser.add_argument("--config", default=None, help="training config.yaml to check against (default: found beside the checkpoint)")
+    parser.add_argument(
+        "--config", default=None, help="training config.yaml to check against (default: found beside the checkpoint)"
+    )
     parser.add_argument("--dtype", choices=("fp32", "fp16", "bf16"), default=None, help="cast floating-point tensors")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    dtype = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype) if args.dtype else None
+    dtype = (
+        {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}.get(args.dtype) if args.dtype else None
+    )
     try:
         written = consolidate_checkpoint(
-            args.checkpoint, args.output, with_heads=args.with_heads, safetensors=args.safetensors, config=args.config, dtype=dtype
+            args.checkpoint,
+            args.output,
+            with_heads=args.with_heads,
+            safetensors=args.safetensors,
+            config=args.config,
+            dtype=dtype,
         )
     except (CheckpointError, OSError) as error:  # the message names the file and the reason; no traceback
         raise SystemExit(f"consolidate_checkpoint: {error}") from None

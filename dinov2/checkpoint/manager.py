@@ -380,7 +380,9 @@ class CheckpointManager:
             tmp.mkdir()
         distributed.barrier()
 
-        state = {key: (value.state_dict() if hasattr(value, "state_dict") else value) for key, value in app_state.items()}
+        state = {
+            key: (value.state_dict() if hasattr(value, "state_dict") else value) for key, value in app_state.items()
+        }
         try:
             with _quiet_single_process():
                 dcp.save(state, checkpoint_id=str(tmp), no_dist=not distributed.is_enabled())
@@ -496,5 +498,7 @@ class CheckpointManager:
         for key, value in app_state.items():
             if hasattr(value, "load_state_dict"):
                 value.load_state_dict(state[key])
-        logger.info("loaded checkpoint %s (iteration %d, saved by %d ranks)", path, info["iteration"], info["world_size"])
+        logger.info(
+            "loaded checkpoint %s (iteration %d, saved by %d ranks)", path, info["iteration"], info["world_size"]
+        )
         return info

@@ -38,16 +38,19 @@ PathLike = Union[str, os.PathLike]
 METADATA_FILE = ".metadata"
 
 _ALLOWED_GLOBALS = frozenset(
-    [("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata",
-        "StorageMeta",
-        "MetadataIndex",
-        "TensorStorageMetadata",
-        "BytesStorageMetadata",
-        "ChunkStorageMetadata",
-        "TensorProperties",
-        "_MEM_FORMAT_ENCODING",
-    )]
+    [
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "StorageMeta",
+            "MetadataIndex",
+            "TensorStorageMetadata",
+            "BytesStorageMetadata",
+            "ChunkStorageMetadata",
+            "TensorProperties",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ]
     + [
         ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
         ("torch", "Size"),

@@ -64,7 +64,9 @@ class StopSignal:
         try:
             import os
 
-            os.write(2, f"[dinov2] received {signal.Signals(signum).name}: checkpoint at the next step boundary\n".encode())
+            os.write(
+                2, f"[dinov2] received {signal.Signals(signum).name}: checkpoint at the next step boundary\n".encode()
+            )
         except OSError:
             pass
 

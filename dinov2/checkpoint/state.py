@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint._nested_dict import set_element
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -23,7 +24,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-from torch.distributed.checkpoint._nested_dict import set_element
 
 from dinov2 import distributed
 
@@ -72,7 +72,7 @@ class ModelOptimizerState:
         template = self.state_dict()
         if self.optimizer is not None:
             state_prefix = f"{prefix}.optimizer.state."
-            stored_params = {key[len(state_prefix):] for key in available if key.startswith(state_prefix)}
+            stored_params = {key[len(state_prefix) :] for key in available if key.startswith(state_prefix)}
             template["optimizer"]["state"] = {
                 name: value
                 for name, value in template["optimizer"]["state"].items()

@@ -125,7 +125,9 @@ def read_classifier_file(path: PathLike) -> tuple[ClassifierConfig, Dict[str, to
     return config, payload["state_dict"], path
 
 
-def load_classifier(path: PathLike, device: Union[str, torch.device] = "cpu") -> tuple[MultiHeadClassifier, ClassifierConfig]:
+def load_classifier(
+    path: PathLike, device: Union[str, torch.device] = "cpu"
+) -> tuple[MultiHeadClassifier, ClassifierConfig]:
     """(model in eval mode on ``device``, config) from a classifier file or a training output directory."""
     config, state, path = read_classifier_file(path)
     model = build_classifier(config)

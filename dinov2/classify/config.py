@@ -16,7 +16,6 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dinov2.utils.config import ConfigError, parse_overrides
 
-
 MODES = ("probe", "partial", "full", "lpft")
 AMP_MODES = ("none", "bf16", "fp16")
 

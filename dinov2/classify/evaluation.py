@@ -42,7 +42,7 @@ def collect_probabilities(
             labels[task].append(targets[task].numpy())
     return (
         {t: np.concatenate(p) if p else np.zeros((0, 0)) for t, p in probs.items()},
-        {t: np.concatenate(l) if l else np.zeros((0,), dtype=np.int64) for t, l in labels.items()},
+        {t: np.concatenate(y) if y else np.zeros((0,), dtype=np.int64) for t, y in labels.items()},
     )
 
 

@@ -116,4 +116,3 @@ class MultiHeadClassifier(nn.Module):
 
     def forward(self, images: torch.Tensor) -> Dict[str, torch.Tensor]:
         return self.forward_from_features(self.features(images))
-

@@ -41,8 +41,7 @@ def multitask_loss(
     if missing:
         raise KeyError(f"no targets for tasks {missing}; targets have {sorted(targets)}")
     per_task = {
-        task: masked_cross_entropy(task_logits, targets[task], label_smoothing)
-        for task, task_logits in logits.items()
+        task: masked_cross_entropy(task_logits, targets[task], label_smoothing) for task, task_logits in logits.items()
     }
     weights = weights or {}
     total = sum(float(weights.get(task, 1.0)) * loss for task, loss in per_task.items())

@@ -196,8 +196,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     args = parser.parse_args(argv)
-    predictor = OnnxPredictor(args.model, tta=not args.no_tta, multi_crop=args.multi_crop,
-                              batch_size=args.batch_size, threads=args.threads)
+    predictor = OnnxPredictor(
+        args.model, tta=not args.no_tta, multi_crop=args.multi_crop, batch_size=args.batch_size, threads=args.threads
+    )
     entries = _image_files(args.images)
     records: List[dict] = []
     for start in range(0, len(entries), predictor.batch_size):

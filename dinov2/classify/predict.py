@@ -32,11 +32,14 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # pandas is imported only when a table is asked for
+    import pandas as pd
 from torchvision.transforms import v2
 
 from dinov2.data.image_io import load_image_file
@@ -157,7 +160,7 @@ def list_images(images: Union[ImageInput, Sequence[ImageInput]]) -> List[tuple]:
     return entries
 
 
-def records_to_dataframe(records: Sequence[dict], heads) -> "pandas.DataFrame":
+def records_to_dataframe(records: Sequence[dict], heads) -> "pd.DataFrame":
     import pandas as pd
 
     rows = []

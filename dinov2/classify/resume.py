@@ -51,8 +51,9 @@ def verify_resume_state(path: PathLike) -> None:
     two renames: the state itself is complete then) is loaded with a warning."""
     path, record = Path(path), checksum_path(path)
     if not record.is_file():
-        logger.warning("classifier resume state %s has no recorded checksum (%s): its contents are not verified",
-                       path, record.name)
+        logger.warning(
+            "classifier resume state %s has no recorded checksum (%s): its contents are not verified", path, record.name
+        )
         return
     fields = record.read_text(encoding="utf-8").split()
     if not fields or file_sha256(path) != fields[0]:

@@ -40,7 +40,6 @@ on average (a seventh of one 8-bit grey level), or about 0.02 when the shrunk si
 a pixel, which moves the centre crop as much as cutting one row off the full image does.
 """
 
-
 import argparse
 import hashlib
 import hmac
@@ -226,7 +225,8 @@ def warn_if_exposed(host: str, token: Optional[str]) -> bool:
     logger.warning(
         "serving on %s without a token: anyone who can reach this address can classify images, read "
         "/health, /metrics, /docs and /openapi.json. Set $%s or --token-file, or bind to 127.0.0.1.",
-        host, TOKEN_ENV,
+        host,
+        TOKEN_ENV,
     )
     return True
 
@@ -293,38 +293,53 @@ class ServiceMetrics:
         PlatformCollector(registry=self.registry)
         metric = {"namespace": "dinov2_serve", "registry": self.registry}
         self.requests = Counter(
-            "requests", "HTTP requests answered, by route template, method and status code.",
-            ["route", "method", "status"], **metric,
+            "requests",
+            "HTTP requests answered, by route template, method and status code.",
+            ["route", "method", "status"],
+            **metric,
         )
         self.latency = Histogram(
-            "request_duration_seconds", "Time from receiving a request to sending the end of its response.",
-            ["route"], buckets=LATENCY_BUCKETS, **metric,
+            "request_duration_seconds",
+            "Time from receiving a request to sending the end of its response.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            **metric,
         )
         self.in_flight = Gauge("requests_in_flight", "HTTP requests being answered (a scrape counts itself).", **metric)
         self.waiting = Gauge("uploads_waiting", "Uploads waiting for a decoding slot (max_concurrent).", **metric)
         self.images = Histogram(
-            "images_per_request", "Images classified per authorised POST /predict request (0: refused or failed).",
-            buckets=IMAGE_COUNT_BUCKETS, **metric,
+            "images_per_request",
+            "Images classified per authorised POST /predict request (0: refused or failed).",
+            buckets=IMAGE_COUNT_BUCKETS,
+            **metric,
         )
         self.rejections = Counter(
-            "upload_rejections", "Uploads refused, by reason (see docs/classify.md for the statuses).",
-            ["reason"], **metric,
+            "upload_rejections",
+            "Uploads refused, by reason (see docs/classify.md for the statuses).",
+            ["reason"],
+            **metric,
         )
         for reason in REJECTION_REASONS:  # every reason is a series from the start, so rate() works
             self.rejections.labels(reason=reason)
         self.decode = Histogram(
-            "decode_seconds", "Time to check, decode and shrink one upload (refused ones included).",
-            buckets=LATENCY_BUCKETS, **metric,
+            "decode_seconds",
+            "Time to check, decode and shrink one upload (refused ones included).",
+            buckets=LATENCY_BUCKETS,
+            **metric,
         )
         self.inference = Histogram(
-            "inference_seconds", "Time the model took for one image (without waiting for the model).",
-            buckets=LATENCY_BUCKETS, **metric,
+            "inference_seconds",
+            "Time the model took for one image (without waiting for the model).",
+            buckets=LATENCY_BUCKETS,
+            **metric,
         )
         self.model = Info("model", "The served model: its file's SHA-256 and how it runs.", **metric)
         # Registered once set: the load time is only known when the app loaded the model itself.
         self.model_load = Gauge(
-            "model_load_seconds", "Seconds it took to load the model (and checksum its file) at start-up.",
-            namespace="dinov2_serve", registry=None,
+            "model_load_seconds",
+            "Seconds it took to load the model (and checksum its file) at start-up.",
+            namespace="dinov2_serve",
+            registry=None,
         )
 
     def set_model_load_seconds(self, seconds: float) -> None:
@@ -462,8 +477,12 @@ def create_app(
     if not isinstance(model_path, Predictor):
         metrics.set_model_load_seconds(time.perf_counter() - start)
     metrics.model.info(
-        {"model_sha256": model_sha256, "device": str(predictor.device), "tta": str(predictor.tta).lower(),
-         "multi_crop": str(predictor.multi_crop).lower()}
+        {
+            "model_sha256": model_sha256,
+            "device": str(predictor.device),
+            "tta": str(predictor.tta).lower(),
+            "multi_crop": str(predictor.multi_crop).lower(),
+        }
     )
     resize_size = int(predictor.config.preprocessing["resize_size"])
     lock = threading.Lock()  # one inference at a time: the model already uses every core
@@ -565,17 +584,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--multi-crop", action="store_true")
     parser.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20)
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS)
-    parser.add_argument("--max-aspect-ratio", type=float, default=DEFAULT_MAX_ASPECT_RATIO,
-                        help="refuse (413) images whose long side exceeds this many times the short side")
-    parser.add_argument("--max-concurrent", type=int, default=DEFAULT_MAX_CONCURRENT,
-                        help="uploads decoded and classified at once; the others wait")
-    parser.add_argument("--max-connections", type=int, default=DEFAULT_MAX_CONNECTIONS,
-                        help="open connections beyond this get 503 (uvicorn's limit_concurrency)")
-    parser.add_argument("--token-file", default=None,
-                        help=f"file holding the bearer token every request must send (or set ${TOKEN_ENV})")
-    parser.add_argument("--token", default=None,
-                        help="the bearer token itself (visible to other users in the process list: prefer "
-                        f"--token-file or ${TOKEN_ENV})")
+    parser.add_argument(
+        "--max-aspect-ratio",
+        type=float,
+        default=DEFAULT_MAX_ASPECT_RATIO,
+        help="refuse (413) images whose long side exceeds this many times the short side",
+    )
+    parser.add_argument(
+        "--max-concurrent",
+        type=int,
+        default=DEFAULT_MAX_CONCURRENT,
+        help="uploads decoded and classified at once; the others wait",
+    )
+    parser.add_argument(
+        "--max-connections",
+        type=int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="open connections beyond this get 503 (uvicorn's limit_concurrency)",
+    )
+    parser.add_argument(
+        "--token-file",
+        default=None,
+        help=f"file holding the bearer token every request must send (or set ${TOKEN_ENV})",
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help="the bearer token itself (visible to other users in the process list: prefer "
+        f"--token-file or ${TOKEN_ENV})",
+    )
     return parser
 
 

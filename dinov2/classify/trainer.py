@@ -66,7 +66,9 @@ class ClassifierTrainer:
         self.model = MultiHeadClassifier(backbone, self.head_specs, dropout=cfg.heads.dropout).to(self.device)
         self.stages = plan_stages(cfg)
         self.lora = (
-            lora_settings(cfg.lpft.r, cfg.lpft.alpha, cfg.lpft.dropout, cfg.lpft.mlp) if cfg.optim.mode == "lpft" else None
+            lora_settings(cfg.lpft.r, cfg.lpft.alpha, cfg.lpft.dropout, cfg.lpft.mlp)
+            if cfg.optim.mode == "lpft"
+            else None
         )
         self.metrics = MetricsLogger(self.output_dir, file_name=METRICS_FILE, step_key="epoch", describe=self._describe)
 
@@ -135,8 +137,12 @@ class ClassifierTrainer:
         params = trainable_fraction(self.model)
         logger.info(
             "classify: stage %s (epochs %d-%d): %d of %d parameters trainable (%.4f%%)",
-            stage.name, stage.first_epoch + 1, stage.first_epoch + stage.epochs,
-            params["trainable"], params["total"], 100 * params["fraction"],
+            stage.name,
+            stage.first_epoch + 1,
+            stage.first_epoch + stage.epochs,
+            params["trainable"],
+            params["total"],
+            100 * params["fraction"],
         )
         return optimizer, schedule, params
 
@@ -158,8 +164,13 @@ class ClassifierTrainer:
 
         def cached(dataset: Dataset, desc: str) -> FeatureDataset:
             return cache_features(
-                self.model, dataset, self.device, self.cfg.optim.amp, d.eval_batch_size or d.batch_size,
-                d.num_workers, desc,
+                self.model,
+                dataset,
+                self.device,
+                self.cfg.optim.amp,
+                d.eval_batch_size or d.batch_size,
+                d.num_workers,
+                desc,
             )
 
         self.train_set = cached(self.train_set, "train features")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Sequence
 
-from torchvision.transforms import InterpolationMode
-from torchvision.transforms import v2
+from torchvision.transforms import InterpolationMode, v2
 
 from dinov2.data.transforms import (
     IMAGENET_DEFAULT_MEAN,
@@ -63,9 +62,7 @@ def eval_transform(settings: Mapping[str, Any]) -> v2.Compose:
     )
 
 
-def train_transform(
-    settings: Mapping[str, Any], min_scale: float = 0.35, hflip: bool = True
-) -> v2.Compose:
+def train_transform(settings: Mapping[str, Any], min_scale: float = 0.35, hflip: bool = True) -> v2.Compose:
     """Random resized crop (+ horizontal flip), normalised like :func:`eval_transform`."""
     return make_classification_train_transform(
         settings["crop_size"],

@@ -379,4 +379,3 @@ def blur_probabilities(augmentation: DataAugmentationDINO) -> dict[str, float | 
         "global_2": _first_blur_probability(augmentation.global_transform_2),
         "local": _first_blur_probability(augmentation.local_transform),
     }
-

@@ -88,7 +88,9 @@ def _seed_worker(worker_id: int) -> None:
 def is_resumable_stream(dataset: Any) -> bool:
     """An iterable dataset whose position :class:`ResumableDataLoader` can save and restore: it has
     ``stream_state()`` and ``start_at_batch(batches, batch_size)`` (see :class:`WebDatasetStream`)."""
-    return isinstance(dataset, IterableDataset) and hasattr(dataset, "start_at_batch") and hasattr(dataset, "stream_state")
+    return (
+        isinstance(dataset, IterableDataset) and hasattr(dataset, "start_at_batch") and hasattr(dataset, "stream_state")
+    )
 
 
 class ResumableDataLoader(DataLoader):
@@ -120,8 +122,11 @@ class ResumableDataLoader(DataLoader):
         return isinstance(self.sampler, InfiniteSampler) or is_resumable_stream(self.dataset)
 
     def _stream_layout(self) -> dict[str, int]:
-        return {"batch_size": int(self.batch_size), "world_size": int(self._world_size),
-                "workers_per_rank": max(int(self.num_workers), 1)}
+        return {
+            "batch_size": int(self.batch_size),
+            "world_size": int(self._world_size),
+            "workers_per_rank": max(int(self.num_workers), 1),
+        }
 
     def state_dict(self) -> dict[str, int]:
         if isinstance(self.sampler, InfiniteSampler):
@@ -133,7 +138,9 @@ class ResumableDataLoader(DataLoader):
             state = {"consumed_samples": batches * self.batch_size * self._world_size, **self._stream_layout()}
             state.update({f"stream_{name}": int(value) for name, value in self.dataset.stream_state().items()})
             return state
-        raise TypeError("only loaders built with sampler_type='infinite' or over a resumable stream can save their position")
+        raise TypeError(
+            "only loaders built with sampler_type='infinite' or over a resumable stream can save their position"
+        )
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Call before iterating: the next batch is the one after the saved position."""
@@ -142,8 +149,9 @@ class ResumableDataLoader(DataLoader):
         elif is_resumable_stream(self.dataset):
             self._load_stream_state(state)
         else:
-            raise TypeError("only loaders built with sampler_type='infinite' or over a resumable stream can restore "
-                            "their position")
+            raise TypeError(
+                "only loaders built with sampler_type='infinite' or over a resumable stream can restore their position"
+            )
         self._batches_received = 0
 
     def _load_stream_state(self, state: dict[str, Any]) -> None:
@@ -166,10 +174,13 @@ class ResumableDataLoader(DataLoader):
             # the data as it was, but some samples of the current pass are seen twice or not at all.
             logger.warning(
                 "resuming a WebDataset stream with a different %s: the stream is not continued exactly; "
-                "each reader skips its share of the %d samples consumed", ", ".join(changed), int(state["consumed_samples"])
+                "each reader skips its share of the %d samples consumed",
+                ", ".join(changed),
+                int(state["consumed_samples"]),
             )
         self.dataset.start_at_batch(batches, layout["batch_size"])
         self._start_batches = batches
+
 
 def make_data_loader(
     dataset: Dataset,
@@ -203,12 +214,15 @@ def make_data_loader(
     else:
         kind = SamplerType(sampler_type) if sampler_type is not None else None
         if kind is SamplerType.INFINITE:
-            sampler = InfiniteSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, start=start)
+            sampler = InfiniteSampler(
+                len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size, start=start
+            )
         elif kind is SamplerType.EPOCH:
             sampler = EpochSampler(len(dataset), shuffle=shuffle, seed=seed, rank=rank, world_size=world_size)
         elif kind is SamplerType.DISTRIBUTED:
-            sampler = DistributedSampler(dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed,
-                                         drop_last=drop_last)
+            sampler = DistributedSampler(
+                dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last
+            )
         else:
             loader_shuffle = shuffle
     generator = torch.Generator()

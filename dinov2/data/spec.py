@@ -73,7 +73,9 @@ def parse_dataset_spec(spec: str) -> tuple[str, dict[str, str]]:
     return kind, options
 
 
-def resolve_options(kind: str, options: Mapping[str, str], keys: Mapping[str, SpecKey], spec: str = "") -> dict[str, Any]:
+def resolve_options(
+    kind: str, options: Mapping[str, str], keys: Mapping[str, SpecKey], spec: str = ""
+) -> dict[str, Any]:
     """Check the keys of one kind, convert the values and add defaults."""
     where = f"dataset spec {spec!r}" if spec else f"{kind} dataset"
     unknown = sorted(set(options) - set(keys))

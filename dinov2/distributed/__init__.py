@@ -100,13 +100,17 @@ def read_environment(env=None) -> DistributedEnvironment:
     # salloc/sbatch shell with --ntasks=4 must not wait for three ranks that will never come.
     if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
         world_size = _int_env("SLURM_STEP_NUM_TASKS", env)
-        num_nodes = _int_env("SLURM_STEP_NUM_NODES", env) if "SLURM_STEP_NUM_NODES" in env else (
-            _int_env("SLURM_NNODES", env) if "SLURM_NNODES" in env else 1
+        num_nodes = (
+            _int_env("SLURM_STEP_NUM_NODES", env)
+            if "SLURM_STEP_NUM_NODES" in env
+            else (_int_env("SLURM_NNODES", env) if "SLURM_NNODES" in env else 1)
         )
         if "MASTER_ADDR" in env:
             master_addr = env["MASTER_ADDR"]
         else:
-            master_addr = slurm_master_addr(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")), num_nodes)
+            master_addr = slurm_master_addr(
+                env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "")), num_nodes
+            )
         if "MASTER_PORT" in env:
             master_port = _int_env("MASTER_PORT", env)
         else:
@@ -147,7 +151,9 @@ def enable(backend: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT, env=None
         return _environment
     environment = read_environment(env)
     if environment.world_size < 1 or not 0 <= environment.rank < environment.world_size:
-        raise ValueError(f"invalid rank {environment.rank} for world size {environment.world_size} ({environment.source})")
+        raise ValueError(
+            f"invalid rank {environment.rank} for world size {environment.world_size} ({environment.source})"
+        )
     if torch.cuda.is_available():
         torch.cuda.set_device(environment.local_rank % max(torch.cuda.device_count(), 1))
     if environment.world_size > 1 and not dist.is_initialized():
@@ -160,8 +166,13 @@ def enable(backend: str = "auto", timeout: timedelta = DEFAULT_TIMEOUT, env=None
         dist.init_process_group(backend=resolved, timeout=timeout, init_method="env://")
         logger.info(
             "process group %s: rank %d/%d (local %d) via %s, master %s:%d",
-            resolved, environment.rank, environment.world_size, environment.local_rank,
-            environment.source, environment.master_addr, environment.master_port,
+            resolved,
+            environment.rank,
+            environment.world_size,
+            environment.local_rank,
+            environment.source,
+            environment.master_addr,
+            environment.master_port,
         )
     else:
         _resolve_backend(backend)  # still reject a bad value in single-process runs

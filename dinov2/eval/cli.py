@@ -40,7 +40,12 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="official architecture name instead of --config-file, e.g. dinov2_vits14 or dinov2_vitb14_reg",
     )
-    group.add_argument("--image-size", type=int, default=None, help="evaluation crop size (default: crops.global_crops_size, 224 with --arch)")
+    group.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="evaluation crop size (default: crops.global_crops_size, 224 with --arch)",
+    )
     group.add_argument(
         "--resize-size",
         type=int,
@@ -48,14 +53,22 @@ def add_backbone_arguments(parser: argparse.ArgumentParser) -> None:
         help="short side before the centre crop (default: image size x 256/224, as for ImageNet; "
         "give the image size itself to keep whole small images such as 28 px sketches)",
     )
-    group.add_argument("--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype for the backbone")
-    group.add_argument("--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)")
-    group.add_argument("opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small")
+    group.add_argument(
+        "--precision", choices=sorted(PRECISIONS), default="fp32", help="autocast dtype for the backbone"
+    )
+    group.add_argument(
+        "--device", default=None, help="torch device (default: cuda:LOCAL_RANK when available, else cpu)"
+    )
+    group.add_argument(
+        "opts", nargs="*", default=[], metavar="KEY=VALUE", help="config overrides, e.g. student.arch=vit_small"
+    )
 
 
 def add_data_arguments(parser: argparse.ArgumentParser, train_help: str) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--train-dataset", required=True, help=train_help + " (dataset spec, e.g. ImageFolder:root=/data/train)")
+    group.add_argument(
+        "--train-dataset", required=True, help=train_help + " (dataset spec, e.g. ImageFolder:root=/data/train)"
+    )
     group.add_argument("--val-dataset", default=None, help="validation dataset spec")
     group.add_argument("--test-dataset", default=None, help="test dataset spec")
     group.add_argument("--task", default=None, help="label column to use for multi-task CSV datasets")
@@ -64,7 +77,9 @@ def add_data_arguments(parser: argparse.ArgumentParser, train_help: str) -> None
     )
     group.add_argument("--batch-size", type=int, default=128, help="images per forward pass during feature extraction")
     group.add_argument(
-        "--num-workers", type=int, default=min(4, os.cpu_count() or 1),
+        "--num-workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
         help="data-loading worker processes (default: 4, or the number of CPUs if fewer)",
     )
     group.add_argument(
@@ -121,7 +136,12 @@ def setup_eval(args: argparse.Namespace, method: str) -> EvalContext:
     if _dist.all_reduce_sum(torch.tensor([int(problem is not None)])).item():
         raise SystemExit(f"--output-dir: {problem or 'the main process cannot write there'}")
     backbone = build_model_for_eval(
-        args.config_file, args.pretrained_weights, device, arch=args.arch, overrides=args.opts, image_size=args.image_size
+        args.config_file,
+        args.pretrained_weights,
+        device,
+        arch=args.arch,
+        overrides=args.opts,
+        image_size=args.image_size,
     )
     logging.getLogger("dinov2.eval").info(
         "backbone %s, weights %s, %dpx, %d process(es) on %s",
@@ -132,7 +152,9 @@ def setup_eval(args: argparse.Namespace, method: str) -> EvalContext:
         device,
     )
     if args.resize_size is not None and args.resize_size < backbone.image_size:
-        raise SystemExit(f"--resize-size {args.resize_size} is smaller than the {backbone.image_size} px evaluation crop")
+        raise SystemExit(
+            f"--resize-size {args.resize_size} is smaller than the {backbone.image_size} px evaluation crop"
+        )
     return EvalContext(device, backbone, output_dir, PRECISIONS[args.precision], args.resize_size)
 
 

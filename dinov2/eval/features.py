@@ -226,12 +226,19 @@ def extract_features(
     count = sum(len(p) for p in positions)
     elapsed = time.perf_counter() - start
     if total is not None and count < total:
-        logger.warning("%s: %d of %d images on rank %d were unreadable and skipped (bad_images=skip)",
-                       desc, total - count, total, rank)
+        logger.warning(
+            "%s: %d of %d images on rank %d were unreadable and skipped (bad_images=skip)",
+            desc,
+            total - count,
+            total,
+            rank,
+        )
     if _dist.is_main_process():
         logger.info("%s: %d images in %.1f s (%.1f img/s on rank 0)", desc, count, elapsed, count / max(elapsed, 1e-9))
     if not features:
-        raise ValueError(f"{desc}: this process got no samples (dataset of {total} samples for rank {rank}/{world_size})")
+        raise ValueError(
+            f"{desc}: this process got no samples (dataset of {total} samples for rank {rank}/{world_size})"
+        )
     # Concatenated outside inference mode: the result is an ordinary tensor that heads can train on.
     return FeatureSet(torch.cat(features), torch.cat(labels).to(device), torch.cat(positions).to(device))
 

@@ -131,7 +131,9 @@ def knn_search(
     be the same on every rank; every rank returns the merged result for all queries.
     """
     if bank.shape[0] != bank_labels.shape[0] or bank.shape[0] != bank_indices.shape[0]:
-        raise ValueError(f"bank has {bank.shape[0]} rows but {bank_labels.shape[0]} labels / {bank_indices.shape[0]} indices")
+        raise ValueError(
+            f"bank has {bank.shape[0]} rows but {bank_labels.shape[0]} labels / {bank_indices.shape[0]} indices"
+        )
     if queries.ndim != 2 or bank.ndim != 2 or queries.shape[1] != bank.shape[1]:
         raise ValueError(f"queries {tuple(queries.shape)} and bank {tuple(bank.shape)} must be (N, D) with the same D")
     if query_chunk_size < 1 or bank_chunk_size < 1 or k < 1:
@@ -149,8 +151,12 @@ def knn_search(
         best = None
         for col in range(0, bank.shape[0], bank_chunk_size):
             sims = chunk @ bank[col : col + bank_chunk_size].T
-            found = _chunk_topk(sims, bank_indices[col : col + bank_chunk_size], bank_labels[col : col + bank_chunk_size], k)
-            best = found if best is None else _sort_neighbours(*(torch.cat([a, b], dim=1) for a, b in zip(best, found)), k)
+            found = _chunk_topk(
+                sims, bank_indices[col : col + bank_chunk_size], bank_labels[col : col + bank_chunk_size], k
+            )
+            best = (
+                found if best is None else _sort_neighbours(*(torch.cat([a, b], dim=1) for a, b in zip(best, found)), k)
+            )
         if 0 < bank.shape[0] <= bank_chunk_size:  # a single block: its top-k is not sorted yet
             best = _sort_neighbours(*best, k)
         if best is None:  # an empty bank shard on this rank
@@ -178,7 +184,9 @@ def _merge_across_ranks(best, k: int):
     return _sort_neighbours(*merged, k)
 
 
-def vote(top_sims: torch.Tensor, top_labels: torch.Tensor, ks: Sequence[int], temperature: float, num_classes: int) -> Dict[int, torch.Tensor]:
+def vote(
+    top_sims: torch.Tensor, top_labels: torch.Tensor, ks: Sequence[int], temperature: float, num_classes: int
+) -> Dict[int, torch.Tensor]:
     """{k: (N, num_classes) class scores summing to 1} from neighbours sorted best first."""
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
@@ -220,7 +228,13 @@ def knn_classify(
     if bank_labels.numel() and (bank_labels.min() < 0 or bank_labels.max() >= num_classes):
         raise ValueError(f"bank labels must lie in [0, {num_classes}); drop unlabelled (-1) rows first")
     top_sims, _, top_labels = knn_search(
-        queries, bank, bank_labels, bank_indices, max(ks), query_chunk_size=query_chunk_size, bank_chunk_size=bank_chunk_size
+        queries,
+        bank,
+        bank_labels,
+        bank_indices,
+        max(ks),
+        query_chunk_size=query_chunk_size,
+        bank_chunk_size=bank_chunk_size,
     )
     return vote(top_sims, top_labels, ks, temperature, num_classes)
 
@@ -257,13 +271,23 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     add_backbone_arguments(parser)
     add_data_arguments(parser, train_help="the k-NN bank (labelled)")
     group = parser.add_argument_group("k-NN")
-    group.add_argument("--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="values of k (default: 10 20 100 200)")
-    group.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="voting temperature T (weights exp(sim/T))")
+    group.add_argument(
+        "--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="values of k (default: 10 20 100 200)"
+    )
+    group.add_argument(
+        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="voting temperature T (weights exp(sim/T))"
+    )
     group.add_argument("--query-chunk-size", type=int, default=1024, help="queries per similarity block")
     group.add_argument("--bank-chunk-size", type=int, default=65536, help="bank entries per similarity block")
-    group.add_argument("--n-per-class", type=int, default=None, help="few-shot: keep only this many bank samples per class")
-    group.add_argument("--few-shot-seeds", type=int, nargs="+", default=[0], help="few-shot: one run per seed (mean and std reported)")
-    group.add_argument("--plot-k", type=int, default=None, help="k whose confusion matrix is drawn (default: 20 if evaluated)")
+    group.add_argument(
+        "--n-per-class", type=int, default=None, help="few-shot: keep only this many bank samples per class"
+    )
+    group.add_argument(
+        "--few-shot-seeds", type=int, nargs="+", default=[0], help="few-shot: one run per seed (mean and std reported)"
+    )
+    group.add_argument(
+        "--plot-k", type=int, default=None, help="k whose confusion matrix is drawn (default: 20 if evaluated)"
+    )
     return parser
 
 
@@ -275,7 +299,9 @@ def _bank_variants(bank: FeatureSet, args) -> List[Tuple[str, Optional[int], Fea
     all_indices = as_numpy(_dist.all_gather_cat(bank.indices))
     variants = []
     for seed in args.few_shot_seeds:
-        chosen = torch.as_tensor(sample_few_shot(all_labels, all_indices, args.n_per_class, seed), device=bank.indices.device)
+        chosen = torch.as_tensor(
+            sample_few_shot(all_labels, all_indices, args.n_per_class, seed), device=bank.indices.device
+        )
         variants.append((f"{args.n_per_class}-shot seed {seed}", seed, bank.select(torch.isin(bank.indices, chosen))))
     return variants
 
@@ -290,7 +316,11 @@ def run_knn(args: argparse.Namespace) -> dict:
     train = load_dataset(args.train_dataset, transform, "train")
     class_names = class_names_of(train, args.task)
     common = dict(
-        batch_size=args.batch_size, num_workers=args.num_workers, device=ctx.device, task=args.task, autocast_dtype=ctx.autocast_dtype
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=ctx.device,
+        task=args.task,
+        autocast_dtype=ctx.autocast_dtype,
     )
     model = ctx.backbone.model
     bank = extract_features(model, train, desc="train (bank) features", **common).labelled()
@@ -326,13 +356,24 @@ def run_knn(args: argparse.Namespace) -> dict:
         run = {"bank": name, "seed": seed, "bank_size": variant_size, "ks": ks, "skipped_ks": skipped, "splits": {}}
         for role, (full, groups) in queries.items():
             scores = knn_classify(
-                full.features, variant.features, variant.labels, variant.indices, ks, args.temperature, num_classes,
-                args.query_chunk_size, args.bank_chunk_size,
+                full.features,
+                variant.features,
+                variant.labels,
+                variant.indices,
+                ks,
+                args.temperature,
+                num_classes,
+                args.query_chunk_size,
+                args.bank_chunk_size,
             )
             labels = as_numpy(full.labels)
             run["splits"][role] = {}
             for k in ks:
-                thresholds = youden_thresholds_of(run["splits"]["val"][f"k={k}"]) if role == "test" and "val" in run["splits"] else None
+                thresholds = (
+                    youden_thresholds_of(run["splits"]["val"][f"k={k}"])
+                    if role == "test" and "val" in run["splits"]
+                    else None
+                )
                 run["splits"][role][f"k={k}"] = evaluation_report(
                     labels, as_numpy(scores[k]), class_names, groups, positive, thresholds
                 )
@@ -340,8 +381,17 @@ def run_knn(args: argparse.Namespace) -> dict:
 
     results = {
         "method": "knn",
-        "backbone": {"description": ctx.backbone.description, "weights": str(ctx.backbone.weights_path), "image_size": ctx.backbone.image_size},
-        "datasets": {"train": args.train_dataset, "val": args.val_dataset, "test": args.test_dataset, "task": args.task},
+        "backbone": {
+            "description": ctx.backbone.description,
+            "weights": str(ctx.backbone.weights_path),
+            "image_size": ctx.backbone.image_size,
+        },
+        "datasets": {
+            "train": args.train_dataset,
+            "val": args.val_dataset,
+            "test": args.test_dataset,
+            "task": args.task,
+        },
         "settings": {
             "ks": sorted(set(args.nb_knn)),
             "temperature": args.temperature,
@@ -365,7 +415,11 @@ def _few_shot_summary(runs: List[dict]) -> dict:
     for role in runs[0]["splits"]:
         for key in runs[0]["splits"][role]:
             values = [run["splits"][role][key]["top1"] for run in runs if key in run["splits"].get(role, {})]
-            summary.setdefault(role, {})[key] = {"top1_mean": float(np.mean(values)), "top1_std": float(np.std(values)), "runs": len(values)}
+            summary.setdefault(role, {})[key] = {
+                "top1_mean": float(np.mean(values)),
+                "top1_std": float(np.std(values)),
+                "runs": len(values),
+            }
     return summary
 
 
@@ -378,13 +432,17 @@ def _write(output_dir, results: dict, runs: List[dict], class_names, plot_k: Opt
                 lines.extend("  " + line for line in summary_lines(f"{role} {key}", report))
     for role, per_k in results.get("few_shot_summary", {}).items():
         for key, stats in per_k.items():
-            lines.append(f"few-shot {role} {key}: top-1 {100 * stats['top1_mean']:.2f}% +- {100 * stats['top1_std']:.2f} over {stats['runs']} draws")
+            lines.append(
+                f"few-shot {role} {key}: top-1 {100 * stats['top1_mean']:.2f}% +- {100 * stats['top1_std']:.2f} over {stats['runs']} draws"
+            )
     path = write_results(output_dir, results, lines)
     first = runs[0]
     k = plot_k if plot_k in first["ks"] else (20 if 20 in first["ks"] else first["ks"][0])
     for role, per_k in first["splits"].items():
         plot_confusion_matrix(
-            per_k[f"k={k}"]["confusion_matrix"], output_dir / f"confusion_matrix_{role}_k{k}.png", class_names,
+            per_k[f"k={k}"]["confusion_matrix"],
+            output_dir / f"confusion_matrix_{role}_k{k}.png",
+            class_names,
             title=f"k-NN (k={k}) on {role}",
         )
     print("\n".join(lines))

@@ -41,19 +41,19 @@ from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
+from dinov2.data.image_io import SkipBadSamples
+
 from . import _dist
 from .features import (
     BlockFeatures,
     FeatureSet,
     _Indexed,
     as_numpy,
-    is_skipped_batch,
     class_names_of,
     extract_features,
     group_ids_for,
+    is_skipped_batch,
 )
-from dinov2.data.image_io import SkipBadSamples
-
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
 from .results import write_results
@@ -120,7 +120,9 @@ class HeadGrid(nn.Module):
     is written out here with a per-head learning-rate tensor.
     """
 
-    def __init__(self, configs: Sequence[HeadConfig], embed_dim: int, num_classes: int, seed: int, lr_scale: float, device):
+    def __init__(
+        self, configs: Sequence[HeadConfig], embed_dim: int, num_classes: int, seed: int, lr_scale: float, device
+    ):
         super().__init__()
         self.configs = list(configs)
         self.lr_scale = lr_scale
@@ -141,13 +143,18 @@ class HeadGrid(nn.Module):
             in_dim = embed_dim * (n_last_blocks + int(avgpool))
             # per head, the same draw as before stacking: independent of the grid's size and order
             weight = torch.stack(
-                [torch.randn((num_classes, in_dim), generator=torch.Generator().manual_seed(seed)) * 0.01 for _ in heads]
+                [
+                    torch.randn((num_classes, in_dim), generator=torch.Generator().manual_seed(seed)) * 0.01
+                    for _ in heads
+                ]
             )
             self.weights.append(nn.Parameter(weight.to(device)))
             self.biases.append(nn.Parameter(torch.zeros(len(heads), num_classes, device=device)))
         self._momentum = [torch.zeros_like(p) for p in self._params()]
         # lr * lr_scale per head (float64, as the Python floats torch.optim would be given)
-        self._scaled_lrs = [torch.tensor([self.configs[h].lr * lr_scale for h in heads], dtype=torch.float64) for heads in members]
+        self._scaled_lrs = [
+            torch.tensor([self.configs[h].lr * lr_scale for h in heads], dtype=torch.float64) for heads in members
+        ]
 
     def __len__(self) -> int:
         return len(self.configs)
@@ -180,7 +187,9 @@ class HeadGrid(nn.Module):
             stack_losses = []
             for logits in self.stack_logits(block_features):
                 batch, heads, classes = logits.shape
-                per_sample = F.cross_entropy(logits.reshape(batch * heads, classes), labels.repeat_interleave(heads), reduction="none")
+                per_sample = F.cross_entropy(
+                    logits.reshape(batch * heads, classes), labels.repeat_interleave(heads), reduction="none"
+                )
                 stack_losses.append(per_sample.view(batch, heads).mean(dim=0))
             losses = torch.cat(stack_losses)
             grads = list(torch.autograd.grad(losses.sum(), params))  # heads share nothing: each its own gradient
@@ -231,7 +240,13 @@ class HeadGrid(nn.Module):
 
 # ----------------------------------------------------------------------------- data order
 def batch_positions(
-    num_local: int, num_global: int, batch_size: int, epochs: int, seed: int, rank: int, world_size: Optional[int] = None
+    num_local: int,
+    num_global: int,
+    batch_size: int,
+    epochs: int,
+    seed: int,
+    rank: int,
+    world_size: Optional[int] = None,
 ) -> List[np.ndarray]:
     """This rank's batches (positions in its shard) for the whole run.
 
@@ -270,10 +285,25 @@ class CachedTrainSource:
 class OnlineTrainSource:
     """Training batches computed by the backbone from (augmented) images at every step."""
 
-    def __init__(self, model, dataset, local_indices: Sequence[int], n_last_blocks: int, device, task=None, num_workers=4, autocast_dtype=None):
+    def __init__(
+        self,
+        model,
+        dataset,
+        local_indices: Sequence[int],
+        n_last_blocks: int,
+        device,
+        task=None,
+        num_workers=4,
+        autocast_dtype=None,
+    ):
         self.model, self.dataset, self.local_indices = model, dataset, [int(i) for i in local_indices]
         self.feature_fn = BlockFeatures(n_last_blocks)
-        self.device, self.task, self.num_workers, self.autocast_dtype = torch.device(device), task, num_workers, autocast_dtype
+        self.device, self.task, self.num_workers, self.autocast_dtype = (
+            torch.device(device),
+            task,
+            num_workers,
+            autocast_dtype,
+        )
 
     def __len__(self) -> int:
         return len(self.local_indices)
@@ -290,7 +320,10 @@ class OnlineTrainSource:
                 # Every image of this batch was unreadable (bad_images=skip). Still take the step,
                 # with no samples, so that all ranks keep the same number of steps.
                 width = self.feature_fn.n_last_blocks + 1
-                yield torch.zeros(0, width, self.model.embed_dim, device=self.device), torch.zeros(0, dtype=torch.long, device=self.device)
+                yield (
+                    torch.zeros(0, width, self.model.embed_dim, device=self.device),
+                    torch.zeros(0, dtype=torch.long, device=self.device),
+                )
                 continue
             images, labels, indices = batch
             if (labels < 0).any():
@@ -348,7 +381,9 @@ def train_linear_grid(
         accuracy = (hits.double() / max(val_count, 1)).tolist()
         history.append({"iteration": iteration, "val_top1": accuracy})
         best = int(np.argmax(accuracy))
-        logger.info("iteration %d/%d: best val top-1 %.2f%% (%s)", iteration, total, 100 * accuracy[best], configs[best].name)
+        logger.info(
+            "iteration %d/%d: best val top-1 %.2f%% (%s)", iteration, total, 100 * accuracy[best], configs[best].name
+        )
         return accuracy
 
     bar = tqdm(
@@ -377,19 +412,55 @@ def train_linear_grid(
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from .cli import add_backbone_arguments, add_data_arguments
 
-    parser = argparse.ArgumentParser("dinov2 linear evaluation", add_help=add_help, description="grid of linear probes on frozen features")
+    parser = argparse.ArgumentParser(
+        "dinov2 linear evaluation", add_help=add_help, description="grid of linear probes on frozen features"
+    )
     add_backbone_arguments(parser)
     add_data_arguments(parser, train_help="training set of the heads")
     group = parser.add_argument_group("linear probe")
-    group.add_argument("--learning-rates", type=float, nargs="+", default=list(DEFAULT_LEARNING_RATES), help="base learning rates (scaled by batch*world/256)")
-    group.add_argument("--n-last-blocks", type=int, nargs="+", default=list(DEFAULT_N_LAST_BLOCKS), help="block counts whose CLS tokens are concatenated")
-    group.add_argument("--avgpool", choices=["both", "yes", "no"], default="both", help="append the average patch token: both variants, always or never")
+    group.add_argument(
+        "--learning-rates",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_LEARNING_RATES),
+        help="base learning rates (scaled by batch*world/256)",
+    )
+    group.add_argument(
+        "--n-last-blocks",
+        type=int,
+        nargs="+",
+        default=list(DEFAULT_N_LAST_BLOCKS),
+        help="block counts whose CLS tokens are concatenated",
+    )
+    group.add_argument(
+        "--avgpool",
+        choices=["both", "yes", "no"],
+        default="both",
+        help="append the average patch token: both variants, always or never",
+    )
     group.add_argument("--epochs", type=int, default=10)
     group.add_argument("--train-batch-size", type=int, default=128, help="samples per rank per step")
-    group.add_argument("--eval-period-iterations", type=int, default=None, help="validate every N steps (default: once per epoch)")
-    group.add_argument("--feature-mode", choices=FEATURE_MODES, default="cached", help="cached: extract train features once; online: backbone every step")
-    group.add_argument("--augment", action=argparse.BooleanOptionalAction, default=None, help="online mode: random-resized crop + flip (default on; cached mode never augments)")
-    group.add_argument("--val-fraction", type=float, default=0.1, help="without --val-dataset: share of the train set held out for selection")
+    group.add_argument(
+        "--eval-period-iterations", type=int, default=None, help="validate every N steps (default: once per epoch)"
+    )
+    group.add_argument(
+        "--feature-mode",
+        choices=FEATURE_MODES,
+        default="cached",
+        help="cached: extract train features once; online: backbone every step",
+    )
+    group.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="online mode: random-resized crop + flip (default on; cached mode never augments)",
+    )
+    group.add_argument(
+        "--val-fraction",
+        type=float,
+        default=0.1,
+        help="without --val-dataset: share of the train set held out for selection",
+    )
     group.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -446,7 +517,9 @@ def run_linear(args: argparse.Namespace) -> dict:
 
     ctx = setup_eval(args, "linear")
     if args.feature_mode == "cached" and args.augment:
-        raise SystemExit("--augment needs --feature-mode online (cached features are extracted once, without augmentation)")
+        raise SystemExit(
+            "--augment needs --feature-mode online (cached features are extracted once, without augmentation)"
+        )
     augment = args.feature_mode == "online" and args.augment is not False
     model, backbone = ctx.backbone.model, ctx.backbone
     n_max = max(args.n_last_blocks)
@@ -461,7 +534,13 @@ def run_linear(args: argparse.Namespace) -> dict:
             "so it needs a map-style dataset (ImageFolder, CSV, Industrial, QuickDraw, ImageNet)"
         )
     class_names = class_names_of(train, args.task)
-    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=ctx.device, task=args.task, autocast_dtype=ctx.autocast_dtype)
+    common = dict(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=ctx.device,
+        task=args.task,
+        autocast_dtype=ctx.autocast_dtype,
+    )
 
     all_train = np.arange(len(train))
     known = _labels_of(train, args.task)
@@ -477,28 +556,60 @@ def run_linear(args: argparse.Namespace) -> dict:
         keep, held = split_train_val(len(all_train), args.val_fraction, args.seed, groups)
         train_indices, val_indices = all_train[keep], all_train[held]
         val_dataset = train
-        logger.info("no --val-dataset: holding out %d of %d train samples for selection", len(val_indices), len(all_train))
+        logger.info(
+            "no --val-dataset: holding out %d of %d train samples for selection", len(val_indices), len(all_train)
+        )
 
     if args.feature_mode == "cached":
-        cached = extract_features(model, train, feature_fn=feature_fn, indices=train_indices, desc="train features", **common).labelled()
+        cached = extract_features(
+            model, train, feature_fn=feature_fn, indices=train_indices, desc="train features", **common
+        ).labelled()
         source = CachedTrainSource(cached)
     else:
-        train_aug = load_dataset(args.train_dataset, make_classification_train_transform(backbone.image_size, mean=backbone.mean, std=backbone.std) if augment else eval_transform, "train")
+        train_aug = load_dataset(
+            args.train_dataset,
+            make_classification_train_transform(backbone.image_size, mean=backbone.mean, std=backbone.std)
+            if augment
+            else eval_transform,
+            "train",
+        )
         local = train_indices[_dist.get_rank() :: _dist.get_world_size()]
-        source = OnlineTrainSource(model, train_aug, local, n_max, ctx.device, args.task, args.num_workers, ctx.autocast_dtype)
+        source = OnlineTrainSource(
+            model, train_aug, local, n_max, ctx.device, args.task, args.num_workers, ctx.autocast_dtype
+        )
 
-    evals = {"val": (val_dataset, extract_features(model, val_dataset, feature_fn=feature_fn, indices=val_indices, desc="val features", **common).labelled())}
+    evals = {
+        "val": (
+            val_dataset,
+            extract_features(
+                model, val_dataset, feature_fn=feature_fn, indices=val_indices, desc="val features", **common
+            ).labelled(),
+        )
+    }
     if args.test_dataset:
         test_dataset = load_dataset(args.test_dataset, eval_transform, "test")
         check_same_classes(class_names, class_names_of(test_dataset, args.task), "test")
-        evals["test"] = (test_dataset, extract_features(model, test_dataset, feature_fn=feature_fn, desc="test features", **common).labelled())
+        evals["test"] = (
+            test_dataset,
+            extract_features(model, test_dataset, feature_fn=feature_fn, desc="test features", **common).labelled(),
+        )
     num_classes = len(class_names) if class_names else _max_label(source, evals) + 1
     positive = resolve_positive_class(args.positive_class, class_names)
 
-    configs = make_head_grid(args.learning_rates, args.n_last_blocks, {"both": (False, True), "yes": (True,), "no": (False,)}[args.avgpool])
+    configs = make_head_grid(
+        args.learning_rates, args.n_last_blocks, {"both": (False, True), "yes": (True,), "no": (False,)}[args.avgpool]
+    )
     result = train_linear_grid(
-        source, evals["val"][1], num_classes, configs, model.embed_dim, epochs=args.epochs, batch_size=args.train_batch_size,
-        seed=args.seed, eval_period_iterations=args.eval_period_iterations, device=ctx.device,
+        source,
+        evals["val"][1],
+        num_classes,
+        configs,
+        model.embed_dim,
+        epochs=args.epochs,
+        batch_size=args.train_batch_size,
+        seed=args.seed,
+        eval_period_iterations=args.eval_period_iterations,
+        device=ctx.device,
     )
     best = configs[result.best_head]
     reports = {}
@@ -510,17 +621,36 @@ def run_linear(args: argparse.Namespace) -> dict:
         order = torch.argsort(full_indices)
         thresholds = youden_thresholds_of(reports["val"]) if role == "test" else None
         reports[role] = evaluation_report(
-            as_numpy(full_labels[order]), as_numpy(full_probs[order]), class_names,
-            group_ids_for(dataset, full_indices[order]), positive, thresholds,
+            as_numpy(full_labels[order]),
+            as_numpy(full_probs[order]),
+            class_names,
+            group_ids_for(dataset, full_indices[order]),
+            positive,
+            thresholds,
         )
 
     results = {
         "method": "linear",
-        "backbone": {"description": backbone.description, "weights": str(backbone.weights_path), "image_size": backbone.image_size},
-        "datasets": {"train": args.train_dataset, "val": args.val_dataset or f"{args.val_fraction:g} of train", "test": args.test_dataset, "task": args.task},
+        "backbone": {
+            "description": backbone.description,
+            "weights": str(backbone.weights_path),
+            "image_size": backbone.image_size,
+        },
+        "datasets": {
+            "train": args.train_dataset,
+            "val": args.val_dataset or f"{args.val_fraction:g} of train",
+            "test": args.test_dataset,
+            "task": args.task,
+        },
         "settings": {
-            "feature_mode": args.feature_mode, "augment": augment, "epochs": args.epochs, "batch_size": args.train_batch_size,
-            "world_size": _dist.get_world_size(), "lr_scale": result.grid.lr_scale, "iterations": result.iterations, "seed": args.seed,
+            "feature_mode": args.feature_mode,
+            "augment": augment,
+            "epochs": args.epochs,
+            "batch_size": args.train_batch_size,
+            "world_size": _dist.get_world_size(),
+            "lr_scale": result.grid.lr_scale,
+            "iterations": result.iterations,
+            "seed": args.seed,
             "train_seconds": result.train_seconds,
         },
         "class_names": class_names,
@@ -560,7 +690,12 @@ def _write(output_dir, results: dict, grid: HeadGrid, class_names) -> None:
     index = [h["name"] for h in results["heads"]].index(best["name"])
     save_state_dict(grid.head(index).state_dict(), output_dir / "best_linear_head.pth")
     role = "test" if "test" in results else "val"
-    plot_confusion_matrix(results[role]["confusion_matrix"], output_dir / f"confusion_matrix_{role}.png", class_names, title=f"linear probe on {role}")
+    plot_confusion_matrix(
+        results[role]["confusion_matrix"],
+        output_dir / f"confusion_matrix_{role}.png",
+        class_names,
+        title=f"linear probe on {role}",
+    )
     print("\n".join(lines))
     print(f"results written to {path}")
 

@@ -21,7 +21,16 @@ import numpy as np
 import torch
 
 from . import _dist
-from .features import BlockFeatures, FeatureSet, as_numpy, class_names_of, cls_features, extract_features, gather_feature_set, group_ids_for
+from .features import (
+    BlockFeatures,
+    FeatureSet,
+    as_numpy,
+    class_names_of,
+    cls_features,
+    extract_features,
+    gather_feature_set,
+    group_ids_for,
+)
 from .linear import linear_input, split_train_val
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
@@ -33,7 +42,9 @@ DEFAULT_C_VALUES = tuple(float(c) for c in 10.0 ** np.arange(-4, 5))  # 1e-4 ...
 DEFAULT_MAX_ITER = 1000
 
 
-def make_classifier(c: float, max_iter: int = DEFAULT_MAX_ITER, standardize: bool = True, l2_normalize: bool = False, seed: int = 0):
+def make_classifier(
+    c: float, max_iter: int = DEFAULT_MAX_ITER, standardize: bool = True, l2_normalize: bool = False, seed: int = 0
+):
     """The scikit-learn pipeline used for every fit."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -108,23 +119,41 @@ def fit_log_regression(
     final = make_classifier(best["C"], max_iter, standardize, l2_normalize, seed)
     converged = _fit(final, np.concatenate([train_x, val_x]), np.concatenate([train_y, val_y]))
     test_probs = class_probabilities(final, test_x, num_classes) if test_x is not None else None
-    return LogRegResult(best["C"], sweep, best_probs, test_probs, converged and best["converged"], time.perf_counter() - start, final)
+    return LogRegResult(
+        best["C"], sweep, best_probs, test_probs, converged and best["converged"], time.perf_counter() - start, final
+    )
 
 
 # ----------------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from .cli import add_backbone_arguments, add_data_arguments
 
-    parser = argparse.ArgumentParser("dinov2 logistic regression", add_help=add_help, description="logistic regression on frozen features")
+    parser = argparse.ArgumentParser(
+        "dinov2 logistic regression", add_help=add_help, description="logistic regression on frozen features"
+    )
     add_backbone_arguments(parser)
     add_data_arguments(parser, train_help="training set of the classifier")
     group = parser.add_argument_group("logistic regression")
-    group.add_argument("--c-values", type=float, nargs="+", default=list(DEFAULT_C_VALUES), help="inverse regularisation strengths to sweep (default 1e-4 ... 1e4)")
+    group.add_argument(
+        "--c-values",
+        type=float,
+        nargs="+",
+        default=list(DEFAULT_C_VALUES),
+        help="inverse regularisation strengths to sweep (default 1e-4 ... 1e4)",
+    )
     group.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="L-BFGS iterations per fit")
-    group.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=True, help="standardise features (default on)")
-    group.add_argument("--l2-normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise features first")
-    group.add_argument("--features", choices=["cls", "cls_avgpool"], default="cls", help="CLS token, or CLS + average patch token")
-    group.add_argument("--val-fraction", type=float, default=0.1, help="without --val-dataset: share of train held out for the sweep")
+    group.add_argument(
+        "--standardize", action=argparse.BooleanOptionalAction, default=True, help="standardise features (default on)"
+    )
+    group.add_argument(
+        "--l2-normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise features first"
+    )
+    group.add_argument(
+        "--features", choices=["cls", "cls_avgpool"], default="cls", help="CLS token, or CLS + average patch token"
+    )
+    group.add_argument(
+        "--val-fraction", type=float, default=0.1, help="without --val-dataset: share of train held out for the sweep"
+    )
     group.add_argument("--seed", type=int, default=0)
     return parser
 
@@ -144,7 +173,13 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
     ctx = setup_eval(args, "log_regression")
     transform = ctx.transform()
     model = ctx.backbone.model
-    common = dict(batch_size=args.batch_size, num_workers=args.num_workers, device=ctx.device, task=args.task, autocast_dtype=ctx.autocast_dtype)
+    common = dict(
+        batch_size=args.batch_size,
+        num_workers=args.num_workers,
+        device=ctx.device,
+        task=args.task,
+        autocast_dtype=ctx.autocast_dtype,
+    )
     train_dataset = load_dataset(args.train_dataset, transform, "train")
     class_names = class_names_of(train_dataset, args.task)
     train = _features(model, train_dataset, args.features, "train features", **common)
@@ -164,22 +199,50 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
         test = _features(model, test_dataset, args.features, "test features", **common)
     results = None
     if _dist.is_main_process():  # scikit-learn runs in one process; the others only extracted
-        num_classes = len(class_names) if class_names else int(max(int(f.labels.max()) for f in (train, val, test) if f is not None)) + 1
+        num_classes = (
+            len(class_names)
+            if class_names
+            else int(max(int(f.labels.max()) for f in (train, val, test) if f is not None)) + 1
+        )
         positive = resolve_positive_class(args.positive_class, class_names)
         fit = fit_log_regression(
-            as_numpy(train.features), as_numpy(train.labels), as_numpy(val.features), as_numpy(val.labels),
-            as_numpy(test.features) if test is not None else None, num_classes, args.c_values, args.max_iter,
-            args.standardize, args.l2_normalize, args.seed,
+            as_numpy(train.features),
+            as_numpy(train.labels),
+            as_numpy(val.features),
+            as_numpy(val.labels),
+            as_numpy(test.features) if test is not None else None,
+            num_classes,
+            args.c_values,
+            args.max_iter,
+            args.standardize,
+            args.l2_normalize,
+            args.seed,
         )
-        val_report = evaluation_report(as_numpy(val.labels), fit.val_probs, class_names, group_ids_for(val_dataset, val.indices), positive)
+        val_report = evaluation_report(
+            as_numpy(val.labels), fit.val_probs, class_names, group_ids_for(val_dataset, val.indices), positive
+        )
         results = {
             "method": "log_regression",
-            "backbone": {"description": ctx.backbone.description, "weights": str(ctx.backbone.weights_path), "image_size": ctx.backbone.image_size},
-            "datasets": {"train": args.train_dataset, "val": args.val_dataset or f"{args.val_fraction:g} of train", "test": args.test_dataset, "task": args.task},
+            "backbone": {
+                "description": ctx.backbone.description,
+                "weights": str(ctx.backbone.weights_path),
+                "image_size": ctx.backbone.image_size,
+            },
+            "datasets": {
+                "train": args.train_dataset,
+                "val": args.val_dataset or f"{args.val_fraction:g} of train",
+                "test": args.test_dataset,
+                "task": args.task,
+            },
             "settings": {
-                "features": args.features, "standardize": args.standardize, "l2_normalize": args.l2_normalize,
-                "max_iter": args.max_iter, "c_values": sorted(args.c_values), "seconds": fit.seconds,
-                "train_samples": len(train), "val_samples": len(val),
+                "features": args.features,
+                "standardize": args.standardize,
+                "l2_normalize": args.l2_normalize,
+                "max_iter": args.max_iter,
+                "c_values": sorted(args.c_values),
+                "seconds": fit.seconds,
+                "train_samples": len(train),
+                "val_samples": len(val),
             },
             "class_names": class_names,
             "best_c": fit.best_c,
@@ -189,7 +252,11 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
         }
         if test is not None:
             results["test"] = evaluation_report(
-                as_numpy(test.labels), fit.test_probs, class_names, group_ids_for(test_dataset, test.indices), positive,
+                as_numpy(test.labels),
+                fit.test_probs,
+                class_names,
+                group_ids_for(test_dataset, test.indices),
+                positive,
                 youden_thresholds_of(val_report),
             )
         _write(ctx.output_dir, results, class_names)
@@ -208,7 +275,12 @@ def _write(output_dir, results: dict, class_names) -> None:
             lines.extend(summary_lines(role, results[role]))
     path = write_results(output_dir, results, lines)
     role = "test" if "test" in results else "val"
-    plot_confusion_matrix(results[role]["confusion_matrix"], output_dir / f"confusion_matrix_{role}.png", class_names, title=f"logistic regression on {role}")
+    plot_confusion_matrix(
+        results[role]["confusion_matrix"],
+        output_dir / f"confusion_matrix_{role}.png",
+        class_names,
+        title=f"logistic regression on {role}",
+    )
     print("\n".join(lines))
     print(f"results written to {path}")
 

@@ -42,9 +42,7 @@ def _check(labels: np.ndarray, scores: np.ndarray) -> Tuple[np.ndarray, np.ndarr
     if labels.ndim != 1 or labels.shape[0] != scores.shape[0]:
         raise MetricsError(f"labels must be ({scores.shape[0]},), got shape {labels.shape}")
     if labels.size and (labels.min() < 0 or labels.max() >= scores.shape[1]):
-        raise MetricsError(
-            f"labels must lie in [0, {scores.shape[1]}), got range [{labels.min()}, {labels.max()}]"
-        )
+        raise MetricsError(f"labels must lie in [0, {scores.shape[1]}), got range [{labels.min()}, {labels.max()}]")
     return labels.astype(np.int64), scores
 
 

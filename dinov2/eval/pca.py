@@ -102,7 +102,9 @@ def render(images: np.ndarray, maps: np.ndarray, names: Sequence[str], path, tit
 def get_args_parser() -> argparse.ArgumentParser:
     from .cli import add_backbone_arguments
 
-    parser = argparse.ArgumentParser("dinov2 patch PCA", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        "dinov2 patch PCA", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     add_backbone_arguments(parser)
     parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     parser.add_argument("--max-images", type=int, default=8)
@@ -120,10 +122,17 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     configure_logging()
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = build_model_for_eval(
-        args.config_file, args.pretrained_weights, device, arch=args.arch, overrides=args.opts, image_size=args.image_size
+        args.config_file,
+        args.pretrained_weights,
+        device,
+        arch=args.arch,
+        overrides=args.opts,
+        image_size=args.image_size,
     )
     size = backbone.image_size
-    crop = v2.Compose([v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)])
+    crop = v2.Compose(
+        [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
+    )
     paths = collect_image_paths(args.images, args.max_images)
     crops = []
     for path in paths:

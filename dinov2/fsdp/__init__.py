@@ -84,14 +84,17 @@ def shard_ssl_meta_arch(model: nn.Module, cfg: DictConfig) -> nn.Module:
     teacher_policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
     reshard = bool(cfg.distributed.reshard_after_forward)
     for modules, policy in ((model.student, student_policy), (model.teacher, teacher_policy)):
-        for name, module in modules.items():
+        for module in modules.values():
             if hasattr(module, "blocks"):
                 shard_backbone(module, policy, reshard)
             else:
                 fully_shard(module, mp_policy=policy, reshard_after_forward=reshard)
     logger.info(
         "FSDP2: student %s/%s, teacher %s, over %d ranks",
-        precision.param_dtype, precision.reduce_dtype, precision.teacher_dtype, distributed.get_world_size(),
+        precision.param_dtype,
+        precision.reduce_dtype,
+        precision.teacher_dtype,
+        distributed.get_world_size(),
     )
     return model
 

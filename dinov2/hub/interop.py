@@ -642,7 +642,11 @@ def build_parser():
     parser.add_argument("--format", required=True, choices=FORMATS, dest="fmt")
     parser.add_argument("--output", required=True, help="folder (hf, timm) or .onnx file (onnx)")
     parser.add_argument(
-        "--image-size", type=int, nargs="+", default=None, metavar="PX",
+        "--image-size",
+        type=int,
+        nargs="+",
+        default=None,
+        metavar="PX",
         help="onnx only: the fixed input size, one value or height width (default: the model's own size)",
     )
     parser.add_argument("--check", action="store_true", help="onnx only: compare with PyTorch and time both (1 thread)")

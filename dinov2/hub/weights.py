@@ -154,7 +154,11 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], source
     )
     if missing or unexpected or mismatched:
         problems = []
-        for title, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", mismatched)):
+        for title, keys in (
+            ("missing keys", missing),
+            ("unexpected keys", unexpected),
+            ("shape mismatches", mismatched),
+        ):
             if keys:
                 problems.append(f"{title} ({len(keys)}): " + ", ".join(keys))
         raise WeightsError(f"{source} does not fit the model:\n  " + "\n  ".join(problems))

@@ -43,12 +43,16 @@ class Block(nn.Module):
     ):
         super().__init__()
         if stochastic_depth not in STOCHASTIC_DEPTH_MODES:
-            raise ValueError(f"stochastic_depth must be one of {list(STOCHASTIC_DEPTH_MODES)}, got {stochastic_depth!r}")
+            raise ValueError(
+                f"stochastic_depth must be one of {list(STOCHASTIC_DEPTH_MODES)}, got {stochastic_depth!r}"
+            )
         self.sample_drop_ratio = drop_path
         self.stochastic_depth = stochastic_depth
         self.checkpoint_activations = checkpoint_activations
         self.norm1 = norm_layer(dim)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=drop)
+        self.attn = Attention(
+            dim, num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, proj_drop=drop
+        )
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
         self.norm2 = norm_layer(dim)

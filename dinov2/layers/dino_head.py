@@ -67,11 +67,20 @@ class WeightNormalizedLinear(nn.Module):
         return F.linear(x, self.effective_weight())
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, fixed_magnitude={self.fixed_magnitude}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, fixed_magnitude={self.fixed_magnitude}"
+        )
 
 
-def _build_mlp(nlayers: int, in_dim: int, bottleneck_dim: int, hidden_dim: int, use_bn: bool, bias: bool,
-               bn_all_reduce: AllReduce | None = None) -> nn.Sequential:
+def _build_mlp(
+    nlayers: int,
+    in_dim: int,
+    bottleneck_dim: int,
+    hidden_dim: int,
+    use_bn: bool,
+    bias: bool,
+    bn_all_reduce: AllReduce | None = None,
+) -> nn.Sequential:
     if nlayers < 1:
         raise ValueError(f"DINOHead nlayers must be >= 1, got {nlayers}")
     if nlayers == 1:
@@ -147,8 +156,9 @@ class DINOHead(nn.Module):
         self.out_dim = out_dim
         self.bottleneck_dim = bottleneck_dim
         self.use_bn = use_bn
-        self.mlp = _build_mlp(nlayers, in_dim, bottleneck_dim, hidden_dim, use_bn=use_bn, bias=mlp_bias,
-                              bn_all_reduce=bn_all_reduce)
+        self.mlp = _build_mlp(
+            nlayers, in_dim, bottleneck_dim, hidden_dim, use_bn=use_bn, bias=mlp_bias, bn_all_reduce=bn_all_reduce
+        )
         self.last_layer = WeightNormalizedLinear(bottleneck_dim, out_dim, fixed_magnitude=norm_last_layer)
         self.init_weights()
 
@@ -193,7 +203,9 @@ class DINOHead(nn.Module):
     def _regroup(rows: torch.Tensor, groups: Sequence[torch.Tensor], sizes: List[int]) -> List[torch.Tensor]:
         return [part.reshape(*group.shape[:-1], -1) for part, group in zip(rows.split(sizes), groups)]
 
-    def forward_bottleneck(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward_bottleneck(
+        self, x: Union[torch.Tensor, Sequence[torch.Tensor]]
+    ) -> Union[torch.Tensor, List[torch.Tensor]]:
         """The L2-normalised bottleneck feature (before the prototypes), of a tensor or of each
         group of a list."""
         groups = [x] if isinstance(x, torch.Tensor) else list(x)
@@ -235,8 +247,14 @@ def build_dino_ibot_heads(
         ``(dino_head, ibot_head)``.
     """
     dino_head = DINOHead(
-        in_dim, dino_out_dim, use_bn=use_bn, nlayers=nlayers, hidden_dim=hidden_dim,
-        bottleneck_dim=bottleneck_dim, mlp_bias=mlp_bias, norm_last_layer=norm_last_layer,
+        in_dim,
+        dino_out_dim,
+        use_bn=use_bn,
+        nlayers=nlayers,
+        hidden_dim=hidden_dim,
+        bottleneck_dim=bottleneck_dim,
+        mlp_bias=mlp_bias,
+        norm_last_layer=norm_last_layer,
     )
     if not separate_ibot_head:
         if ibot_out_dim is not None and ibot_out_dim != dino_out_dim:

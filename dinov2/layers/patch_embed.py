@@ -27,9 +27,7 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f"PatchEmbed expects images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}"
-            )
+            raise ValueError(f"PatchEmbed expects images of shape (B, {self.in_chans}, H, W), got {tuple(x.shape)}")
         height, width = x.shape[-2:]
         ph, pw = self.patch_size
         if height % ph or width % pw:

@@ -6,7 +6,16 @@ from omegaconf import DictConfig
 
 from dinov2.layers.drop_path import STOCHASTIC_DEPTH_MODES
 
-from .vision_transformer import ARCHITECTURES, DinoVisionTransformer, make_vit, vit_base, vit_giant2, vit_large, vit_small, vit_tiny
+from .vision_transformer import (
+    ARCHITECTURES,
+    DinoVisionTransformer,
+    make_vit,
+    vit_base,
+    vit_giant2,
+    vit_large,
+    vit_small,
+    vit_tiny,
+)
 
 
 def _backbone_kwargs(student_cfg: DictConfig, img_size: int) -> dict:

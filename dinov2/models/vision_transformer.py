@@ -127,7 +127,9 @@ class DinoVisionTransformer(nn.Module):
     def set_activation_checkpointing(self, every: int) -> None:
         """Checkpoint every ``every``-th block (0: none, 1: all); see ``Block``."""
         if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(f"activation_checkpointing must be an integer >= 0 (0: off, k: every k-th block), got {every!r}")
+            raise ValueError(
+                f"activation_checkpointing must be an integer >= 0 (0: off, k: every k-th block), got {every!r}"
+            )
         for i, block in enumerate(self.blocks):
             block.checkpoint_activations = every > 0 and i % every == 0
 
@@ -162,13 +164,17 @@ class DinoVisionTransformer(nn.Module):
             # The released non-register models were trained with a small offset that makes
             # F.interpolate use a slightly different scale factor; kept for bit-compatibility.
             scale = ((grid_h + self.interpolate_offset) / side, (grid_w + self.interpolate_offset) / side)
-            patch_pos = F.interpolate(patch_pos, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias)
+            patch_pos = F.interpolate(
+                patch_pos, scale_factor=scale, mode="bicubic", antialias=self.interpolate_antialias
+            )
         else:
             patch_pos = F.interpolate(
                 patch_pos, size=(grid_h, grid_w), mode="bicubic", antialias=self.interpolate_antialias
             )
         if patch_pos.shape[-2:] != (grid_h, grid_w):
-            raise RuntimeError(f"position embedding resized to {tuple(patch_pos.shape[-2:])}, expected {(grid_h, grid_w)}")
+            raise RuntimeError(
+                f"position embedding resized to {tuple(patch_pos.shape[-2:])}, expected {(grid_h, grid_w)}"
+            )
         patch_pos = patch_pos.permute(0, 2, 3, 1).reshape(1, grid_h * grid_w, dim)
         return torch.cat((class_pos, patch_pos), dim=1).to(x.dtype)
 
@@ -177,7 +183,9 @@ class DinoVisionTransformer(nn.Module):
         x = self.patch_embed(x)
         if masks is not None:
             if masks.shape != x.shape[:2]:
-                raise ValueError(f"masks must have shape {tuple(x.shape[:2])} (batch, patches), got {tuple(masks.shape)}")
+                raise ValueError(
+                    f"masks must have shape {tuple(x.shape[:2])} (batch, patches), got {tuple(masks.shape)}"
+                )
             x = torch.where(masks.unsqueeze(-1), self.mask_token.to(x.dtype).unsqueeze(0), x)
         x = torch.cat((self.cls_token.expand(batch, -1, -1), x), dim=1)
         x = x + self.interpolate_pos_encoding(x, height, width)

@@ -56,9 +56,7 @@ def _layer_id(name: str, depth: int) -> int:
     return depth + 1
 
 
-def param_multipliers(
-    name: str, depth: int, layerwise_decay: float, patch_embed_lr_mult: float
-) -> Dict[str, float]:
+def param_multipliers(name: str, depth: int, layerwise_decay: float, patch_embed_lr_mult: float) -> Dict[str, float]:
     """``{"lr_multiplier", "wd_multiplier", "is_last_layer"}`` of one student parameter name."""
     lr_multiplier = layerwise_decay ** (depth + 1 - _layer_id(name, depth))
     if ".patch_embed." in f".{name}":
@@ -97,7 +95,13 @@ def fuse_params_groups(groups: List[dict]) -> List[dict]:
     for group in groups:
         key = (group["lr_multiplier"], group["wd_multiplier"], group["is_last_layer"])
         if key not in fused:
-            fused[key] = {"params": [], "names": [], "lr_multiplier": key[0], "wd_multiplier": key[1], "is_last_layer": key[2]}
+            fused[key] = {
+                "params": [],
+                "names": [],
+                "lr_multiplier": key[0],
+                "wd_multiplier": key[1],
+                "is_last_layer": key[2],
+            }
         fused[key]["params"].extend(group["params"])
         fused[key]["names"].extend(group["names"])
     return list(fused.values())

@@ -17,7 +17,14 @@ from dataclasses import dataclass
 
 from omegaconf import DictConfig
 
-__all__ = ["CosineSchedule", "FrozenPrefixSchedule", "TrainingSchedules", "scaled_learning_rate", "build_schedules", "SCALING_RULES"]
+__all__ = [
+    "CosineSchedule",
+    "FrozenPrefixSchedule",
+    "TrainingSchedules",
+    "scaled_learning_rate",
+    "build_schedules",
+    "SCALING_RULES",
+]
 
 SCALING_RULES = ("sqrt_wrt_1024", "linear_wrt_256", "none")
 
@@ -140,8 +147,9 @@ def build_schedules(cfg: DictConfig, lr: float) -> TrainingSchedules:
     last_layer_lr = FrozenPrefixSchedule(lr_schedule, freeze)
     weight_decay = CosineSchedule(cfg.optim.weight_decay, cfg.optim.weight_decay_end, total)
     momentum = CosineSchedule(cfg.teacher.momentum_teacher, cfg.teacher.final_momentum_teacher, total)
-    temp_warmup = _iterations(cfg, "teacher.warmup_teacher_temp_epochs", "teacher.warmup_teacher_temp_iterations",
-                              epoch_length)
+    temp_warmup = _iterations(
+        cfg, "teacher.warmup_teacher_temp_epochs", "teacher.warmup_teacher_temp_iterations", epoch_length
+    )
     if temp_warmup > total:
         raise ValueError(
             f"the teacher temperature warm-up ({temp_warmup} iterations) is longer than the schedule ({total})"

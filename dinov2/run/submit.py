@@ -121,20 +121,27 @@ class JobRunner:
 
 def get_args_parser(description: str, default_target: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description=description, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
         epilog="Every other argument (--config-file, --output-dir, key=value ...) is passed to the entry point.",
     )
     slurm = parser.add_argument_group("SLURM")
     slurm.add_argument("--nodes", type=int, default=1, help="number of nodes (default 1)")
     slurm.add_argument("--ngpus", type=int, default=8, help="GPUs per node; 0 runs CPU tasks with gloo (default 8)")
-    slurm.add_argument("--ntasks-per-node", type=int, default=None,
-                       help="tasks per node (default: --ngpus, or 1 with --ngpus 0)")
+    slurm.add_argument(
+        "--ntasks-per-node", type=int, default=None, help="tasks per node (default: --ngpus, or 1 with --ngpus 0)"
+    )
     slurm.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task (default: SLURM's)")
     slurm.add_argument("--mem-gb", type=float, default=None, help="memory per node in GB (default: SLURM's)")
     slurm.add_argument("--partition", default=None, help="SLURM partition (default: the cluster's default)")
     slurm.add_argument("--timeout", type=int, default=2800, help="time limit of one job in minutes (default 2800)")
-    slurm.add_argument("--signal-delay", type=int, default=120,
-                       help="seconds before the time limit at which the job checkpoints and requeues (default 120)")
+    slurm.add_argument(
+        "--signal-delay",
+        type=int,
+        default=120,
+        help="seconds before the time limit at which the job checkpoints and requeues (default 120)",
+    )
     slurm.add_argument("--max-requeues", type=int, default=20, help="how many timeouts may be requeued (default 20)")
     slurm.add_argument("--account", default=None)
     slurm.add_argument("--qos", default=None)
@@ -179,8 +186,11 @@ def build_executor(args, folder: Path):
         parameters["mem_gb"] = args.mem_gb
     if args.partition:
         parameters["slurm_partition"] = args.partition
-    additional = {k: v for k, v in (("account", args.account), ("qos", args.qos), ("comment", args.comment),
-                                    ("exclude", args.exclude)) if v}
+    additional = {
+        k: v
+        for k, v in (("account", args.account), ("qos", args.qos), ("comment", args.comment), ("exclude", args.exclude))
+        if v
+    }
     if additional:
         parameters["slurm_additional_parameters"] = additional
     executor.update_parameters(**parameters)

@@ -40,8 +40,14 @@ from dinov2.data.spec import parse_dataset_spec
 
 logger = logging.getLogger("dinov2")
 
-__all__ = ["PositionedInfiniteSampler", "SeededSampleDataset", "SeededSampleStream", "SeededCollate",
-           "build_train_data_loader", "train_dataset_spec"]
+__all__ = [
+    "PositionedInfiniteSampler",
+    "SeededSampleDataset",
+    "SeededSampleStream",
+    "SeededCollate",
+    "build_train_data_loader",
+    "train_dataset_spec",
+]
 
 # Streams of derive_seed(seed, position, stream): kept apart so crops and masks are independent.
 _AUGMENTATION_STREAM = 1
@@ -190,7 +196,9 @@ def build_train_data_loader(
         dataset = make_dataset(train_dataset_spec(cfg), transform=augmentation)
     else:
         if getattr(dataset, "transform", None) is not None:
-            raise ValueError("build_train_data_loader: pass a dataset without transform; the augmentation is added here")
+            raise ValueError(
+                "build_train_data_loader: pass a dataset without transform; the augmentation is added here"
+            )
         dataset.transform = augmentation
     collate = build_collate_fn_from_config(cfg, patch_size, dtype=dtype)
     batch_size = int(cfg.train.batch_size_per_gpu)
@@ -227,13 +235,22 @@ def build_train_data_loader(
             "restarts the stream (no exact resume)"
         )
         loader = make_data_loader(
-            dataset, batch_size, num_workers=num_workers, seed=seed, sampler_type=None, collate_fn=collate,
-            rank=rank, world_size=world_size, persistent_workers=num_workers > 0,
+            dataset,
+            batch_size,
+            num_workers=num_workers,
+            seed=seed,
+            sampler_type=None,
+            collate_fn=collate,
+            rank=rank,
+            world_size=world_size,
+            persistent_workers=num_workers > 0,
         )
         return loader, dataset
 
     if len(dataset) < batch_size:
-        raise ValueError(f"the training dataset has {len(dataset)} images, fewer than train.batch_size_per_gpu={batch_size}")
+        raise ValueError(
+            f"the training dataset has {len(dataset)} images, fewer than train.batch_size_per_gpu={batch_size}"
+        )
     sampler = PositionedInfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
     generator = torch.Generator()
     generator.manual_seed(seed)  # worker base seeds; unused by the seeded samples, kept off the global RNG

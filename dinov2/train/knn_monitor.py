@@ -129,8 +129,13 @@ class KnnMonitor:
             )
         bank_targets = np.asarray(bank_dataset.get_targets())[bank_indices]
         query_targets = np.asarray(query_dataset.get_targets())[query_indices]
-        logger.info("k-NN monitor: %d bank images (%s), %d queries (%s)", len(bank_indices), bank_source,
-                    len(query_indices), query_source)
+        logger.info(
+            "k-NN monitor: %d bank images (%s), %d queries (%s)",
+            len(bank_indices),
+            bank_source,
+            len(query_indices),
+            query_source,
+        )
         self._sets = (
             (bank_dataset, bank_indices, torch.as_tensor(bank_targets, dtype=torch.long)),
             (query_dataset, query_indices, torch.as_tensor(query_targets, dtype=torch.long)),

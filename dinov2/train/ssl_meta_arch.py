@@ -69,7 +69,9 @@ class SSLMetaArch(nn.Module):
         self.do_koleo = self.koleo_loss_weight > 0
         self.do_ibot = self.ibot_loss_weight > 0
         if not (self.do_dino or self.do_ibot or self.do_koleo):
-            raise ValueError("dino.loss_weight, dino.koleo_loss_weight and ibot.loss_weight are all 0: nothing to train")
+            raise ValueError(
+                "dino.loss_weight, dino.koleo_loss_weight and ibot.loss_weight are all 0: nothing to train"
+            )
         self.separate_ibot_head = bool(cfg.ibot.separate_head)
         self.n_global_crops = 2
         self.n_local_crops = int(cfg.crops.local_crops_number)
@@ -163,7 +165,9 @@ class SSLMetaArch(nn.Module):
 
     # ---------------------------------------------------------------- teacher
     @torch.no_grad()
-    def _teacher_targets(self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: int, teacher_temp: float):
+    def _teacher_targets(
+        self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: int, teacher_temp: float
+    ):
         """Teacher targets: per global crop for DINO, per masked patch for iBOT."""
         device = global_crops.device
         with self._autocast(self.teacher_dtype, device):

@@ -31,8 +31,9 @@ def get_args_parser() -> argparse.ArgumentParser:
         epilog="Overrides are key=value pairs of configs/ssl_default_config.yaml, e.g. optim.epochs=10.",
     )
     parser.add_argument("--config-file", default="", help="experiment config (YAML) merged over the defaults")
-    parser.add_argument("--output-dir", default="", help="where config, metrics, checkpoints and exports go "
-                        "(default: train.output_dir)")
+    parser.add_argument(
+        "--output-dir", default="", help="where config, metrics, checkpoints and exports go (default: train.output_dir)"
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides")
     return parser
 
@@ -63,9 +64,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     distributed.enable(cfg.distributed.backend)
     setup_logging(output_dir, distributed.is_main_process())
 
-    from dinov2.train.trainer import SSLTrainer  # after logging, so set-up messages are shown
-
     from dinov2.checkpoint.signals import StopSignal
+    from dinov2.train.trainer import SSLTrainer  # after logging, so set-up messages are shown
 
     try:
         trainer = SSLTrainer(cfg, output_dir=output_dir)
@@ -91,8 +91,11 @@ def _log_outcome(result, received_signal: Optional[int]) -> None:
         outcome = f"training finished at iteration {result['iteration']}"
     if result["checkpoint_skipped"]:
         resumes = f"resumes from {checkpoint}" if checkpoint else "starts from iteration 0"
-        logger.warning("%s without a checkpoint (non-finite steps since the previous checkpoint boundary); a rerun %s",
-                       outcome, resumes)
+        logger.warning(
+            "%s without a checkpoint (non-finite steps since the previous checkpoint boundary); a rerun %s",
+            outcome,
+            resumes,
+        )
     elif result["stopped"]:
         logger.info("%s; checkpoint %s written, rerun the same command to resume", outcome, checkpoint)
     else:

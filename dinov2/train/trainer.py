@@ -119,8 +119,14 @@ class SSLTrainer:
 
         self.global_batch_size = int(cfg.train.batch_size_per_gpu) * self.world_size
         self.lr = scaled_learning_rate(float(cfg.optim.base_lr), self.global_batch_size, cfg.optim.scaling_rule)
-        logger.info("rank %d/%d on %s; global batch %d, lr %.3g", self.rank, self.world_size, self.device,
-                    self.global_batch_size, self.lr)
+        logger.info(
+            "rank %d/%d on %s; global batch %d, lr %.3g",
+            self.rank,
+            self.world_size,
+            self.device,
+            self.global_batch_size,
+            self.lr,
+        )
 
         # The same seed on every rank for the weights (ranks must start identical), then a
         # per-rank seed for everything random during training (stochastic depth).
@@ -142,7 +148,9 @@ class SSLTrainer:
             raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
         patch_size = self.model.student["backbone"].patch_size
-        self.loader, self.dataset = build_train_data_loader(cfg, patch_size, self.rank, self.world_size, dataset=dataset)
+        self.loader, self.dataset = build_train_data_loader(
+            cfg, patch_size, self.rank, self.world_size, dataset=dataset
+        )
         self.knn_monitor = KnnMonitor(cfg, self.device, dataset_override=dataset)
         self.checkpointer = CheckpointManager(
             self.output_dir / "checkpoints",
@@ -185,9 +193,11 @@ class SSLTrainer:
         * ``rng``: each rank's torch / numpy / random (/ CUDA) states;
         * ``scaler``: the fp16 GradScaler, when used.
         """
-        extra: Dict[str, Any] = {"iteration": self.iteration, "nonfinite_streak": self.nonfinite_streak,
-                                 "protected_checkpoint": -1 if self.protected_checkpoint is None
-                                 else self.protected_checkpoint}
+        extra: Dict[str, Any] = {
+            "iteration": self.iteration,
+            "nonfinite_streak": self.nonfinite_streak,
+            "protected_checkpoint": -1 if self.protected_checkpoint is None else self.protected_checkpoint,
+        }
         if self.loader.resumable:  # an infinite sampler or a WebDataset stream
             extra["sampler"] = self.loader.state_dict()
         state: Dict[str, Any] = {
@@ -224,7 +234,9 @@ class SSLTrainer:
         """Where a rerun resumes from, checked on disk (for messages after non-finite steps)."""
         path = self.last_checkpoint_path()
         if path is None:
-            return f"no checkpoint has been written to {self.checkpointer.directory} yet (a rerun starts from iteration 0)"
+            return (
+                f"no checkpoint has been written to {self.checkpointer.directory} yet (a rerun starts from iteration 0)"
+            )
         problem = validate_checkpoint(path)
         if problem:
             return f"the last checkpoint written, {path}, is not usable: {problem}"
@@ -324,8 +336,9 @@ class SSLTrainer:
             if self._last_checkpoint_iteration >= 0:
                 self.protected_checkpoint = self._last_checkpoint_iteration
             described = ", ".join(f"{name}={loss_values.get(name, grad_norm)}" for name in bad)
-            logger.warning("iteration %d: non-finite %s; step skipped (%d in a row)", it + 1, described,
-                           self.nonfinite_streak)
+            logger.warning(
+                "iteration %d: non-finite %s; step skipped (%d in a row)", it + 1, described, self.nonfinite_streak
+            )
             if self.nonfinite_streak >= self.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_streak} consecutive iterations with non-finite values (last at iteration "
@@ -333,7 +346,13 @@ class SSLTrainer:
                     f"{_sentence(self.describe_last_checkpoint())}. Lower optim.base_lr, raise "
                     "teacher.warmup_teacher_temp_epochs or check the data, then rerun the same command"
                 )
-            return {"losses": loss_values, "finite": False, "bad_terms": bad, "grad_norm": grad_norm, "schedules": values}
+            return {
+                "losses": loss_values,
+                "finite": False,
+                "bad_terms": bad,
+                "grad_norm": grad_norm,
+                "schedules": values,
+            }
 
         if self.schedules.last_layer_frozen(it):
             self.model.zero_last_layer_grads()
@@ -364,9 +383,13 @@ class SSLTrainer:
         """Export the teacher unless a step since the previous checkpoint boundary was
         non-finite (then warn and leave the previous export)."""
         if self._nonfinite_since_checkpoint:
-            logger.warning("iteration %d: teacher export skipped, %d non-finite step(s) since the previous checkpoint "
-                           "boundary; %s stays as it was", self.iteration, self._nonfinite_since_checkpoint,
-                           self.output_dir / "exports" / LATEST_EXPORT_NAME)
+            logger.warning(
+                "iteration %d: teacher export skipped, %d non-finite step(s) since the previous checkpoint "
+                "boundary; %s stays as it was",
+                self.iteration,
+                self._nonfinite_since_checkpoint,
+                self.output_dir / "exports" / LATEST_EXPORT_NAME,
+            )
             return None
         return self.export_teacher()
 
@@ -376,9 +399,13 @@ class SSLTrainer:
         recovers checkpoints again after one clean window."""
         skipped, self._nonfinite_since_checkpoint = self._nonfinite_since_checkpoint, 0
         if skipped:
-            logger.warning("iteration %d: checkpoint skipped, %d non-finite step(s) since the previous checkpoint "
-                           "boundary; %s (retention keeps it)", self.iteration, skipped,
-                           self.describe_last_checkpoint())
+            logger.warning(
+                "iteration %d: checkpoint skipped, %d non-finite step(s) since the previous checkpoint "
+                "boundary; %s (retention keeps it)",
+                self.iteration,
+                skipped,
+                self.describe_last_checkpoint(),
+            )
             return None
         return self.save_checkpoint()
 
@@ -394,8 +421,13 @@ class SSLTrainer:
         self.resume()
         if self.iteration >= self.max_iterations:
             logger.info("nothing to do: iteration %d >= max iterations %d", self.iteration, self.max_iterations)
-            return {"iteration": self.iteration, "last_record": None, "stopped": False,
-                    "checkpoint": self.last_checkpoint_path(), "checkpoint_skipped": False}
+            return {
+                "iteration": self.iteration,
+                "last_record": None,
+                "stopped": False,
+                "checkpoint": self.last_checkpoint_path(),
+                "checkpoint_skipped": False,
+            }
         epoch_length = int(self.cfg.train.OFFICIAL_EPOCH_LENGTH)
         window = WindowAverager()
         window_seconds, window_iterations, window_images = 0.0, 0, 0
@@ -454,5 +486,10 @@ class SSLTrainer:
                 checkpoint_skipped = self._checkpoint_boundary() is None
             if stop:
                 break
-        return {"iteration": self.iteration, "last_record": last_record, "stopped": stop,
-                "checkpoint": self.last_checkpoint_path(), "checkpoint_skipped": checkpoint_skipped}
+        return {
+            "iteration": self.iteration,
+            "last_record": last_record,
+            "stopped": stop,
+            "checkpoint": self.last_checkpoint_path(),
+            "checkpoint_skipped": checkpoint_skipped,
+        }

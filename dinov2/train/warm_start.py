@@ -40,9 +40,7 @@ def resample_pos_embed(pos_embed: torch.Tensor, backbone: nn.Module, source: str
     with the backbone's own interpolation settings (``interpolate_offset``, ``interpolate_antialias``)."""
     target = backbone.pos_embed
     if pos_embed.ndim != 3 or pos_embed.shape[0] != 1 or pos_embed.shape[2] != target.shape[2]:
-        raise WeightsError(
-            f"{source}: pos_embed {tuple(pos_embed.shape)} cannot be resampled to {tuple(target.shape)}"
-        )
+        raise WeightsError(f"{source}: pos_embed {tuple(pos_embed.shape)} cannot be resampled to {tuple(target.shape)}")
     side = _square_side(pos_embed.shape[1] - 1, f"{source} pos_embed")
     grid = _square_side(target.shape[1] - 1, "model pos_embed")
     class_pos, patch_pos = pos_embed[:, :1].float(), pos_embed[:, 1:].float()
@@ -84,7 +82,9 @@ def load_warm_start_weights(backbone: nn.Module, path: Union[str, os.PathLike]) 
         resampled = resample_pos_embed(stored, backbone, source=str(path))
         logger.info(
             "%s: position embeddings resampled from %s to %s for crops of this run",
-            path, tuple(stored.shape), tuple(resampled.shape),
+            path,
+            tuple(stored.shape),
+            tuple(resampled.shape),
         )
         state["pos_embed"] = resampled
     return load_backbone_weights(backbone, state)

@@ -50,7 +50,8 @@ def configs_dir() -> Path:
         if (candidate / "ssl_default_config.yaml").is_file():
             return candidate
     raise ConfigError(
-        "ssl_default_config.yaml not found in " + " or ".join(str(c) for c in candidates)
+        "ssl_default_config.yaml not found in "
+        + " or ".join(str(c) for c in candidates)
         + " (installed package, source checkout): reinstall dinov2 or restore configs/"
     )
 
@@ -92,12 +93,17 @@ NULL_DEFAULT_TYPES = {
 # override that sets one gets an error with this text; an old run's saved config.yaml is migrated.
 RETIRED_KEYS = {
     "MODEL.WEIGHTS": ("train.init_from_checkpoint", "a training checkpoint whose model weights start a fresh run"),
-    "evaluation.eval_period_iterations": ("evaluation.export_period_iterations",
-                                          "it sets the teacher-backbone export period, it runs no evaluation"),
+    "evaluation.eval_period_iterations": (
+        "evaluation.export_period_iterations",
+        "it sets the teacher-backbone export period, it runs no evaluation",
+    ),
     "train.saveckp_freq": ("checkpointing.period_iterations", "checkpoints are counted in iterations only"),
     "train.cache_dataset": (None, "it was never read"),
-    "optim.lr": (None, "the peak learning rate is computed at start-up from optim.base_lr, optim.scaling_rule "
-                       "and the global batch; set optim.base_lr (with optim.scaling_rule=none it is the peak lr)"),
+    "optim.lr": (
+        None,
+        "the peak learning rate is computed at start-up from optim.base_lr, optim.scaling_rule "
+        "and the global batch; set optim.base_lr (with optim.scaling_rule=none it is the peak lr)",
+    ),
 }
 
 # Each schedule length in "epochs" (x train.OFFICIAL_EPOCH_LENGTH iterations) and in iterations.
@@ -178,8 +184,12 @@ def _migrate_retired(saved: dict, source: str) -> dict:
                 _set(saved, "checkpointing.period_iterations", int(value) * int(epoch_length))
         elif replacement and _get(saved, replacement) is None:
             _set(saved, replacement, value)
-        logger.info("%s: %s; %s", source, _retired_message(key),
-                    f"its value is read as '{replacement}'" if replacement else "its value is dropped")
+        logger.info(
+            "%s: %s; %s",
+            source,
+            _retired_message(key),
+            f"its value is read as '{replacement}'" if replacement else "its value is dropped",
+        )
     return saved
 
 
@@ -276,8 +286,9 @@ def parse_overrides(overrides: Iterable[str]) -> DictConfig:
         raise ConfigError(f"cannot parse overrides {overrides}: {error}") from None
 
 
-def load_config(config_file: Optional[PathLike] = None, overrides: Sequence[str] = (),
-                saved: bool = False) -> DictConfig:
+def load_config(
+    config_file: Optional[PathLike] = None, overrides: Sequence[str] = (), saved: bool = False
+) -> DictConfig:
     """Defaults, then ``config_file`` (if any), then command-line ``key=value`` overrides; read-only.
 
     ``saved``: ``config_file`` is a run's saved ``config.yaml`` (see :func:`load_saved_config`).

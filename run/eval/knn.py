@@ -20,4 +20,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 from dinov2.run.submit import EVAL_TARGETS, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(default_target=EVAL_TARGETS["knn"], description="Submit the knn evaluation to SLURM", stoppable=False))
+    sys.exit(
+        main(default_target=EVAL_TARGETS["knn"], description="Submit the knn evaluation to SLURM", stoppable=False)
+    )

@@ -20,4 +20,8 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 from dinov2.run.submit import EVAL_TARGETS, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(default_target=EVAL_TARGETS["linear"], description="Submit the linear evaluation to SLURM", stoppable=False))
+    sys.exit(
+        main(
+            default_target=EVAL_TARGETS["linear"], description="Submit the linear evaluation to SLURM", stoppable=False
+        )
+    )

@@ -20,4 +20,10 @@ os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.g
 from dinov2.run.submit import EVAL_TARGETS, main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(default_target=EVAL_TARGETS["log_regression"], description="Submit the log_regression evaluation to SLURM", stoppable=False))
+    sys.exit(
+        main(
+            default_target=EVAL_TARGETS["log_regression"],
+            description="Submit the log_regression evaluation to SLURM",
+            stoppable=False,
+        )
+    )

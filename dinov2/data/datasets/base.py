@@ -43,8 +43,10 @@ def open_text(path: str, what: str, newline: str | None = None) -> Iterator[IO[s
         try:
             yield f
         except UnicodeDecodeError as exc:
-            bad = exc.object[exc.start:exc.end].hex(" ")
-            raise DatasetFormatError(f"{what} {path} is not UTF-8 text (bytes {bad}: {exc.reason}); save it as UTF-8") from None
+            bad = exc.object[exc.start : exc.end].hex(" ")
+            raise DatasetFormatError(
+                f"{what} {path} is not UTF-8 text (bytes {bad}: {exc.reason}); save it as UTF-8"
+            ) from None
         except (gzip.BadGzipFile, EOFError) as exc:
             if not compressed:
                 raise

@@ -15,7 +15,13 @@ import os
 import numpy as np
 from PIL import Image
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, LabelledImageDataset, open_text, resolve_inside
+from dinov2.data.datasets.base import (
+    BAD_IMAGES_KEY,
+    DatasetFormatError,
+    LabelledImageDataset,
+    open_text,
+    resolve_inside,
+)
 from dinov2.data.image_io import load_image_file
 from dinov2.data.spec import SpecKey, parse_bool, parse_list
 
@@ -38,9 +44,18 @@ class CSVDataset(LabelledImageDataset):
         **BAD_IMAGES_KEY,
     }
 
-    def __init__(self, path: str, root: str = "", path_column: str = "", label_columns: list[str] | None = None,
-                 sep: str = "", check_files: bool = True, transform=None, target_transform=None,
-                 bad_images: str = "raise"):
+    def __init__(
+        self,
+        path: str,
+        root: str = "",
+        path_column: str = "",
+        label_columns: list[str] | None = None,
+        sep: str = "",
+        check_files: bool = True,
+        transform=None,
+        target_transform=None,
+        bad_images: str = "raise",
+    ):
         super().__init__(transform, target_transform, bad_images)
         self.csv_path = path
         self.root = root or os.path.dirname(os.path.abspath(path))

@@ -101,8 +101,11 @@ def index_image_folder(directory: str, class_folders: bool = True, cache: bool =
         try:
             with open(cache_path, encoding="utf-8") as f:
                 index = json.load(f)
-            if index.get("version") == _INDEX_VERSION and index.get("class_folders") == class_folders \
-                    and _still_valid(directory, index):
+            if (
+                index.get("version") == _INDEX_VERSION
+                and index.get("class_folders") == class_folders
+                and _still_valid(directory, index)
+            ):
                 return index
         except (OSError, ValueError) as exc:  # a broken cache is rebuilt, never trusted
             logger.warning("ignoring unreadable index cache %s (%s)", cache_path, exc)
@@ -129,8 +132,16 @@ class ImageFolderDataset(LabelledImageDataset):
         **BAD_IMAGES_KEY,
     }
 
-    def __init__(self, root: str, transform=None, target_transform=None, bad_images: str = "raise",
-                 cache: bool = True, cache_dir: str = "", class_folders: bool = True):
+    def __init__(
+        self,
+        root: str,
+        transform=None,
+        target_transform=None,
+        bad_images: str = "raise",
+        cache: bool = True,
+        cache_dir: str = "",
+        class_folders: bool = True,
+    ):
         super().__init__(transform, target_transform, bad_images)
         self.root = root
         index = index_image_folder(root, class_folders=class_folders, cache=cache, cache_dir=cache_dir)

@@ -49,21 +49,33 @@ class ImageNetDataset(ImageFolderDataset):
         **BAD_IMAGES_KEY,
     }
 
-    def __init__(self, root: str, split: str = "TRAIN", labels: str = "", transform=None, target_transform=None,
-                 bad_images: str = "raise", cache: bool = True, cache_dir: str = ""):
+    def __init__(
+        self,
+        root: str,
+        split: str = "TRAIN",
+        labels: str = "",
+        transform=None,
+        target_transform=None,
+        bad_images: str = "raise",
+        cache: bool = True,
+        cache_dir: str = "",
+    ):
         split = split.upper()
         if split not in SPLITS:
             raise ValueError(f"ImageNet split must be one of {SPLITS}, got {split!r}")
         directory = os.path.join(root, split.lower())
         if not os.path.isdir(directory):
             raise DatasetFormatError(f"ImageNet split folder {directory} does not exist")
-        super().__init__(directory, transform, target_transform, bad_images, cache, cache_dir,
-                         class_folders=split != "TEST")
+        super().__init__(
+            directory, transform, target_transform, bad_images, cache, cache_dir, class_folders=split != "TEST"
+        )
         self.split = split
         if split == "TEST":
             # Unlabelled: keep the class list of train so that predictions have names.
             train_dir = os.path.join(root, "train")
-            self.classes = sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) if os.path.isdir(train_dir) else []
+            self.classes = (
+                sorted(e.name for e in os.scandir(train_dir) if e.is_dir()) if os.path.isdir(train_dir) else []
+            )
         self.class_ids = list(self.classes)
         if labels:
             names = read_class_names(labels)

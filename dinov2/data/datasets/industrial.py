@@ -21,7 +21,13 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, LabelledImageDataset, open_text, resolve_inside
+from dinov2.data.datasets.base import (
+    BAD_IMAGES_KEY,
+    DatasetFormatError,
+    LabelledImageDataset,
+    open_text,
+    resolve_inside,
+)
 from dinov2.data.image_io import load_image_file
 from dinov2.data.spec import SpecKey, parse_bool
 
@@ -66,8 +72,15 @@ class IndustrialDataset(LabelledImageDataset):
         **BAD_IMAGES_KEY,
     }
 
-    def __init__(self, root: str, split: str = "train", transform=None, target_transform=None,
-                 bad_images: str = "raise", check_groups: bool = True):
+    def __init__(
+        self,
+        root: str,
+        split: str = "train",
+        transform=None,
+        target_transform=None,
+        bad_images: str = "raise",
+        check_groups: bool = True,
+    ):
         super().__init__(transform, target_transform, bad_images)
         if split not in SPLITS:
             raise ValueError(f"Industrial split must be one of {SPLITS}, got {split!r}")
@@ -125,7 +138,7 @@ class IndustrialDataset(LabelledImageDataset):
                 return
             _, train_entries = read_annotations(train_path)
             train_groups = {_group_key(e["group_id"]): i for i, e in enumerate(train_entries)}
-            for number, (group, path) in enumerate(zip(self._group_ids, self._paths)):
+            for number, (group, _path) in enumerate(zip(self._group_ids, self._paths)):
                 if _group_key(group) in train_groups:
                     raise DatasetFormatError(
                         f"group {group!r} is split across train and {self.split}: "

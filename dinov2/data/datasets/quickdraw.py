@@ -29,7 +29,13 @@ import threading
 import numpy as np
 from PIL import Image
 
-from dinov2.data.datasets.base import DatasetFormatError, LabelledImageDataset, default_data_dir, open_text, write_bytes_atomic
+from dinov2.data.datasets.base import (
+    DatasetFormatError,
+    LabelledImageDataset,
+    default_data_dir,
+    open_text,
+    write_bytes_atomic,
+)
 from dinov2.data.sketch_raster import ink_to_rgb, rasterize_strokes
 from dinov2.data.spec import SpecKey, parse_bool
 
@@ -51,7 +57,7 @@ def category_from_filename(name: str) -> str:
             break
     for prefix in _PREFIXES:
         if name.startswith(prefix):
-            return name[len(prefix):]
+            return name[len(prefix) :]
     return name
 
 
@@ -148,7 +154,7 @@ class StrokePool:
     def strokes(self, item: int) -> list[np.ndarray]:
         first, last = self.drawing_bounds[item], self.drawing_bounds[item + 1]
         b = self.stroke_bounds
-        return [self.points[b[s]: b[s + 1]] for s in range(first, last)]
+        return [self.points[b[s] : b[s + 1]] for s in range(first, last)]
 
 
 def _file_signature(files: list[str]) -> str:
@@ -170,7 +176,9 @@ def _parse_npm_file(path: str) -> np.ndarray:
             except (ValueError, TypeError) as exc:
                 raise DatasetFormatError(f"{path}, line {number}: not a JSON list of numbers ({exc})") from None
             if values.shape != (BITMAP_SIDE * BITMAP_SIDE,) or values.min() < 0 or values.max() > 1:
-                raise DatasetFormatError(f"{path}, line {number}: expected 784 values in [0, 1], got shape {values.shape}")
+                raise DatasetFormatError(
+                    f"{path}, line {number}: expected 784 values in [0, 1], got shape {values.shape}"
+                )
             rows.append(np.rint(values * 255).astype(np.uint8))
     return np.stack(rows) if rows else np.zeros((0, BITMAP_SIDE * BITMAP_SIDE), np.uint8)
 
@@ -187,11 +195,22 @@ def load_npmjs(directory: str, cache_dir: str = "") -> BitmapPool:
                 meta = json.load(f)
             data = np.load(cache + ".npy", allow_pickle=False)
             counts = meta["counts"]
-            if (meta.get("categories") == categories and data.ndim == 2 and data.shape[1] == BITMAP_SIDE * BITMAP_SIDE
-                    and data.dtype == np.uint8 and sum(counts) == data.shape[0]):
+            if (
+                meta.get("categories") == categories
+                and data.ndim == 2
+                and data.shape[1] == BITMAP_SIDE * BITMAP_SIDE
+                and data.dtype == np.uint8
+                and sum(counts) == data.shape[0]
+            ):
                 return BitmapPool(categories, counts, data=data)
             logger.warning("QuickDraw cache %s does not match the package; parsing again", cache)
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:  # a broken cache is rebuilt, never trusted
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+        ) as exc:  # a broken cache is rebuilt, never trusted
             logger.warning("ignoring unreadable QuickDraw cache %s (%s: %s)", cache, type(exc).__name__, exc)
     arrays = [_parse_npm_file(files[c]) for c in categories]
     data = np.concatenate(arrays)
@@ -228,13 +247,20 @@ def _parse_drawing(obj, where: str) -> list[np.ndarray]:
         raise DatasetFormatError(f"{where}: 'drawing' must be a non-empty list of strokes")
     strokes = []
     for s, stroke in enumerate(drawing):
-        if not isinstance(stroke, list) or len(stroke) not in (2, 3) or len(stroke[0]) != len(stroke[1]) or not stroke[0]:
+        if (
+            not isinstance(stroke, list)
+            or len(stroke) not in (2, 3)
+            or len(stroke[0]) != len(stroke[1])
+            or not stroke[0]
+        ):
             raise DatasetFormatError(f"{where}: stroke {s} must be [xs, ys] or [xs, ys, ts] of equal non-zero length")
         strokes.append(np.stack([np.asarray(stroke[0], np.float32), np.asarray(stroke[1], np.float32)], axis=1))
     return strokes
 
 
-def load_ndjson(directory: str, max_per_class: int = 0, recognized: str = "all", wanted: set[str] | None = None) -> StrokePool:
+def load_ndjson(
+    directory: str, max_per_class: int = 0, recognized: str = "all", wanted: set[str] | None = None
+) -> StrokePool:
     files = _by_category(directory, (".ndjson.gz", ".ndjson"))
     per_category: dict[str, list] = {}
     for file_category, path in sorted(files.items()):
@@ -259,8 +285,14 @@ def load_ndjson(directory: str, max_per_class: int = 0, recognized: str = "all",
                     if obj["word"] == file_category:
                         break  # one category per file: the rest of it is not needed
                     continue
-                bucket.append((_parse_drawing(obj, where), str(obj.get("key_id", "")),
-                               str(obj.get("countrycode", "")), is_recognized))
+                bucket.append(
+                    (
+                        _parse_drawing(obj, where),
+                        str(obj.get("key_id", "")),
+                        str(obj.get("countrycode", "")),
+                        is_recognized,
+                    )
+                )
     if not per_category:
         raise DatasetFormatError(f"no drawings read from {directory} (recognized={recognized})")
     return StrokePool(sorted(per_category), per_category)
@@ -298,16 +330,37 @@ class QuickDrawDataset(LabelledImageDataset):
         "antialias": SpecKey(parse_bool, True, "smooth strokes (supersampling) or bilinear bitmap resizing"),
         "padding": SpecKey(float, -1.0, "margin in output pixels around a stroke drawing (default size/14)"),
         "max_per_class": SpecKey(int, 0, "read at most N drawings per category (ndjson, bitmap; 0: all)"),
-        "recognized": SpecKey(str, "all", "ndjson only: keep all, only recognized (true) or only unrecognized (false)",
-                              ("all", "true", "false")),
-        "cache_dir": SpecKey(str, "", "where the npmjs parse cache goes (default $DINOV2_DATA or ~/.cache/dinov2-data)"),
+        "recognized": SpecKey(
+            str,
+            "all",
+            "ndjson only: keep all, only recognized (true) or only unrecognized (false)",
+            ("all", "true", "false"),
+        ),
+        "cache_dir": SpecKey(
+            str, "", "where the npmjs parse cache goes (default $DINOV2_DATA or ~/.cache/dinov2-data)"
+        ),
     }
 
-    def __init__(self, root: str, format: str = "", split: str = "train", train_per_class: int = 0,
-                 train_fraction: float = 0.8, categories: str = "", holdout: str = "", holdout_seed: int = 0,
-                 size: int = 0, line_width: float = 0.0, antialias: bool = True, padding: float = -1.0,
-                 max_per_class: int = 0, recognized: str = "all", cache_dir: str = "",
-                 transform=None, target_transform=None):
+    def __init__(
+        self,
+        root: str,
+        format: str = "",
+        split: str = "train",
+        train_per_class: int = 0,
+        train_fraction: float = 0.8,
+        categories: str = "",
+        holdout: str = "",
+        holdout_seed: int = 0,
+        size: int = 0,
+        line_width: float = 0.0,
+        antialias: bool = True,
+        padding: float = -1.0,
+        max_per_class: int = 0,
+        recognized: str = "all",
+        cache_dir: str = "",
+        transform=None,
+        target_transform=None,
+    ):
         super().__init__(transform, target_transform, "raise")
         if split not in SPLITS:
             raise ValueError(f"QuickDraw split must be one of {SPLITS}, got {split!r}")
@@ -318,13 +371,17 @@ class QuickDrawDataset(LabelledImageDataset):
         strokes = self.format == "ndjson"
         for name, value, default in (("line_width", line_width, 0.0), ("padding", padding, -1.0)):
             if not strokes and value != default:
-                raise DatasetFormatError(f"QuickDraw key {name!r} applies to stroke files (format=ndjson), not {self.format}")
+                raise DatasetFormatError(
+                    f"QuickDraw key {name!r} applies to stroke files (format=ndjson), not {self.format}"
+                )
         if self.format != "ndjson" and recognized != "all":
             raise DatasetFormatError(f"QuickDraw key 'recognized' applies to format=ndjson, not {self.format}")
         if self.format == "npmjs" and max_per_class:
             raise DatasetFormatError("QuickDraw key 'max_per_class' applies to bitmap and ndjson files, not npmjs")
         if not 0 < train_fraction <= 1 or train_per_class < 0:
-            raise ValueError(f"need 0 < train_fraction <= 1 and train_per_class >= 0, got {train_fraction}, {train_per_class}")
+            raise ValueError(
+                f"need 0 < train_fraction <= 1 and train_per_class >= 0, got {train_fraction}, {train_per_class}"
+            )
         self.size = size or (BITMAP_SIDE if not strokes else 256)
         self.line_width = line_width or None
         self.padding = None if padding < 0 else padding
@@ -333,8 +390,14 @@ class QuickDrawDataset(LabelledImageDataset):
 
         wanted = set(_name_list(categories)) if categories else None
         held = _name_list(holdout) if holdout and not holdout.strip().isdigit() else []
-        self.pool = self._load_pool(directory, self.format, max_per_class, recognized,
-                                    (wanted | set(held)) if wanted is not None else None, cache_dir)
+        self.pool = self._load_pool(
+            directory,
+            self.format,
+            max_per_class,
+            recognized,
+            (wanted | set(held)) if wanted is not None else None,
+            cache_dir,
+        )
         known = self.pool.categories
         selected = sorted(wanted) if wanted is not None else list(known)
         _check_names(selected, known, "categories")
@@ -345,7 +408,9 @@ class QuickDrawDataset(LabelledImageDataset):
             held = sorted(np.random.default_rng(holdout_seed).choice(selected, count, replace=False).tolist())
         _check_names(held, selected, "holdout")
         self.holdout_categories = sorted(held)
-        self.classes = self.holdout_categories if split.startswith("holdout") else [c for c in selected if c not in held]
+        self.classes = (
+            self.holdout_categories if split.startswith("holdout") else [c for c in selected if c not in held]
+        )
         if not self.classes:
             raise DatasetFormatError(f"QuickDraw split {split!r} has no categories")
 
@@ -364,8 +429,13 @@ class QuickDrawDataset(LabelledImageDataset):
 
     @staticmethod
     def _load_pool(directory, fmt, max_per_class, recognized, wanted, cache_dir):
-        fmt_key = (os.path.realpath(directory), fmt, max_per_class, recognized,
-                   tuple(sorted(wanted)) if wanted is not None else None)
+        fmt_key = (
+            os.path.realpath(directory),
+            fmt,
+            max_per_class,
+            recognized,
+            tuple(sorted(wanted)) if wanted is not None else None,
+        )
         with _POOLS_LOCK:
             if fmt_key in _POOLS:
                 return _POOLS[fmt_key]
@@ -407,5 +477,9 @@ class QuickDrawDataset(LabelledImageDataset):
         if not isinstance(self.pool, StrokePool):
             raise TypeError(f"QuickDraw {self.format} files carry no per-drawing metadata")
         item = int(self._items[index])
-        return {"key_id": self.pool.key_ids[item], "countrycode": self.pool.countrycodes[item],
-                "recognized": self.pool.recognized[item], "word": self.classes[self.get_target(index)]}
+        return {
+            "key_id": self.pool.key_ids[item],
+            "countrycode": self.pool.countrycodes[item],
+            "recognized": self.pool.recognized[item],
+            "word": self.classes[self.get_target(index)],
+        }

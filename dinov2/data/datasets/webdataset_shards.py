@@ -92,15 +92,28 @@ class WebDatasetStream(IterableDataset):
         "urls": SpecKey(str, help="shard paths or URLs, brace patterns allowed: train-{000000..000031}.tar"),
         "length": SpecKey(int, 0, "number of samples (lets len() work; 0: unknown)"),
         "classes": SpecKey(str, "", "class list file (.json list or one name per line)"),
-        "shuffle": SpecKey(int, 0, "permute each run of N consecutive samples of a reader; also shuffles shard order (0: off)"),
+        "shuffle": SpecKey(
+            int, 0, "permute each run of N consecutive samples of a reader; also shuffles shard order (0: off)"
+        ),
         "repeat": SpecKey(parse_bool, False, "loop over the shards forever (for iteration-based training)"),
         "seed": SpecKey(int, 0, "seed of the shard and sample shuffles"),
         **BAD_IMAGES_KEY,
     }
 
-    def __init__(self, urls: str, length: int = 0, classes: str = "", shuffle: int = 0, repeat: bool = False,
-                 seed: int = 0, transform=None, target_transform=None, bad_images: str = "raise",
-                 rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        urls: str,
+        length: int = 0,
+        classes: str = "",
+        shuffle: int = 0,
+        repeat: bool = False,
+        seed: int = 0,
+        transform=None,
+        target_transform=None,
+        bad_images: str = "raise",
+        rank: int | None = None,
+        world_size: int | None = None,
+    ):
         super().__init__()
         self.shards = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
         local = [s for s in self.shards if _is_local(s)]
@@ -134,8 +147,13 @@ class WebDatasetStream(IterableDataset):
 
     def stream_state(self) -> dict[str, int]:
         """What fixes the sample stream apart from rank, workers and batch size (checked on resume)."""
-        return {"shards": len(self.shards), "seed": self.seed, "shuffle": self.shuffle, "repeat": int(self.repeat),
-                "epoch": self.epoch}
+        return {
+            "shards": len(self.shards),
+            "seed": self.seed,
+            "shuffle": self.shuffle,
+            "repeat": int(self.repeat),
+            "epoch": self.epoch,
+        }
 
     def _reader_shards(self, epoch: int, worker: int, num_workers: int) -> list[str]:
         own = self.shards[self.rank :: self.world_size][worker::num_workers]
@@ -222,8 +240,10 @@ class WebDatasetStream(IterableDataset):
         name = f"{raw.get('__url__', '?')}:{raw.get('__key__', '?')}"
         image_key = next((k for k in IMAGE_KEYS if k in raw), None)
         if image_key is None:
-            raise DatasetFormatError(f"WebDataset sample {name} has no image member ({'/'.join(IMAGE_KEYS)}); "
-                                     f"members: {sorted(k for k in raw if not k.startswith('__'))}")
+            raise DatasetFormatError(
+                f"WebDataset sample {name} has no image member ({'/'.join(IMAGE_KEYS)}); "
+                f"members: {sorted(k for k in raw if not k.startswith('__'))}"
+            )
         image = decode_image_bytes(raw[image_key], f"{name}.{image_key}", self.bad_images)
         if image is None:
             return None
@@ -232,7 +252,9 @@ class WebDatasetStream(IterableDataset):
             try:
                 target = int(raw["cls"].decode().strip())
             except ValueError:
-                raise DatasetFormatError(f"WebDataset sample {name}: cls {raw['cls'][:20]!r} is not an integer") from None
+                raise DatasetFormatError(
+                    f"WebDataset sample {name}: cls {raw['cls'][:20]!r} is not an integer"
+                ) from None
         if self.transform is not None:
             image = self.transform(image)
         if self.target_transform is not None:
