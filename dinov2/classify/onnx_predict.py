@@ -46,6 +46,24 @@ class OnnxHead:
         self.name, self.classes, self.output = name, tuple(classes), output
 
 
+def prediction_records(names: Sequence[str], probs: Dict[str, np.ndarray], heads) -> List[dict]:
+    """JSON-ready result of each image from per-head probabilities (rows in ``names`` order): the
+    record format of ``predict``, the CLI and the HTTP service, shared by both predictors."""
+    records = []
+    for i, name in enumerate(names):
+        predictions = {}
+        for head in heads:
+            p = probs[head.name][i]
+            best = int(np.argmax(p))
+            predictions[head.name] = {
+                "label": head.classes[best],
+                "probability": float(p[best]),
+                "probabilities": {c: float(v) for c, v in zip(head.classes, p)},
+            }
+        records.append({"image": name, "predictions": predictions})
+    return records
+
+
 def read_sidecar(onnx_path: Union[str, os.PathLike]) -> dict:
     path = Path(onnx_path).with_suffix(".json")
     if not path.is_file():
@@ -148,20 +166,7 @@ class OnnxPredictor:
 
     def records(self, names: Sequence[str], images: Sequence[Image.Image]) -> List[dict]:
         """JSON-ready result of each image, as ``Predictor.records`` gives it."""
-        probs = self.probabilities(images)
-        records = []
-        for i, name in enumerate(names):
-            predictions = {}
-            for head in self.heads:
-                p = probs[head.name][i]
-                best = int(np.argmax(p))
-                predictions[head.name] = {
-                    "label": head.classes[best],
-                    "probability": float(p[best]),
-                    "probabilities": {c: float(v) for c, v in zip(head.classes, p)},
-                }
-            records.append({"image": name, "predictions": predictions})
-        return records
+        return prediction_records(names, self.probabilities(images), self.heads)
 
 
 def _image_files(paths: Sequence[str]) -> List[tuple]:

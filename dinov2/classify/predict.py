@@ -46,7 +46,7 @@ from dinov2.data.image_io import load_image_file
 
 from .checkpoint import load_classifier, resolve_classifier_path
 from .device import select_device
-from .onnx_predict import OnnxPredictor, read_sidecar
+from .onnx_predict import OnnxPredictor, prediction_records, read_sidecar
 from .transforms import normalise_transform, resize_transform
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -120,20 +120,7 @@ class Predictor:
 
     def records(self, names: Sequence[str], images: Sequence[Image.Image]) -> List[dict]:
         """JSON-ready result of each image (see the module docstring)."""
-        probs = self.probabilities(images)
-        records = []
-        for i, name in enumerate(names):
-            predictions = {}
-            for head in self.heads:
-                p = probs[head.name][i]
-                best = int(np.argmax(p))
-                predictions[head.name] = {
-                    "label": head.classes[best],
-                    "probability": float(p[best]),
-                    "probabilities": {c: float(v) for c, v in zip(head.classes, p)},
-                }
-            records.append({"image": name, "predictions": predictions})
-        return records
+        return prediction_records(names, self.probabilities(images), self.heads)
 
 
 def list_images(images: Union[ImageInput, Sequence[ImageInput]]) -> List[tuple]:

@@ -214,18 +214,8 @@ def build_train_data_loader(
                 "batches from its workers in turn); write more shards or lower train.num_workers"
             )
         dataset.rank, dataset.world_size = rank, world_size  # this rank's shards
-        generator = torch.Generator()
-        generator.manual_seed(seed)  # worker base seeds: drawn from this, not from the global RNG
-        loader = ResumableDataLoader(
-            SeededSampleStream(dataset, seed),
-            batch_size=batch_size,
-            num_workers=num_workers,
-            collate_fn=SkipBadSamples(SeededCollate(collate, seed)),
-            drop_last=True,
-            persistent_workers=num_workers > 0,
-            pin_memory=torch.cuda.is_available(),
-            generator=generator,
-            world_size=world_size,
+        loader = _seeded_loader(
+            SeededSampleStream(dataset, seed), None, collate, batch_size, num_workers, seed, world_size
         )
         return loader, dataset
 
@@ -252,10 +242,19 @@ def build_train_data_loader(
             f"the training dataset has {len(dataset)} images, fewer than train.batch_size_per_gpu={batch_size}"
         )
     sampler = PositionedInfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    loader = _seeded_loader(
+        SeededSampleDataset(dataset, seed), sampler, collate, batch_size, num_workers, seed, world_size
+    )
+    return loader, dataset
+
+
+def _seeded_loader(samples, sampler, collate, batch_size: int, num_workers: int, seed: int, world_size: int):
+    """The resumable loader over seeded samples (map-style with its sampler, or a stream)."""
     generator = torch.Generator()
-    generator.manual_seed(seed)  # worker base seeds; unused by the seeded samples, kept off the global RNG
-    loader = ResumableDataLoader(
-        SeededSampleDataset(dataset, seed),
+    # Worker base seeds come from this, not from the global RNG (a resumed run must draw the same).
+    generator.manual_seed(seed)
+    return ResumableDataLoader(
+        samples,
         batch_size=batch_size,
         sampler=sampler,
         num_workers=num_workers,
@@ -266,4 +265,3 @@ def build_train_data_loader(
         generator=generator,
         world_size=world_size,
     )
-    return loader, dataset
