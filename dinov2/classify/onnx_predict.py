@@ -169,7 +169,8 @@ class OnnxPredictor:
         return prediction_records(names, self.probabilities(images), self.heads)
 
 
-def _image_files(paths: Sequence[str]) -> List[tuple]:
+def image_files(paths: Sequence[str]) -> List[tuple]:
+    """``[(name, path)]`` of image files and of the images under directories (names relative to them)."""
     entries = []
     for item in paths:
         path = Path(item)
@@ -204,7 +205,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     predictor = OnnxPredictor(
         args.model, tta=not args.no_tta, multi_crop=args.multi_crop, batch_size=args.batch_size, threads=args.threads
     )
-    entries = _image_files(args.images)
+    entries = image_files(args.images)
     records: List[dict] = []
     for start in range(0, len(entries), predictor.batch_size):
         chunk = entries[start : start + predictor.batch_size]

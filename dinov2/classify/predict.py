@@ -46,10 +46,9 @@ from dinov2.data.image_io import load_image_file
 
 from .checkpoint import load_classifier, resolve_classifier_path
 from .device import select_device
-from .onnx_predict import OnnxPredictor, prediction_records, read_sidecar
+from .onnx_predict import OnnxPredictor, image_files, prediction_records, read_sidecar
 from .transforms import normalise_transform, resize_transform
 
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 OUTPUT_FORMATS = ("dataframe", "json")
 ImageInput = Union[str, os.PathLike, Image.Image]
 
@@ -132,16 +131,7 @@ def list_images(images: Union[ImageInput, Sequence[ImageInput]]) -> List[tuple]:
         if isinstance(item, Image.Image):
             entries.append((getattr(item, "filename", "") or f"image_{i}", item))
             continue
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not found:
-                raise FileNotFoundError(f"no image files ({', '.join(IMAGE_EXTENSIONS)}) under {path}")
-            entries.extend((str(p.relative_to(path)), p) for p in found)
-        elif path.is_file():
-            entries.append((str(path), path))
-        else:
-            raise FileNotFoundError(f"image path not found: {path}")
+        entries.extend(image_files([item]))
     if not entries:
         raise ValueError("no images given")
     return entries
