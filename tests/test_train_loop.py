@@ -267,3 +267,20 @@ def test_init_from_checkpoint_starts_a_fresh_run_from_a_training_checkpoint(tmp_
     exported = torch.load(tmp_path / "first" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
     for key, value in trainer.model.teacher["backbone"].state_dict().items():
         assert torch.equal(value, exported[key]), key
+
+
+def test_bf16_on_a_cpu_without_bf16_matmuls_is_warned_about(tmp_path, data_root, monkeypatch, caplog):
+    """bf16 autocast on an AVX2-only CPU runs emulated matmuls (80x the fp32 time measured): the
+    trainer says so and names the setting, on a CPU that has them it says nothing."""
+    import dinov2.train.trainer as trainer_module
+
+    cfg = load_config(None, tiny_overrides(data_root, "compute_precision.param_dtype=bf16"))
+    for supported, expected in ((False, 1), (True, 0)):
+        monkeypatch.setattr(trainer_module, "cpu_has_bf16_matmul", lambda supported=supported: supported)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="dinov2"):
+            SSLTrainer(cfg, output_dir=tmp_path / f"run_{supported}")
+        warned = [r for r in caplog.records if "without AVX512-BF16 or AMX" in r.getMessage()]
+        assert len(warned) == expected
+        if warned:
+            assert "compute_precision.param_dtype=fp32" in warned[0].getMessage()
