@@ -15,4 +15,11 @@ if [[ $# -gt 0 && "$1" != *=* ]]; then
   shift
 fi
 cd "$repo"
-PYTHON="$venv/bin/python" exec bash scripts/quickdraw_pretrain_eval.sh "$out" optim.epochs=24 "$@"
+# The recipe computes in bf16, which needs AVX512-BF16 or AMX; elsewhere bf16 matmuls are emulated
+# (80x the fp32 time measured on an AVX2-only CPU), so there the demo runs in fp32.
+precision=()
+if ! "$venv/bin/python" -c "import sys, torch; sys.exit(not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()))"; then
+  echo "[demo] this CPU has no bf16 matmuls (AVX512-BF16 / AMX): running the recipe in fp32"
+  precision=(compute_precision.param_dtype=fp32 compute_precision.teacher_dtype=fp32)
+fi
+PYTHON="$venv/bin/python" exec bash scripts/quickdraw_pretrain_eval.sh "$out" optim.epochs=24 "${precision[@]}" "$@"
