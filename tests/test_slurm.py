@@ -154,12 +154,13 @@ def test_time_limit_checkpoints_requeues_and_matches(uninterrupted, dataset_root
     about a minute (the requeued job waits ~30 s before it starts again)."""
     reference_out, _ = uninterrupted
     out = tmp_path / "out"
-    # A checkpoint every 2 iterations costs 0.2-1 s each, disk-bound: the 400 iterations take well
-    # over a minute, so SLURM's signal (17-45 s into an attempt) cuts the first attempt. Checkpoint
-    # frequency does not change the result (resume is exact). On a heavily loaded machine job
+    # A checkpoint every 4 iterations (0.2-1 s each, disk-bound) makes the 400 iterations take well
+    # over a minute, so SLURM's signal (17-45 s into an attempt) cuts the first attempt; every 2
+    # iterations made six requeues (7 minutes of the suite) where two or three prove the same thing.
+    # Checkpoint frequency does not change the result (resume is exact). On a heavily loaded machine job
     # start-up (18-29 s seen at load 5) can eat most of an attempt; CI runs on a quiet one.
     overrides = [
-        "checkpointing.period_iterations=2",
+        "checkpointing.period_iterations=4",
         "checkpointing.keep_last=2",
         "evaluation.export_period_iterations=100",
     ]
