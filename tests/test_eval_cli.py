@@ -16,6 +16,7 @@ from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval import knn, linear, log_regression
 from dinov2.eval.cli import setup_eval
+from dinov2.eval.config import parse_config
 from dinov2.eval.features import extract_features
 from dinov2.eval.knn import knn_classify
 from dinov2.eval.metrics import classification_metrics
@@ -240,15 +241,17 @@ def test_group_metrics_through_cli_on_industrial_data(workspace, tmp_path):
 
 def test_resize_size_option_keeps_whole_small_images(workspace):
     root, run, specs = workspace
-    args = knn.get_args_parser().parse_args(common_args(run, specs, root / "resize") + ["--resize-size", "16"])
-    ctx = setup_eval(args, "knn")
+    def options(extra=()):
+        return parse_config("knn", knn.get_args_parser(), common_args(run, specs, root / "resize") + list(extra))
+
+    ctx = setup_eval(options(["--resize-size", "16"]), "knn")
     image = Image.fromarray(np.arange(20 * 20 * 3, dtype=np.uint8).reshape(20, 20, 3))
     whole = ctx.transform()(image)  # resized to 16, nothing cropped away
     expected = make_classification_eval_transform(16, 16, mean=ctx.backbone.mean, std=ctx.backbone.std)(image)
     torch.testing.assert_close(whole, expected)
-    default = setup_eval(knn.get_args_parser().parse_args(common_args(run, specs, root / "resize")), "knn")
+    default = setup_eval(options(), "knn")
     assert not torch.allclose(default.transform()(image), whole)  # 18 px then a centre crop of 16
-    too_small = knn.get_args_parser().parse_args(common_args(run, specs, root / "resize") + ["--resize-size", "8"])
+    too_small = options(["--resize-size", "8"])
     with pytest.raises(SystemExit, match="smaller than the 16 px"):
         setup_eval(too_small, "knn")
 

@@ -22,6 +22,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 
 from . import _dist
 from .features import FeatureSet, as_numpy, class_names_of, extract_features, gather_feature_set, group_ids_for
@@ -263,79 +264,61 @@ def sample_few_shot(labels: np.ndarray, indices: np.ndarray, n_per_class: int, s
 
 # ------------------------------------------------------------------------------------ CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .cli import add_backbone_arguments, add_data_arguments
+    """Flags and ``key=value`` options of :data:`dinov2.eval.config.FLAGS` ``["knn"]``."""
+    from .config import build_parser
 
-    parser = argparse.ArgumentParser(
-        "dinov2 k-NN evaluation", add_help=add_help, description="k-NN classification on frozen CLS features"
+    return build_parser(
+        "knn", "dinov2 k-NN evaluation", description="k-NN classification on frozen CLS features", add_help=add_help
     )
-    add_backbone_arguments(parser)
-    add_data_arguments(parser, train_help="the k-NN bank (labelled)")
-    group = parser.add_argument_group("k-NN")
-    group.add_argument(
-        "--nb-knn", type=int, nargs="+", default=list(DEFAULT_KS), help="values of k (default: 10 20 100 200)"
-    )
-    group.add_argument(
-        "--temperature", type=float, default=DEFAULT_TEMPERATURE, help="voting temperature T (weights exp(sim/T))"
-    )
-    group.add_argument("--query-chunk-size", type=int, default=1024, help="queries per similarity block")
-    group.add_argument("--bank-chunk-size", type=int, default=65536, help="bank entries per similarity block")
-    group.add_argument(
-        "--n-per-class", type=int, default=None, help="few-shot: keep only this many bank samples per class"
-    )
-    group.add_argument(
-        "--few-shot-seeds", type=int, nargs="+", default=[0], help="few-shot: one run per seed (mean and std reported)"
-    )
-    group.add_argument(
-        "--plot-k", type=int, default=None, help="k whose confusion matrix is drawn (default: 20 if evaluated)"
-    )
-    return parser
 
 
-def _bank_variants(bank: FeatureSet, args) -> List[Tuple[str, Optional[int], FeatureSet]]:
-    """(name, seed, this rank's bank rows) for the full bank or each few-shot draw."""
-    if args.n_per_class is None:
+def _bank_variants(bank: FeatureSet, options) -> List[Tuple[str, Optional[int], FeatureSet]]:
+    """(name, seed, this rank's bank rows) for the full bank or each few-shot draw (``options``: cfg.knn)."""
+    if options.n_per_class is None:
         return [("full", None, bank)]
     all_labels = as_numpy(_dist.all_gather_cat(bank.labels))
     all_indices = as_numpy(_dist.all_gather_cat(bank.indices))
     variants = []
-    for seed in args.few_shot_seeds:
+    for seed in options.few_shot_seeds:
         chosen = torch.as_tensor(
-            sample_few_shot(all_labels, all_indices, args.n_per_class, seed), device=bank.indices.device
+            sample_few_shot(all_labels, all_indices, options.n_per_class, seed), device=bank.indices.device
         )
-        variants.append((f"{args.n_per_class}-shot seed {seed}", seed, bank.select(torch.isin(bank.indices, chosen))))
+        variants.append(
+            (f"{options.n_per_class}-shot seed {seed}", seed, bank.select(torch.isin(bank.indices, chosen)))
+        )
     return variants
 
 
-def run_knn(args: argparse.Namespace) -> dict:
+def run_knn(cfg: DictConfig) -> dict:
+    """The evaluation of a loaded config (:func:`dinov2.eval.config.parse_config`)."""
     from .cli import check_same_classes, load_dataset, resolve_positive_class, setup_eval
 
-    ctx = setup_eval(args, "knn")
-    if not args.val_dataset and not args.test_dataset:
-        raise SystemExit("give --val-dataset and/or --test-dataset: the k-NN queries")
+    ctx = setup_eval(cfg, "knn")
+    data, options = cfg.data, cfg.knn
     transform = ctx.transform()
-    train = load_dataset(args.train_dataset, transform, "train")
-    class_names = class_names_of(train, args.task)
+    train = load_dataset(data.train, transform, "train")
+    class_names = class_names_of(train, data.task)
     common = dict(
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
         device=ctx.device,
-        task=args.task,
+        task=data.task,
         autocast_dtype=ctx.autocast_dtype,
     )
     model = ctx.backbone.model
     bank = extract_features(model, train, desc="train (bank) features", **common).labelled()
     bank_size = int(_dist.all_reduce_sum(torch.tensor([len(bank)])).item())
     if bank_size == 0:
-        raise SystemExit(f"--train-dataset {args.train_dataset!r} has no labelled samples")
+        raise SystemExit(f"--train-dataset {data.train!r} has no labelled samples")
     num_classes = len(class_names) if class_names else int(_dist.all_gather_cat(bank.labels).max().item()) + 1
-    positive = resolve_positive_class(args.positive_class, class_names)
+    positive = resolve_positive_class(data.positive_class, class_names)
 
     queries = {}
     for role in ("val", "test"):
-        spec = getattr(args, f"{role}_dataset")
+        spec = data[role]
         if spec:
             dataset = load_dataset(spec, transform, role)
-            check_same_classes(class_names, class_names_of(dataset, args.task), role)
+            check_same_classes(class_names, class_names_of(dataset, data.task), role)
             local = extract_features(model, dataset, desc=f"{role} features", **common)
             full = gather_feature_set(local).labelled()
             if len(full) == 0:
@@ -345,14 +328,14 @@ def run_knn(args: argparse.Namespace) -> dict:
             queries[role] = (full, group_ids_for(dataset, full.indices))
 
     runs = []
-    for name, seed, variant in _bank_variants(bank, args):
+    for name, seed, variant in _bank_variants(bank, options):
         variant_size = int(_dist.all_reduce_sum(torch.tensor([len(variant)])).item())
-        ks = sorted(k for k in set(args.nb_knn) if k <= variant_size)
-        skipped = sorted(set(args.nb_knn) - set(ks))
+        ks = sorted(k for k in set(options.nb_knn) if k <= variant_size)
+        skipped = sorted(set(options.nb_knn) - set(ks))
         if skipped:
             logger.warning("%s: bank of %d samples, skipping k = %s", name, variant_size, skipped)
         if not ks:
-            raise SystemExit(f"{name}: every k in {args.nb_knn} exceeds the bank size {variant_size}")
+            raise SystemExit(f"{name}: every k in {list(options.nb_knn)} exceeds the bank size {variant_size}")
         run = {"bank": name, "seed": seed, "bank_size": variant_size, "ks": ks, "skipped_ks": skipped, "splits": {}}
         for role, (full, groups) in queries.items():
             scores = knn_classify(
@@ -361,10 +344,10 @@ def run_knn(args: argparse.Namespace) -> dict:
                 variant.labels,
                 variant.indices,
                 ks,
-                args.temperature,
+                options.temperature,
                 num_classes,
-                args.query_chunk_size,
-                args.bank_chunk_size,
+                options.query_chunk_size,
+                options.bank_chunk_size,
             )
             labels = as_numpy(full.labels)
             run["splits"][role] = {}
@@ -387,16 +370,16 @@ def run_knn(args: argparse.Namespace) -> dict:
             "image_size": ctx.backbone.image_size,
         },
         "datasets": {
-            "train": args.train_dataset,
-            "val": args.val_dataset,
-            "test": args.test_dataset,
-            "task": args.task,
+            "train": data.train,
+            "val": data.val,
+            "test": data.test,
+            "task": data.task,
         },
         "settings": {
-            "ks": sorted(set(args.nb_knn)),
-            "temperature": args.temperature,
-            "n_per_class": args.n_per_class,
-            "few_shot_seeds": args.few_shot_seeds if args.n_per_class else None,
+            "ks": sorted(set(options.nb_knn)),
+            "temperature": options.temperature,
+            "n_per_class": options.n_per_class,
+            "few_shot_seeds": list(options.few_shot_seeds) if options.n_per_class else None,
             "world_size": _dist.get_world_size(),
         },
         "class_names": class_names,
@@ -405,7 +388,7 @@ def run_knn(args: argparse.Namespace) -> dict:
     if len(runs) > 1:
         results["few_shot_summary"] = _few_shot_summary(runs)
     if _dist.is_main_process():
-        _write(ctx.output_dir, results, runs, class_names, args.plot_k)
+        _write(ctx.output_dir, results, runs, class_names, options.plot_k)
     _dist.barrier()
     return results
 
@@ -450,8 +433,10 @@ def _write(output_dir, results: dict, runs: List[dict], class_names, plot_k: Opt
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return _dist.run_then_destroy(run_knn, args)
+    from .config import parse_config
+
+    cfg = parse_config("knn", get_args_parser(), argv)
+    return _dist.run_then_destroy(run_knn, cfg)
 
 
 if __name__ == "__main__":

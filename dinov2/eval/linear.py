@@ -37,6 +37,7 @@ from typing import Iterable, Iterator, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
@@ -63,7 +64,6 @@ logger = logging.getLogger("dinov2.eval")
 DEFAULT_LEARNING_RATES = (1e-5, 2e-5, 5e-5, 1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 0.1)
 DEFAULT_N_LAST_BLOCKS = (1, 4)
 DEFAULT_AVGPOOL = (False, True)
-FEATURE_MODES = ("cached", "online")
 
 
 @dataclass(frozen=True)
@@ -410,59 +410,12 @@ def train_linear_grid(
 
 # ----------------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .cli import add_backbone_arguments, add_data_arguments
+    """Flags and ``key=value`` options of :data:`dinov2.eval.config.FLAGS` ``["linear"]``."""
+    from .config import build_parser
 
-    parser = argparse.ArgumentParser(
-        "dinov2 linear evaluation", add_help=add_help, description="grid of linear probes on frozen features"
+    return build_parser(
+        "linear", "dinov2 linear evaluation", description="grid of linear probes on frozen features", add_help=add_help
     )
-    add_backbone_arguments(parser)
-    add_data_arguments(parser, train_help="training set of the heads")
-    group = parser.add_argument_group("linear probe")
-    group.add_argument(
-        "--learning-rates",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_LEARNING_RATES),
-        help="base learning rates (scaled by batch*world/256)",
-    )
-    group.add_argument(
-        "--n-last-blocks",
-        type=int,
-        nargs="+",
-        default=list(DEFAULT_N_LAST_BLOCKS),
-        help="block counts whose CLS tokens are concatenated",
-    )
-    group.add_argument(
-        "--avgpool",
-        choices=["both", "yes", "no"],
-        default="both",
-        help="append the average patch token: both variants, always or never",
-    )
-    group.add_argument("--epochs", type=int, default=10)
-    group.add_argument("--train-batch-size", type=int, default=128, help="samples per rank per step")
-    group.add_argument(
-        "--eval-period-iterations", type=int, default=None, help="validate every N steps (default: once per epoch)"
-    )
-    group.add_argument(
-        "--feature-mode",
-        choices=FEATURE_MODES,
-        default="cached",
-        help="cached: extract train features once; online: backbone every step",
-    )
-    group.add_argument(
-        "--augment",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="online mode: random-resized crop + flip (default on; cached mode never augments)",
-    )
-    group.add_argument(
-        "--val-fraction",
-        type=float,
-        default=0.1,
-        help="without --val-dataset: share of the train set held out for selection",
-    )
-    group.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def _labels_of(dataset, task) -> Optional[np.ndarray]:
@@ -510,64 +463,62 @@ def split_train_val(
     return np.flatnonzero(~held), np.flatnonzero(held)
 
 
-def run_linear(args: argparse.Namespace) -> dict:
+def run_linear(cfg: DictConfig) -> dict:
+    """The evaluation of a loaded config (:func:`dinov2.eval.config.parse_config`)."""
     from dinov2.data.transforms import make_classification_train_transform
 
     from .cli import check_same_classes, load_dataset, resolve_positive_class, setup_eval
 
-    ctx = setup_eval(args, "linear")
-    if args.feature_mode == "cached" and args.augment:
-        raise SystemExit(
-            "--augment needs --feature-mode online (cached features are extracted once, without augmentation)"
-        )
-    augment = args.feature_mode == "online" and args.augment is not False
+    ctx = setup_eval(cfg, "linear")
+    data, options = cfg.data, cfg.linear
+    augment = options.feature_mode == "online" and options.augment is not False
     model, backbone = ctx.backbone.model, ctx.backbone
-    n_max = max(args.n_last_blocks)
+    n_max = max(options.n_last_blocks)
     if n_max > model.n_blocks:
         raise SystemExit(f"--n-last-blocks {n_max} but the backbone has {model.n_blocks} blocks")
     feature_fn = BlockFeatures(n_max)
     eval_transform = ctx.transform()
-    train = load_dataset(args.train_dataset, eval_transform, "train")
+    train = load_dataset(data.train, eval_transform, "train")
     if isinstance(train, IterableDataset):
         raise SystemExit(
-            f"--train-dataset {args.train_dataset!r} is a stream: the linear probe samples the train set by index, "
+            f"--train-dataset {data.train!r} is a stream: the linear probe samples the train set by index, "
             "so it needs a map-style dataset (ImageFolder, CSV, Industrial, QuickDraw, ImageNet)"
         )
-    class_names = class_names_of(train, args.task)
+    class_names = class_names_of(train, data.task)
     common = dict(
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
         device=ctx.device,
-        task=args.task,
+        task=data.task,
         autocast_dtype=ctx.autocast_dtype,
     )
 
     all_train = np.arange(len(train))
-    known = _labels_of(train, args.task)
+    known = _labels_of(train, data.task)
     if known is not None:
         all_train = all_train[known[all_train] >= 0]
     val_dataset, val_indices = None, None
-    if args.val_dataset:
-        val_dataset = load_dataset(args.val_dataset, eval_transform, "val")
-        check_same_classes(class_names, class_names_of(val_dataset, args.task), "val")
+    if data.val:
+        val_dataset = load_dataset(data.val, eval_transform, "val")
+        check_same_classes(class_names, class_names_of(val_dataset, data.task), "val")
         train_indices = all_train
     else:
         groups = group_ids_for(train, torch.as_tensor(all_train))
-        keep, held = split_train_val(len(all_train), args.val_fraction, args.seed, groups)
+        keep, held = split_train_val(len(all_train), options.val_fraction, options.seed, groups)
         train_indices, val_indices = all_train[keep], all_train[held]
         val_dataset = train
         logger.info(
             "no --val-dataset: holding out %d of %d train samples for selection", len(val_indices), len(all_train)
         )
 
-    if args.feature_mode == "cached":
+    if options.feature_mode == "cached":
         cached = extract_features(
             model, train, feature_fn=feature_fn, indices=train_indices, desc="train features", **common
         ).labelled()
         source = CachedTrainSource(cached)
     else:
         train_aug = load_dataset(
-            args.train_dataset,
+            data.train,
             make_classification_train_transform(backbone.image_size, mean=backbone.mean, std=backbone.std)
             if augment
             else eval_transform,
@@ -575,7 +526,7 @@ def run_linear(args: argparse.Namespace) -> dict:
         )
         local = train_indices[_dist.get_rank() :: _dist.get_world_size()]
         source = OnlineTrainSource(
-            model, train_aug, local, n_max, ctx.device, args.task, args.num_workers, ctx.autocast_dtype
+            model, train_aug, local, n_max, ctx.device, data.task, data.num_workers, ctx.autocast_dtype
         )
 
     evals = {
@@ -586,18 +537,20 @@ def run_linear(args: argparse.Namespace) -> dict:
             ).labelled(),
         )
     }
-    if args.test_dataset:
-        test_dataset = load_dataset(args.test_dataset, eval_transform, "test")
-        check_same_classes(class_names, class_names_of(test_dataset, args.task), "test")
+    if data.test:
+        test_dataset = load_dataset(data.test, eval_transform, "test")
+        check_same_classes(class_names, class_names_of(test_dataset, data.task), "test")
         evals["test"] = (
             test_dataset,
             extract_features(model, test_dataset, feature_fn=feature_fn, desc="test features", **common).labelled(),
         )
     num_classes = len(class_names) if class_names else _max_label(source, evals) + 1
-    positive = resolve_positive_class(args.positive_class, class_names)
+    positive = resolve_positive_class(data.positive_class, class_names)
 
     configs = make_head_grid(
-        args.learning_rates, args.n_last_blocks, {"both": (False, True), "yes": (True,), "no": (False,)}[args.avgpool]
+        options.learning_rates,
+        options.n_last_blocks,
+        {"both": (False, True), "yes": (True,), "no": (False,)}[options.avgpool],
     )
     result = train_linear_grid(
         source,
@@ -605,10 +558,10 @@ def run_linear(args: argparse.Namespace) -> dict:
         num_classes,
         configs,
         model.embed_dim,
-        epochs=args.epochs,
-        batch_size=args.train_batch_size,
-        seed=args.seed,
-        eval_period_iterations=args.eval_period_iterations,
+        epochs=options.epochs,
+        batch_size=options.train_batch_size,
+        seed=options.seed,
+        eval_period_iterations=options.eval_period_iterations,
         device=ctx.device,
     )
     best = configs[result.best_head]
@@ -637,20 +590,20 @@ def run_linear(args: argparse.Namespace) -> dict:
             "image_size": backbone.image_size,
         },
         "datasets": {
-            "train": args.train_dataset,
-            "val": args.val_dataset or f"{args.val_fraction:g} of train",
-            "test": args.test_dataset,
-            "task": args.task,
+            "train": data.train,
+            "val": data.val or f"{options.val_fraction:g} of train",
+            "test": data.test,
+            "task": data.task,
         },
         "settings": {
-            "feature_mode": args.feature_mode,
+            "feature_mode": options.feature_mode,
             "augment": augment,
-            "epochs": args.epochs,
-            "batch_size": args.train_batch_size,
+            "epochs": options.epochs,
+            "batch_size": options.train_batch_size,
             "world_size": _dist.get_world_size(),
             "lr_scale": result.grid.lr_scale,
             "iterations": result.iterations,
-            "seed": args.seed,
+            "seed": options.seed,
             "train_seconds": result.train_seconds,
         },
         "class_names": class_names,
@@ -701,8 +654,10 @@ def _write(output_dir, results: dict, grid: HeadGrid, class_names) -> None:
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return _dist.run_then_destroy(run_linear, args)
+    from .config import parse_config
+
+    cfg = parse_config("linear", get_args_parser(), argv)
+    return _dist.run_then_destroy(run_linear, cfg)
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from typing import Iterable, List, Optional, Sequence
 
 import numpy as np
 import torch
+from omegaconf import DictConfig
 
 from . import _dist
 from .features import (
@@ -126,36 +127,15 @@ def fit_log_regression(
 
 # ----------------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
-    from .cli import add_backbone_arguments, add_data_arguments
+    """Flags and ``key=value`` options of :data:`dinov2.eval.config.FLAGS` ``["log_regression"]``."""
+    from .config import build_parser
 
-    parser = argparse.ArgumentParser(
-        "dinov2 logistic regression", add_help=add_help, description="logistic regression on frozen features"
+    return build_parser(
+        "log_regression",
+        "dinov2 logistic regression",
+        description="logistic regression on frozen features",
+        add_help=add_help,
     )
-    add_backbone_arguments(parser)
-    add_data_arguments(parser, train_help="training set of the classifier")
-    group = parser.add_argument_group("logistic regression")
-    group.add_argument(
-        "--c-values",
-        type=float,
-        nargs="+",
-        default=list(DEFAULT_C_VALUES),
-        help="inverse regularisation strengths to sweep (default 1e-4 ... 1e4)",
-    )
-    group.add_argument("--max-iter", type=int, default=DEFAULT_MAX_ITER, help="L-BFGS iterations per fit")
-    group.add_argument(
-        "--standardize", action=argparse.BooleanOptionalAction, default=True, help="standardise features (default on)"
-    )
-    group.add_argument(
-        "--l2-normalize", action=argparse.BooleanOptionalAction, default=False, help="L2-normalise features first"
-    )
-    group.add_argument(
-        "--features", choices=["cls", "cls_avgpool"], default="cls", help="CLS token, or CLS + average patch token"
-    )
-    group.add_argument(
-        "--val-fraction", type=float, default=0.1, help="without --val-dataset: share of train held out for the sweep"
-    )
-    group.add_argument("--seed", type=int, default=0)
-    return parser
 
 
 def _features(model, dataset, feature_kind: str, desc: str, **common) -> FeatureSet:
@@ -167,36 +147,38 @@ def _features(model, dataset, feature_kind: str, desc: str, **common) -> Feature
     return gather_feature_set(local).labelled()
 
 
-def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
+def run_log_regression(cfg: DictConfig) -> Optional[dict]:
+    """The evaluation of a loaded config (:func:`dinov2.eval.config.parse_config`)."""
     from .cli import check_same_classes, load_dataset, resolve_positive_class, setup_eval
 
-    ctx = setup_eval(args, "log_regression")
+    ctx = setup_eval(cfg, "log_regression")
+    data, options = cfg.data, cfg.log_regression
     transform = ctx.transform()
     model = ctx.backbone.model
     common = dict(
-        batch_size=args.batch_size,
-        num_workers=args.num_workers,
+        batch_size=data.batch_size,
+        num_workers=data.num_workers,
         device=ctx.device,
-        task=args.task,
+        task=data.task,
         autocast_dtype=ctx.autocast_dtype,
     )
-    train_dataset = load_dataset(args.train_dataset, transform, "train")
-    class_names = class_names_of(train_dataset, args.task)
-    train = _features(model, train_dataset, args.features, "train features", **common)
-    if args.val_dataset:
-        val_dataset = load_dataset(args.val_dataset, transform, "val")
-        check_same_classes(class_names, class_names_of(val_dataset, args.task), "val")
-        val = _features(model, val_dataset, args.features, "val features", **common)
+    train_dataset = load_dataset(data.train, transform, "train")
+    class_names = class_names_of(train_dataset, data.task)
+    train = _features(model, train_dataset, options.features, "train features", **common)
+    if data.val:
+        val_dataset = load_dataset(data.val, transform, "val")
+        check_same_classes(class_names, class_names_of(val_dataset, data.task), "val")
+        val = _features(model, val_dataset, options.features, "val features", **common)
     else:
         groups = group_ids_for(train_dataset, train.indices)
-        keep, held = split_train_val(len(train), args.val_fraction, args.seed, groups)
+        keep, held = split_train_val(len(train), options.val_fraction, options.seed, groups)
         val_dataset, val = train_dataset, train.select(torch.as_tensor(held))
         train = train.select(torch.as_tensor(keep))
     test_dataset, test = None, None
-    if args.test_dataset:
-        test_dataset = load_dataset(args.test_dataset, transform, "test")
-        check_same_classes(class_names, class_names_of(test_dataset, args.task), "test")
-        test = _features(model, test_dataset, args.features, "test features", **common)
+    if data.test:
+        test_dataset = load_dataset(data.test, transform, "test")
+        check_same_classes(class_names, class_names_of(test_dataset, data.task), "test")
+        test = _features(model, test_dataset, options.features, "test features", **common)
     results = None
     if _dist.is_main_process():  # scikit-learn runs in one process; the others only extracted
         num_classes = (
@@ -204,7 +186,7 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
             if class_names
             else int(max(int(f.labels.max()) for f in (train, val, test) if f is not None)) + 1
         )
-        positive = resolve_positive_class(args.positive_class, class_names)
+        positive = resolve_positive_class(data.positive_class, class_names)
         fit = fit_log_regression(
             as_numpy(train.features),
             as_numpy(train.labels),
@@ -212,11 +194,11 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
             as_numpy(val.labels),
             as_numpy(test.features) if test is not None else None,
             num_classes,
-            args.c_values,
-            args.max_iter,
-            args.standardize,
-            args.l2_normalize,
-            args.seed,
+            options.c_values,
+            options.max_iter,
+            options.standardize,
+            options.l2_normalize,
+            options.seed,
         )
         val_report = evaluation_report(
             as_numpy(val.labels), fit.val_probs, class_names, group_ids_for(val_dataset, val.indices), positive
@@ -229,17 +211,17 @@ def run_log_regression(args: argparse.Namespace) -> Optional[dict]:
                 "image_size": ctx.backbone.image_size,
             },
             "datasets": {
-                "train": args.train_dataset,
-                "val": args.val_dataset or f"{args.val_fraction:g} of train",
-                "test": args.test_dataset,
-                "task": args.task,
+                "train": data.train,
+                "val": data.val or f"{options.val_fraction:g} of train",
+                "test": data.test,
+                "task": data.task,
             },
             "settings": {
-                "features": args.features,
-                "standardize": args.standardize,
-                "l2_normalize": args.l2_normalize,
-                "max_iter": args.max_iter,
-                "c_values": sorted(args.c_values),
+                "features": options.features,
+                "standardize": options.standardize,
+                "l2_normalize": options.l2_normalize,
+                "max_iter": options.max_iter,
+                "c_values": sorted(options.c_values),
                 "seconds": fit.seconds,
                 "train_samples": len(train),
                 "val_samples": len(val),
@@ -286,8 +268,10 @@ def _write(output_dir, results: dict, class_names) -> None:
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
-    args = get_args_parser().parse_args(argv)
-    return _dist.run_then_destroy(run_log_regression, args)
+    from .config import parse_config
+
+    cfg = parse_config("log_regression", get_args_parser(), argv)
+    return _dist.run_then_destroy(run_log_regression, cfg)
 
 
 if __name__ == "__main__":
