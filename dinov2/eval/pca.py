@@ -100,40 +100,31 @@ def render(images: np.ndarray, maps: np.ndarray, names: Sequence[str], path, tit
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    from .cli import add_backbone_arguments
+    """Flags and ``key=value`` options of :data:`dinov2.eval.config.FLAGS` ``["pca"]``."""
+    from .config import build_parser
 
-    parser = argparse.ArgumentParser(
-        "dinov2 patch PCA", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    add_backbone_arguments(parser)
-    parser.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
-    parser.add_argument("--max-images", type=int, default=8)
-    parser.add_argument("--output", required=True, help="PNG file to write")
-    parser.add_argument("--foreground-threshold", type=float, default=None, help="mask background patches (e.g. 0.5)")
-    parser.add_argument("--invert-foreground", action="store_true", help="the foreground is the low side of PC1")
+    parser = build_parser("pca", "dinov2 patch PCA", description=__doc__)
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
     return parser
 
 
 def main(argv: Optional[Iterable[str]] = None) -> int:
     from .cli import configure_logging
+    from .config import parse_config
     from .setup import build_model_for_eval
 
-    args = get_args_parser().parse_args(argv)
+    cfg = parse_config("pca", get_args_parser(), argv)
+    b, options = cfg.backbone, cfg.pca
     configure_logging()
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone = build_model_for_eval(
-        args.config_file,
-        args.pretrained_weights,
-        device,
-        arch=args.arch,
-        overrides=args.opts,
-        image_size=args.image_size,
+        b.config_file, b.pretrained_weights, device, arch=b.arch, overrides=b.overrides, image_size=b.image_size
     )
     size = backbone.image_size
     crop = v2.Compose(
         [v2.ToImage(), v2.Resize(size, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True)]
     )
-    paths = collect_image_paths(args.images, args.max_images)
+    paths = collect_image_paths(options.images, options.max_images)
     crops = []
     for path in paths:
         try:
@@ -144,8 +135,8 @@ def main(argv: Optional[Iterable[str]] = None) -> int:
     batch = torch.stack(crops)
     normalised = v2.Normalize(list(backbone.mean), list(backbone.std))(batch)
     features = patch_features(backbone.model, normalised.to(device))
-    maps = pca_rgb_maps(features, args.foreground_threshold, args.invert_foreground)
-    out = render(batch.permute(0, 2, 3, 1).numpy(), maps, [p.name for p in paths], args.output, backbone.description)
+    maps = pca_rgb_maps(features, options.foreground_threshold, options.invert_foreground)
+    out = render(batch.permute(0, 2, 3, 1).numpy(), maps, [p.name for p in paths], options.output, backbone.description)
     print(f"wrote {out} ({len(paths)} images, {features.shape[1]}x{features.shape[2]} patches each)")
     return 0
 
