@@ -33,6 +33,7 @@ __all__ = [
     "DataAugmentationDINO",
     "FastDataAugmentationDINO",
     "blur_probabilities",
+    "crop_size_pairs",
 ]
 
 AUGMENTATION_POLICIES = ("natural", "sketch")
@@ -60,7 +61,8 @@ class DataAugmentationDINO:
 
     * geometry: ``RandomResizedCrop`` (bicubic, antialiased) to ``global_crops_size`` with
       ``global_crops_scale`` (twice) or to ``local_crops_size`` with ``local_crops_scale``
-      (``local_crops_number`` times), then a horizontal flip with p=0.5;
+      (``local_crops_number`` times), then a horizontal flip with p=0.5; with ``size_pairs``
+      (high-resolution adaptation) the sizes are those of the pair :meth:`select_size_pair` chose;
     * photometry, ``policy="natural"`` (photos, the DINOv2 recipe): colour jitter
       (brightness 0.4, contrast 0.4, saturation 0.2, hue 0.1) with p=0.8, grayscale p=0.2,
       Gaussian blur (9x9, sigma 0.1-2.0) with p=1.0 on global crop 1, p=0.1 on global crop 2
@@ -110,6 +112,7 @@ class DataAugmentationDINO:
         upstream_blur_probs: bool = False,
         mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
         std: Sequence[float] = IMAGENET_DEFAULT_STD,
+        size_pairs: Sequence[Sequence[int]] = (),
     ):
         if policy not in AUGMENTATION_POLICIES:
             raise ValueError(f"crops.policy must be one of {AUGMENTATION_POLICIES}, got {policy!r}")
@@ -135,8 +138,17 @@ class DataAugmentationDINO:
 
         #: Input conversion: RGB (natural) or luminance for PIL inputs (sketch), see above.
         self.prepare = ToRGB() if policy == "natural" else ToLuminance()
-        self.geometric_global = self._geometric(self.global_crops_size, self.global_crops_scale)
-        self.geometric_local = self._geometric(self.local_crops_size, self.local_crops_scale)
+        #: ``(global size, local size)`` pairs a batch may use (high-resolution adaptation); the
+        #: first is the one in use until :meth:`select_size_pair` picks another.
+        self.size_pairs = [(int(g), int(lo)) for g, lo in size_pairs] or [(self.global_crops_size, self.local_crops_size)]
+        for global_size, local_size in self.size_pairs:
+            if global_size <= 0 or local_size <= 0:
+                raise ValueError(f"crop sizes must be positive, got the pair ({global_size}, {local_size})")
+        self._geometric_pairs = [
+            (self._geometric(g, self.global_crops_scale), self._geometric(lo, self.local_crops_scale))
+            for g, lo in self.size_pairs
+        ]
+        self.select_size_pair(0)
         normalize = make_normalize_transform(self.mean, self.std)
         colour = self._colour()
         solarize = [v2.RandomSolarize(threshold=SOLARIZE_THRESHOLD, p=SOLARIZE_PROB)] if policy == "natural" else []
@@ -146,9 +158,16 @@ class DataAugmentationDINO:
         )
         self.local_transform = v2.Compose([*colour, make_blur(self.blur_probs["local"], sigma), normalize])
 
+    def select_size_pair(self, index: int) -> None:
+        """Crop the following samples at size pair ``index`` of :attr:`size_pairs` (every sample
+        of a batch must use the same pair: :class:`~dinov2.train.data.CropSizeSchedule` decides)."""
+        self.size_index = int(index)
+        self.geometric_global, self.geometric_local = self._geometric_pairs[self.size_index]
+
     @classmethod
     def from_config(cls, crops_cfg: Any) -> DataAugmentationDINO:
-        """Build from the ``crops:`` section of the training config (see docs/ssl_components.md)."""
+        """Build from the ``crops:`` section of the training config (see docs/ssl_components.md;
+        ``crops.global_crops_sizes`` / ``local_crops_sizes``: docs/high_resolution.md)."""
         return cls(
             global_crops_scale=tuple(crops_cfg.global_crops_scale),
             local_crops_scale=tuple(crops_cfg.local_crops_scale),
@@ -159,6 +178,7 @@ class DataAugmentationDINO:
             upstream_blur_probs=crops_cfg.upstream_blur_probs,
             mean=tuple(crops_cfg.mean),
             std=tuple(crops_cfg.std),
+            size_pairs=crop_size_pairs(crops_cfg),
         )
 
     @staticmethod
@@ -186,11 +206,12 @@ class DataAugmentationDINO:
         return _sample(global_1, global_2, local)
 
     def __repr__(self) -> str:
+        sizes = f", size_pairs={self.size_pairs}" if len(self.size_pairs) > 1 else ""
         return (
             f"{type(self).__name__}(policy={self.policy!r}, global={self.global_crops_size}px "
             f"scale={self.global_crops_scale}, local={self.local_crops_number}x{self.local_crops_size}px "
             f"scale={self.local_crops_scale}, blur_probs={self.blur_probs}, "
-            f"upstream_blur_probs={self.upstream_blur_probs})"
+            f"upstream_blur_probs={self.upstream_blur_probs}{sizes})"
         )
 
 
@@ -232,6 +253,22 @@ class FastDataAugmentationDINO(DataAugmentationDINO):
             kernel = _fast_kernel(step)
             image = step(image) if kernel is None else kernel(step, image)
         return image
+
+
+def crop_size_pairs(crops_cfg: Any) -> list[tuple[int, int]]:
+    """The ``(global, local)`` crop size pairs of a ``crops:`` config section:
+    ``zip(global_crops_sizes, local_crops_sizes)`` when set (high-resolution adaptation), else
+    the one pair ``(global_crops_size, local_crops_size)``."""
+    global_sizes = list(crops_cfg.get("global_crops_sizes", None) or [])
+    local_sizes = list(crops_cfg.get("local_crops_sizes", None) or [])
+    if len(global_sizes) != len(local_sizes):
+        raise ValueError(
+            f"crops.global_crops_sizes ({global_sizes}) and crops.local_crops_sizes ({local_sizes}) must have "
+            "the same length: one (global, local) pair each"
+        )
+    if not global_sizes:
+        return [(int(crops_cfg.global_crops_size), int(crops_cfg.local_crops_size))]
+    return [(int(g), int(lo)) for g, lo in zip(global_sizes, local_sizes)]
 
 
 def _sample(global_1: torch.Tensor, global_2: torch.Tensor, local: list[torch.Tensor]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from torch.utils.data import default_collate
 
 from dinov2.data.masking import MaskingGenerator
 
-__all__ = ["build_collate_fn_from_config", "collate_data_and_cast", "mask_ratio_bins"]
+__all__ = ["CollateBySize", "build_collate_fn_from_config", "collate_data_and_cast", "mask_ratio_bins"]
 
 
 def _as_random(generator: random.Random | torch.Generator | None):
@@ -154,19 +154,47 @@ def collate_data_and_cast(
     return out
 
 
+class CollateBySize:
+    """The collate function of a batch's global crop size (high-resolution adaptation: every
+    batch uses one ``(global, local)`` size pair, and its iBOT masks cover that patch grid)."""
+
+    def __init__(self, collates: dict):
+        self.collates = dict(collates)
+
+    def __call__(self, samples_list, generator=None):
+        kept = [s for s in samples_list if s is not None]
+        if not kept:
+            raise ValueError(f"collate: all {len(samples_list)} samples of the batch were skipped (None)")
+        first = kept[0][0] if isinstance(kept[0], (tuple, list)) else kept[0]
+        size = int(first["global_crops"][0].shape[-1])
+        if size not in self.collates:
+            raise ValueError(f"collate: global crops of {size} px, but the configured sizes are {sorted(self.collates)}")
+        return self.collates[size](samples_list, generator=generator)
+
+
 def build_collate_fn_from_config(cfg: Any, patch_size: int, dtype: torch.dtype = torch.float32):
     """``functools.partial`` of :func:`collate_data_and_cast` set up from the training config.
 
     Reads ``crops.global_crops_size``, ``ibot.mask_ratio_min_max`` and
     ``ibot.mask_sample_probability``; blocks are at most half the patch grid (as in DINOv2).
     With ``ibot.loss_weight`` 0 nothing is masked (no mask would be used, and drawing the blocks
-    cost a tenth of the main-process loading time of the Quick, Draw! recipe).
+    cost a tenth of the main-process loading time of the Quick, Draw! recipe). With several
+    ``crops.global_crops_sizes`` (high-resolution adaptation), a :class:`CollateBySize` over one
+    such function per size.
     """
+    sizes = [int(size) for size in (cfg.crops.get("global_crops_sizes", None) or [])]
+    if len(set(sizes)) > 1:
+        return CollateBySize({size: _collate_for_size(cfg, size, patch_size, dtype) for size in sorted(set(sizes))})
+    size = sizes[0] if sizes else int(cfg.crops.global_crops_size)
+    return _collate_for_size(cfg, size, patch_size, dtype)
+
+
+def _collate_for_size(cfg: Any, size: int, patch_size: int, dtype: torch.dtype):
     from functools import partial
 
-    size = int(cfg.crops.global_crops_size)
     if size % patch_size != 0:
-        raise ValueError(f"crops.global_crops_size={size} is not a multiple of the patch size {patch_size}")
+        key = "crops.global_crops_sizes" if cfg.crops.get("global_crops_sizes", None) else "crops.global_crops_size"
+        raise ValueError(f"{key}: {size} is not a multiple of the patch size {patch_size}")
     grid = size // patch_size
     mask_generator = MaskingGenerator(input_size=(grid, grid), max_num_patches=max(4, int(0.5 * grid * grid)))
     return partial(

@@ -15,6 +15,12 @@ loader worker ``w`` of ``K``: the ``n``-th sample of reader ``r * K + w`` is at 
 rank consumed (:class:`~dinov2.data.datasets.webdataset_shards.WebDatasetStream`), so a resumed run
 sees the same samples, crops and masks, for the same world size and ``train.num_workers``.
 Other iterable datasets are streamed with per-worker randomness and restart on resume.
+
+High-resolution adaptation (``crops.global_local_crop_pairs_ratios``): each batch uses one
+``(global, local)`` crop size pair, drawn with the given probabilities by
+:class:`CropSizeSchedule` from ``(train.seed, batch index)``; the batch index is computed from a
+sample's position, so every rank and every loader worker crops the samples of one training
+iteration at the same sizes, and a resumed run draws the sizes the interrupted one would have.
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from omegaconf import DictConfig
 from torch.utils.data import Dataset, IterableDataset
 
 from dinov2.checkpoint import derive_seed
-from dinov2.data.augmentations import FastDataAugmentationDINO
+from dinov2.data.augmentations import FastDataAugmentationDINO, crop_size_pairs
 from dinov2.data.collate import build_collate_fn_from_config
 from dinov2.data.datasets.webdataset_shards import WebDatasetStream
 from dinov2.data.image_io import SkipBadSamples
@@ -41,6 +47,7 @@ from dinov2.data.spec import parse_dataset_spec
 logger = logging.getLogger("dinov2")
 
 __all__ = [
+    "CropSizeSchedule",
     "PositionedInfiniteSampler",
     "SeededSampleDataset",
     "SeededSampleStream",
@@ -52,6 +59,7 @@ __all__ = [
 # Streams of derive_seed(seed, position, stream): kept apart so crops and masks are independent.
 _AUGMENTATION_STREAM = 1
 _MASK_STREAM = 2
+_CROP_SIZE_STREAM = 3
 
 
 @contextlib.contextmanager
@@ -66,9 +74,90 @@ def _callers_rng_kept():
         np.random.set_state(numpy_state)
 
 
-def _seeded_sample(seed: int, position: int, load, key):
+class CropSizeSchedule:
+    """The ``(global, local)`` crop size pair of every batch, drawn with probabilities ``ratios``
+    from ``(seed, batch index)`` alone (the same on every rank, reproducible on resume).
+
+    ``batch_of_position`` maps a sample position to its batch index: for a map-style dataset
+    with the infinite sampler, positions ``[b * B * W, (b + 1) * B * W)`` make up iteration ``b``
+    of all ``W`` ranks; for a WebDataset stream read by ``K`` workers per rank, the ``n``-th sample
+    of reader ``r * K + w`` is in that reader's batch ``n // B``, which its rank takes as batch
+    ``(n // B) * K + w`` (the loader takes batches from its workers in turn).
+    """
+
+    def __init__(
+        self, pairs, ratios, seed: int, batch_size: int, world_size: int, stream_workers: Optional[int] = None
+    ):
+        self.pairs = [(int(g), int(lo)) for g, lo in pairs]
+        self.ratios = [float(r) for r in ratios]
+        if len(self.ratios) != len(self.pairs):
+            raise ValueError(
+                f"crops.global_local_crop_pairs_ratios has {len(self.ratios)} entries for {len(self.pairs)} "
+                "(crops.global_crops_sizes, crops.local_crops_sizes) pairs; give one probability per pair"
+            )
+        if any(r < 0 for r in self.ratios) or abs(sum(self.ratios) - 1.0) > 1e-6:
+            raise ValueError(
+                f"crops.global_local_crop_pairs_ratios must be non-negative and sum to 1, got {self.ratios}"
+            )
+        self.seed = int(seed)
+        self.batch_size = int(batch_size)
+        self.world_size = int(world_size)
+        self.stream_workers = None if stream_workers is None else max(int(stream_workers), 1)
+        self._cumulative = np.cumsum(self.ratios).tolist()
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig, world_size: int, stream_workers: Optional[int] = None):
+        """The schedule of ``crops.global_local_crop_pairs_ratios`` (None when it is empty)."""
+        ratios = list(cfg.crops.get("global_local_crop_pairs_ratios", None) or [])
+        if not ratios:
+            if cfg.crops.get("global_crops_sizes", None):
+                raise ValueError("crops.global_crops_sizes is set: give crops.global_local_crop_pairs_ratios too")
+            return None
+        return cls(
+            crop_size_pairs(cfg.crops),
+            ratios,
+            int(cfg.train.seed),
+            int(cfg.train.batch_size_per_gpu),
+            world_size,
+            stream_workers=stream_workers,
+        )
+
+    def pair_index(self, batch_index: int) -> int:
+        """Index into :attr:`pairs` of batch ``batch_index``."""
+        draw = random.Random(derive_seed(self.seed, int(batch_index), _CROP_SIZE_STREAM)).random()
+        for index, edge in enumerate(self._cumulative):
+            if draw < edge:
+                return index
+        return len(self.pairs) - 1  # draw above a sum rounded below 1
+
+    def batch_of_position(self, position: int) -> int:
+        if self.stream_workers is None:
+            return int(position) // (self.batch_size * self.world_size)
+        workers = self.stream_workers
+        n = int(position) // (self.world_size * workers)
+        return (n // self.batch_size) * workers + int(position) % workers
+
+    def pair_of_position(self, position: int) -> int:
+        return self.pair_index(self.batch_of_position(position))
+
+
+class _SizedTransform:
+    """Before each sample: point the augmentation at its batch's crop size pair."""
+
+    def __init__(self, augmentation, schedule: CropSizeSchedule):
+        self.augmentation = augmentation
+        self.schedule = schedule
+
+    def __call__(self, position: int) -> None:
+        self.augmentation.select_size_pair(self.schedule.pair_of_position(position))
+
+
+def _seeded_sample(seed: int, position: int, load, key, before=None):
     """``load(key)`` -> ``(image, target)`` (or ``None``) under RNG states seeded by ``(seed, position)``;
-    returns ``(image, target, position)`` (or ``None``)."""
+    returns ``(image, target, position)`` (or ``None``). ``before(position)`` runs first (the
+    crop size of the sample's batch)."""
+    if before is not None:
+        before(position)
     value = derive_seed(seed, position, _AUGMENTATION_STREAM)
     # The CPU generator only: torch.manual_seed would also queue lazy CUDA seeding, which
     # records a formatted stack on every call in a CUDA build without a GPU (half of the
@@ -102,9 +191,10 @@ class SeededSampleDataset(Dataset):
     ``None`` samples (images skipped by the bad-image policy) stay ``None``.
     """
 
-    def __init__(self, dataset: Dataset, seed: int):
+    def __init__(self, dataset: Dataset, seed: int, before=None):
         self.dataset = dataset
         self.seed = int(seed)
+        self.before = before
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -119,7 +209,10 @@ class SeededSampleDataset(Dataset):
         saving and restoring numpy's global state alone costs about 0.16 ms, and the per-sample
         save / restore was about a fifth of the loading time of a Quick, Draw! sample (730 us)."""
         with _callers_rng_kept():
-            return [_seeded_sample(self.seed, position, self.dataset.__getitem__, index) for position, index in keys]
+            return [
+                _seeded_sample(self.seed, position, self.dataset.__getitem__, index, self.before)
+                for position, index in keys
+            ]
 
 
 class SeededSampleStream(IterableDataset):
@@ -129,14 +222,15 @@ class SeededSampleStream(IterableDataset):
     states are restored around every sample. Saving and restoring the stream position goes to the
     wrapped stream (``stream_state`` / ``start_at_batch``)."""
 
-    def __init__(self, stream: WebDatasetStream, seed: int):
+    def __init__(self, stream: WebDatasetStream, seed: int, before=None):
         self.stream = stream
         self.seed = int(seed)
+        self.before = before
 
     def __iter__(self):
         for position, raw in self.stream.positioned_samples():
             with _callers_rng_kept():
-                sample = _seeded_sample(self.seed, position, self.stream.decode_sample, raw)
+                sample = _seeded_sample(self.seed, position, self.stream.decode_sample, raw, self.before)
             yield sample
 
     def stream_state(self) -> dict:
@@ -189,7 +283,8 @@ def build_train_data_loader(
     """The training loader of this rank and the underlying dataset.
 
     ``dataset`` replaces ``train.dataset_path`` (tests, programmatic use); its transform must be
-    unset: the multi-crop augmentation from ``crops.*`` is installed here.
+    unset: the multi-crop augmentation from ``crops.*`` is installed here. With
+    ``crops.global_local_crop_pairs_ratios`` each batch's crop sizes follow :class:`CropSizeSchedule`.
     """
     augmentation = FastDataAugmentationDINO.from_config(cfg.crops)  # the v2 reference's crops, faster
     if dataset is None:
@@ -214,12 +309,19 @@ def build_train_data_loader(
                 "batches from its workers in turn); write more shards or lower train.num_workers"
             )
         dataset.rank, dataset.world_size = rank, world_size  # this rank's shards
+        sizes = CropSizeSchedule.from_config(cfg, world_size, stream_workers=num_workers)
+        before = _SizedTransform(augmentation, sizes) if sizes is not None else None
         loader = _seeded_loader(
-            SeededSampleStream(dataset, seed), None, collate, batch_size, num_workers, seed, world_size
+            SeededSampleStream(dataset, seed, before), None, collate, batch_size, num_workers, seed, world_size
         )
         return loader, dataset
 
     if isinstance(dataset, IterableDataset):
+        if CropSizeSchedule.from_config(cfg, world_size) is not None:
+            raise ValueError(
+                "crops.global_local_crop_pairs_ratios needs a map-style dataset or a WebDataset stream (the crop "
+                f"size of a batch is drawn from its sample positions); {type(dataset).__name__} has none"
+            )
         logger.warning(
             "training on an iterable dataset: augmentation randomness is per worker and a resumed run "
             "restarts the stream (no exact resume)"
@@ -242,8 +344,10 @@ def build_train_data_loader(
             f"the training dataset has {len(dataset)} images, fewer than train.batch_size_per_gpu={batch_size}"
         )
     sampler = PositionedInfiniteSampler(len(dataset), shuffle=True, seed=seed, rank=rank, world_size=world_size)
+    sizes = CropSizeSchedule.from_config(cfg, world_size)
+    before = _SizedTransform(augmentation, sizes) if sizes is not None else None
     loader = _seeded_loader(
-        SeededSampleDataset(dataset, seed), sampler, collate, batch_size, num_workers, seed, world_size
+        SeededSampleDataset(dataset, seed, before), sampler, collate, batch_size, num_workers, seed, world_size
     )
     return loader, dataset
 
