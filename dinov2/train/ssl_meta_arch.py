@@ -16,6 +16,10 @@ in one list forward. Each head module is called once per step with its token gro
 CLS tokens, local-crop CLS tokens, masked patch tokens); how each group is normalised is the
 head's business (:class:`~dinov2.layers.dino_head.DINOHead`). A loss whose weight is 0 is not
 computed at all.
+
+Gram anchoring (``gram.use_loss``) adds ``gram_loss`` on the student's global-crop patch tokens
+against a :class:`~dinov2.train.gram_teacher.GramTeacher`, which the trainer owns (its weights
+are not part of this module's ``state_dict``) and passes to :meth:`SSLMetaArch.forward_backward`.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ from torch import nn
 
 from dinov2 import distributed
 from dinov2.layers.dino_head import DINOHead
-from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.loss import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.train.warm_start import load_warm_start_weights
 
@@ -116,6 +120,10 @@ class SSLMetaArch(nn.Module):
         # Neighbours over the global batch, so a multi-rank run computes the same KoLeo term as
         # one process with the whole batch (dino.koleo_distributed=false: per rank, as upstream).
         self.koleo_loss = KoLeoLoss(distributed=bool(cfg.dino.koleo_distributed))
+        self.gram_loss_weight = float(cfg.gram.loss_weight) if cfg.gram.use_loss else 0.0
+        self.gram_loss = GramLoss(
+            remove_neg=bool(cfg.gram.remove_neg), remove_only_teacher_neg=bool(cfg.gram.remove_only_teacher_neg)
+        )
         self._center_backup: Optional[Dict[str, torch.Tensor]] = None
 
     @staticmethod
@@ -165,24 +173,30 @@ class SSLMetaArch(nn.Module):
 
     # ---------------------------------------------------------------- teacher
     @torch.no_grad()
-    def _teacher_targets(
-        self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: int, teacher_temp: float
-    ):
-        """Teacher targets: per global crop for DINO, per masked patch for iBOT."""
-        device = global_crops.device
-        with self._autocast(self.teacher_dtype, device):
+    def _teacher_logits(
+        self, global_crops: torch.Tensor, mask_indices: torch.Tensor
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(DINO logits of the teacher's global-crop CLS tokens, iBOT logits of its patch tokens at
+        ``mask_indices``), each None when its loss is off. Distillation students override this
+        (:mod:`dinov2.train.distill_meta_arch`): their targets come from a frozen teacher."""
+        with self._autocast(self.teacher_dtype, global_crops.device):
             out = self.teacher["backbone"](global_crops, is_training=True)
-            cls_tokens = out["x_norm_clstoken"]
-            batch = cls_tokens.shape[0] // self.n_global_crops
             masked_tokens = None
             if self.do_ibot:
                 patch_tokens = out["x_norm_patchtokens"].flatten(0, 1)
                 masked_tokens = torch.index_select(patch_tokens, 0, mask_indices)
             # The teacher's CLS tokens of both global crops are one group (one crop size).
-            cls_groups = [cls_tokens] if self.do_dino else []
+            cls_groups = [out["x_norm_clstoken"]] if self.do_dino else []
             dino_groups, ibot_logits = self._head_logits(self.teacher, cls_groups, masked_tokens)
-            dino_logits = dino_groups[0] if dino_groups else None
+        return (dino_groups[0] if dino_groups else None), ibot_logits
 
+    @torch.no_grad()
+    def _teacher_targets(
+        self, global_crops: torch.Tensor, mask_indices: torch.Tensor, n_masked: int, teacher_temp: float
+    ):
+        """Teacher targets: per global crop for DINO, per masked patch for iBOT."""
+        dino_logits, ibot_logits = self._teacher_logits(global_crops, mask_indices)
+        batch = global_crops.shape[0] // self.n_global_crops
         dino_targets = ibot_targets = None
         if dino_logits is not None:
             dino_logits = dino_logits.float()
@@ -204,7 +218,9 @@ class SSLMetaArch(nn.Module):
         return dino_targets, ibot_targets
 
     # ------------------------------------------------------------------- step
-    def forward_backward(self, data: dict, teacher_temp: float, scaler=None) -> Dict[str, torch.Tensor]:
+    def forward_backward(
+        self, data: dict, teacher_temp: float, scaler=None, gram_targets: Optional[torch.Tensor] = None
+    ) -> Dict[str, torch.Tensor]:
         """Compute every loss term on one collated batch and back-propagate the weighted total.
 
         Args:
@@ -212,11 +228,14 @@ class SSLMetaArch(nn.Module):
                 model's device.
             teacher_temp: teacher softmax temperature of this iteration.
             scaler: a ``torch.amp.GradScaler`` (fp16) or None.
+            gram_targets: the Gram teacher's patch tokens of the global crops on the student's
+                patch grid (:meth:`~dinov2.train.gram_teacher.GramTeacher.patch_tokens`), when the
+                Gram term is on at this iteration; None otherwise.
 
         Returns:
             Detached scalar tensors: ``dino_global_crops_loss`` and ``dino_local_crops_loss``
             (shares of ``dino_loss``, which is their sum), ``dino_loss``, ``ibot_loss``,
-            ``koleo_loss`` (each unweighted, only those computed) and ``total_loss`` (weighted sum,
+            ``koleo_loss``, ``gram_loss`` (each unweighted, only those computed) and ``total_loss`` (weighted sum,
             the value back-propagated).
         """
         self._backup_centers()
@@ -286,6 +305,12 @@ class SSLMetaArch(nn.Module):
             )
             losses["ibot_loss"] = ibot
             total = total + self.ibot_loss_weight * ibot
+        if gram_targets is not None:
+            # On the student's (masked) global-crop patches, as DINOv3: the Gram teacher saw the
+            # unmasked crops, so the term also asks masked patches to keep their similarities.
+            gram = self.gram_loss(global_out["x_norm_patchtokens"], gram_targets)
+            losses["gram_loss"] = gram
+            total = total + self.gram_loss_weight * gram
         losses["total_loss"] = total
 
         if scaler is not None:
@@ -293,6 +318,15 @@ class SSLMetaArch(nn.Module):
         else:
             total.backward()
         return {name: value.detach() for name, value in losses.items()}
+
+    @torch.no_grad()
+    def gram_targets(self, gram_teacher: nn.Module, global_crops: torch.Tensor) -> torch.Tensor:
+        """The Gram teacher's patch tokens of ``global_crops`` on the student's patch grid, in the
+        teacher's precision (the ``gram_targets`` of :meth:`forward_backward`)."""
+        patch_size = self.student["backbone"].patch_size
+        grid = (global_crops.shape[-2] // patch_size, global_crops.shape[-1] // patch_size)
+        with self._autocast(self.teacher_dtype, global_crops.device):
+            return gram_teacher.patch_tokens(global_crops, grid)
 
     # ------------------------------------------------------------ EMA teacher
     @torch.no_grad()
