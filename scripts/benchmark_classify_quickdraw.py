@@ -59,7 +59,7 @@ def recipe(mode: str, args) -> list:
         "data.resize_size=28",
         f"data.num_workers={args.workers}",
         "heads.pooling=cls+mean",
-        "log_every=0",
+        "logging.log_period_iterations=0",
     ]
     if mode == "probe":
         return common + [

@@ -14,5 +14,5 @@ python=${PYTHON:-python}
   data.mean=[0.5,0.5,0.5] data.std=[0.5,0.5,0.5] \
   backbone.arch=vit_tiny backbone.patch_size=6 backbone.embed_dim=128 backbone.depth=4 backbone.num_heads=4 \
   heads.pooling=cls+mean optim.mode=full optim.epochs=20 optim.head_lr=1e-3 optim.backbone_lr=5e-4 \
-  optim.layer_decay=0.9 optim.warmup_epochs=2 log_every=0 "$@"
+  optim.layer_decay=0.9 optim.warmup_epochs=2 logging.log_period_iterations=0 "$@"
 "$python" -m dinov2.classify.predict --model "$out/run" --images "$out/data/images" --output "$out/predictions.csv"

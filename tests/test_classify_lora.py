@@ -81,7 +81,7 @@ def test_lpft_stage_two_changes_only_adapters_and_heads(tmp_path):
             "lpft.r=2",
             "lpft.lr=0.01",
             "optim.warmup_epochs=0",
-            "checkpoint.keep=5",
+            "checkpointing.keep_last=5",
         ],
     )
     summary = train_classifier(cfg)

@@ -48,7 +48,7 @@ def _cfg(output_dir, shapes, *extra):
 
 
 def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
-    extra = ["optim.mode=full", "optim.epochs=3", "checkpoint.keep=5", "optim.warmup_epochs=0.5"]
+    extra = ["optim.mode=full", "optim.epochs=3", "checkpointing.keep_last=5", "optim.warmup_epochs=0.5"]
     summary = train_classifier(_cfg(tmp_path / "a", shapes, *extra))
     out = tmp_path / "a"
     for name in ("config.yaml", "metrics.jsonl", "model_final.pth", "model_best.pth", "summary.json"):

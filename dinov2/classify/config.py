@@ -1,138 +1,111 @@
-"""Options of classifier training, as typed dataclasses merged with OmegaConf.
+"""Options of classifier training, loaded like training's (:mod:`dinov2.utils.config`).
 
-Defaults here, then an optional YAML file, then ``key=value`` overrides from the command line.
-Unknown keys and values of the wrong type raise :class:`dinov2.utils.config.ConfigError` naming
-the key. The merged config is written to ``<output_dir>/config.yaml``.
+Defaults in ``configs/classify/default.yaml``, then an optional YAML file (``--config-file``),
+then ``key=value`` overrides from the command line. Unknown keys (with the nearest valid one),
+values of the wrong type or outside :data:`SCHEMA`'s rules, options that do not fit together and
+retired keys (:data:`RETIRED_KEYS`, naming their replacement) raise
+:class:`dinov2.utils.config.ConfigError`, once, at load; the config is read-only afterwards and
+written to ``<output_dir>/config.yaml``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Optional, Sequence
 
-from omegaconf import MISSING, DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig
+from torchvision.transforms import InterpolationMode
 
-from dinov2.utils.config import ConfigError, parse_overrides
+from dinov2.utils.config import ConfigError, ConfigSchema, Length, OneOf, Range, load_task_config
+
+from .heads import POOLINGS
 
 MODES = ("probe", "partial", "full", "lpft")
 AMP_MODES = ("none", "bf16", "fp16")
+INTERPOLATIONS = tuple(mode.value for mode in InterpolationMode)
+
+# The type of each option whose default is null (tests/test_classify_config.py keeps it complete).
+NULL_DEFAULT_TYPES = {
+    "output_dir": "str",
+    "device": "str",
+    "backbone.weights": "str",
+    "backbone.img_size": "int",
+    "backbone.embed_dim": "int",
+    "backbone.depth": "int",
+    "backbone.num_heads": "int",
+    "heads.tasks": "list",
+    "data.train": "str",
+    "data.val": "str",
+    "data.max_train_samples": "int",
+    "data.max_val_samples": "int",
+    "data.resize_size": "int",
+    "data.mean": "list",
+    "data.std": "list",
+    "data.eval_batch_size": "int",
+    "optim.max_steps_per_epoch": "int",
+    "lpft.head_lr": "float",
+}
+
+# Keys renamed to match training's sections (checkpointing.*, logging.*).
+RETIRED_KEYS = {
+    "log_every": ("logging.log_period_iterations", "training's name for the steps between log lines"),
+    "checkpoint.every_epochs": ("checkpointing.period_epochs", "the section is named as training's"),
+    "checkpoint.keep": ("checkpointing.keep_last", "training's name for the resume states kept"),
+    "checkpoint.resume": ("checkpointing.resume", "the section is named as training's"),
+}
+
+_NON_NEGATIVE = Range(0)
+_POSITIVE = Range(0, low_open=True)
+_SHARE = Range(0, 1, high_open=True)
+RULES = {
+    "backbone.patch_size": Range(1),
+    "backbone.img_size": Range(1),
+    "backbone.embed_dim": Range(1),
+    "backbone.depth": Range(1),
+    "backbone.num_heads": Range(1),
+    "backbone.num_register_tokens": _NON_NEGATIVE,
+    "backbone.drop_path_rate": _SHARE,
+    "heads.pooling": OneOf(POOLINGS),
+    "heads.dropout": _SHARE,
+    "heads.loss_weights": _NON_NEGATIVE,
+    "data.val_fraction": _SHARE,
+    "data.max_train_samples": Range(1),
+    "data.max_val_samples": Range(1),
+    "data.crop_size": Range(1),
+    "data.resize_size": Range(1),
+    "data.mean": (Length(3), Range()),
+    "data.std": (Length(3), _POSITIVE),
+    "data.interpolation": OneOf(INTERPOLATIONS),
+    "data.min_scale": Range(0, 1, low_open=True),
+    "data.batch_size": Range(1),
+    "data.eval_batch_size": Range(1),
+    "data.num_workers": _NON_NEGATIVE,
+    "optim.mode": OneOf(MODES),
+    "optim.epochs": Range(1),
+    "optim.head_lr": _NON_NEGATIVE,
+    "optim.backbone_lr": _NON_NEGATIVE,
+    "optim.layer_decay": Range(0, 1, low_open=True),
+    "optim.unfreeze_last_k": _NON_NEGATIVE,
+    "optim.weight_decay": _NON_NEGATIVE,
+    "optim.warmup_epochs": _NON_NEGATIVE,
+    "optim.min_lr_ratio": Range(0, 1),
+    "optim.grad_clip": _POSITIVE,
+    "optim.label_smoothing": _SHARE,
+    "optim.amp": OneOf(AMP_MODES),
+    "optim.max_steps_per_epoch": Range(1),
+    "lpft.probe_epochs": _NON_NEGATIVE,
+    "lpft.r": Range(1),
+    "lpft.alpha": _POSITIVE,
+    "lpft.dropout": _SHARE,
+    "lpft.lr": _NON_NEGATIVE,
+    "lpft.head_lr": _NON_NEGATIVE,
+    "checkpointing.period_epochs": Range(1),
+    "logging.log_period_iterations": _NON_NEGATIVE,
+}
 
 
-@dataclass
-class BackboneOptions:
-    # random | hub:<entry> | training output dir | weights file | timm:<name>  (dinov2.hub.sources)
-    source: str = "random"
-    weights: Optional[str] = None  # weights for hub:/timm:, or another export of a training dir
-    arch: str = "vit_small"  # shape of a random backbone ...
-    patch_size: int = 16
-    img_size: Optional[int] = None  # ... (default: data.crop_size)
-    embed_dim: Optional[int] = None
-    depth: Optional[int] = None
-    num_heads: Optional[int] = None  # also overrides the embed_dim // 64 guess for weights files
-    num_register_tokens: int = 0
-    drop_path_rate: float = 0.0  # stochastic depth while fine-tuning
-
-
-@dataclass
-class HeadOptions:
-    pooling: str = "cls"  # cls | mean | cls+mean
-    tasks: Optional[List[str]] = None  # default: every task (label column) of the training set
-    single_task_name: str = "label"  # task name for single-label datasets
-    dropout: float = 0.0
-    loss_weights: Dict[str, float] = field(default_factory=dict)
-
-
-@dataclass
-class DataOptions:
-    train: str = MISSING  # dataset spec, e.g. CSV:path=/data/labels.csv
-    val: Optional[str] = None  # dataset spec; or carve val_fraction out of train
-    val_fraction: float = 0.0
-    max_train_samples: Optional[int] = None  # random subset (benchmarks, smoke runs)
-    max_val_samples: Optional[int] = None
-    crop_size: int = 224
-    resize_size: Optional[int] = None  # default crop_size * 8/7
-    # Normalisation; default: the training run's crops.mean/std for a training-output backbone,
-    # ImageNet statistics otherwise.
-    mean: Optional[List[float]] = None
-    std: Optional[List[float]] = None
-    interpolation: str = "bicubic"
-    min_scale: float = 0.35  # RandomResizedCrop scale range (min_scale, 1)
-    hflip: bool = True
-    batch_size: int = 64
-    eval_batch_size: Optional[int] = None
-    num_workers: int = 2
-
-
-@dataclass
-class OptimOptions:
-    mode: str = "probe"  # probe | partial | full | lpft
-    epochs: int = 10  # all epochs; with lpft, lpft.probe_epochs of them are stage 1
-    head_lr: float = 1e-3
-    backbone_lr: float = 5e-5  # top block; lower blocks get layer_decay ** distance
-    layer_decay: float = 0.75
-    unfreeze_last_k: int = 2  # mode=partial
-    weight_decay: float = 0.05
-    warmup_epochs: float = 1.0
-    min_lr_ratio: float = 0.01  # cosine ends at this fraction of the peak
-    grad_clip: Optional[float] = 1.0
-    label_smoothing: float = 0.0
-    amp: str = "none"  # none | bf16 | fp16 (CUDA)
-    max_steps_per_epoch: Optional[int] = None
-    # mode=probe only: run the frozen backbone once over un-augmented train / val images and
-    # train the heads on the stored pooled features (much faster; no training augmentation).
-    cache_features: bool = False
-
-
-@dataclass
-class LPFTOptions:
-    probe_epochs: int = 5  # stage 1: heads on the frozen backbone
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    mlp: bool = False  # adapters on the MLP projections too
-    lr: float = 1e-3  # adapter lr (stage 2), layer_decay applies
-    head_lr: Optional[float] = None  # stage 2 head lr (default optim.head_lr / 10)
-    merge_on_export: bool = True  # model_*.pth hold merged weights
-
-
-@dataclass
-class CheckpointOptions:
-    every_epochs: int = 1
-    keep: int = 2  # newest resume states kept in checkpoints/ (<= 0: all; the SSL checkpoints' retention)
-    resume: bool = True
-
-
-@dataclass
-class ClassifyConfig:
-    output_dir: str = MISSING
-    seed: int = 0
-    device: Optional[str] = None  # default: cuda, then mps, then cpu
-    log_every: int = 50
-    backbone: BackboneOptions = field(default_factory=BackboneOptions)
-    heads: HeadOptions = field(default_factory=HeadOptions)
-    data: DataOptions = field(default_factory=DataOptions)
-    optim: OptimOptions = field(default_factory=OptimOptions)
-    lpft: LPFTOptions = field(default_factory=LPFTOptions)
-    checkpoint: CheckpointOptions = field(default_factory=CheckpointOptions)
-
-
-def _check_values(cfg: DictConfig) -> None:
-    def bad(key, value, allowed):
-        raise ConfigError(f"'{key}' must be one of {allowed}, got {value!r}")
-
-    if cfg.optim.mode not in MODES:
-        bad("optim.mode", cfg.optim.mode, MODES)
-    if cfg.optim.amp not in AMP_MODES:
-        bad("optim.amp", cfg.optim.amp, AMP_MODES)
-    from .heads import POOLINGS
-
-    if cfg.heads.pooling not in POOLINGS:
-        bad("heads.pooling", cfg.heads.pooling, POOLINGS)
-    if cfg.optim.epochs < 1:
-        raise ConfigError(f"'optim.epochs' must be >= 1, got {cfg.optim.epochs}")
-    if cfg.optim.mode == "lpft" and not 0 <= cfg.lpft.probe_epochs < cfg.optim.epochs:
+def _check_together(cfg: DictConfig) -> None:
+    """Options that are each valid but do not fit together."""
+    if cfg.optim.mode == "lpft" and not cfg.lpft.probe_epochs < cfg.optim.epochs:
         raise ConfigError(
             f"'lpft.probe_epochs' ({cfg.lpft.probe_epochs}) must be in [0, optim.epochs={cfg.optim.epochs})"
         )
@@ -140,29 +113,22 @@ def _check_values(cfg: DictConfig) -> None:
         raise ConfigError(f"'optim.cache_features' needs optim.mode=probe (a frozen backbone), got {cfg.optim.mode!r}")
     if cfg.data.val is not None and cfg.data.val_fraction > 0:
         raise ConfigError("set either 'data.val' or 'data.val_fraction', not both")
+    if cfg.data.resize_size is not None and cfg.data.resize_size < cfg.data.crop_size:
+        raise ConfigError(f"'data.resize_size' {cfg.data.resize_size} must be >= 'data.crop_size' {cfg.data.crop_size}")
+
+
+SCHEMA = ConfigSchema(
+    name="classifier training",
+    defaults=("classify/default.yaml",),
+    null_types=NULL_DEFAULT_TYPES,
+    retired=RETIRED_KEYS,
+    rules=RULES,
+    required=("output_dir", "data.train"),
+    checks=(_check_together,),
+    open_sections=("heads.loss_weights",),
+)
 
 
 def load_classify_config(config_file: Optional[str] = None, overrides: Sequence[str] = ()) -> DictConfig:
-    """Defaults, then ``config_file``, then ``key=value`` overrides; checked."""
-    cfg = OmegaConf.structured(ClassifyConfig)
-    layers = []
-    if config_file:
-        path = Path(config_file)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {config_file}")
-        try:
-            layers.append((OmegaConf.load(path), str(path)))
-        except Exception as error:
-            raise ConfigError(f"cannot parse config file {path}: {error}") from None
-    if overrides:
-        layers.append((parse_overrides(overrides), "command-line override"))
-    for layer, source in layers:
-        try:
-            cfg = OmegaConf.merge(cfg, layer)
-        except OmegaConfBaseException as error:
-            raise ConfigError(f"{source}: {error}".splitlines()[0]) from None
-    missing = sorted(OmegaConf.missing_keys(cfg))
-    if missing:
-        raise ConfigError(f"required options not set: {missing}")
-    _check_values(cfg)
-    return cfg
+    """Defaults, then ``config_file``, then ``key=value`` overrides; validated and read-only."""
+    return load_task_config(SCHEMA, config_file, overrides)

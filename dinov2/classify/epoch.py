@@ -70,7 +70,8 @@ def train_one_epoch(
         totals["loss"] = totals.get("loss", 0.0) + loss.item()
         for task, value in per_task.items():
             totals[f"loss_{task}"] = totals.get(f"loss_{task}", 0.0) + value.item()
-        if cfg.log_every and (i + 1) % cfg.log_every == 0:
+        period = cfg.logging.log_period_iterations
+        if period and (i + 1) % period == 0:
             logger.info("classify: epoch %d step %d/%d loss %.4f", epoch + 1, i + 1, steps, loss.item())
     report: Dict[str, object] = {
         "epoch": epoch + 1,

@@ -9,7 +9,7 @@ file or the new one, never half of one, and a full disk is named), its SHA-256 r
 as the SSL checkpoints record theirs (``epoch_<n>.pth.sha256``, ``sha256sum -c`` format; checked
 before the state is loaded, since torch reads a file changed in place without complaint), and
 pruned by the core's retention policy (:meth:`dinov2.checkpoint.CheckpointManager.to_delete`,
-``checkpoint.keep`` newest kept; ``<= 0`` keeps all), counted in epochs.
+``checkpointing.keep_last`` newest kept; ``<= 0`` keeps all), counted in epochs.
 """
 
 from __future__ import annotations

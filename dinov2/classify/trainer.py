@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.image_io import SkipBadSamples
@@ -70,7 +70,16 @@ class ClassifierTrainer:
             if cfg.optim.mode == "lpft"
             else None
         )
-        self.metrics = MetricsLogger(self.output_dir, file_name=METRICS_FILE, step_key="epoch", describe=self._describe)
+        # logging.tensorboard / logging.wandb: the epoch records also go to TensorBoard and W&B.
+        self.metrics = MetricsLogger(
+            self.output_dir,
+            file_name=METRICS_FILE,
+            step_key="epoch",
+            describe=self._describe,
+            tracking=cfg.get("logging"),
+            run_config=OmegaConf.to_container(cfg, resolve=True),
+            job_type="classify",
+        )
 
     # -- set-up
     def _build_backbone(self):
@@ -114,9 +123,9 @@ class ClassifierTrainer:
             backbone=self.backbone_spec,
             heads=self.head_specs,
             preprocessing=self.preprocessing,
-            head_dropout=float(self.cfg.heads.dropout),
+            head_dropout=self.cfg.heads.dropout,
             lora=self.lora if with_lora else None,
-            extra={"mode": self.cfg.optim.mode, "backbone_source": str(self.cfg.backbone.source)},
+            extra={"mode": self.cfg.optim.mode, "backbone_source": self.cfg.backbone.source},
         )
 
     def export(self, path: Path) -> Path:
@@ -148,7 +157,7 @@ class ClassifierTrainer:
 
     def _resume(self) -> Optional[dict]:
         """Load the newest resume state into the model (adapters first, if it has them)."""
-        path = latest_resume_state(self.output_dir) if self.cfg.checkpoint.resume else None
+        path = latest_resume_state(self.output_dir) if self.cfg.checkpointing.resume else None
         if path is None:
             return None
         state = read_resume_state(path)
@@ -194,7 +203,8 @@ class ClassifierTrainer:
         state = self._resume()
         start_epoch = int(state["epoch"]) if state else 0
         best, best_epoch = (state["best_metric"], state["best_epoch"]) if state else (None, None)
-        self.metrics.truncate_after(start_epoch)  # epochs after the resume state are trained again
+        # Epochs after the resume state are trained again: their lines (and tracked points) go.
+        self.metrics.start(start_epoch)
         if cfg.optim.cache_features and start_epoch < cfg.optim.epochs:
             self._cache_features()
 
@@ -222,7 +232,7 @@ class ClassifierTrainer:
                     self.export(self.output_dir / "model_best.pth")
             epoch_report["trainable_params"] = stage_params[stage.name]
             self.metrics.log(epoch_report)
-            if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.checkpoint.every_epochs == 0:
+            if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.checkpointing.period_epochs == 0:
                 resume_state = {
                     "epoch": epoch + 1,
                     "stage": stage.name,
@@ -233,7 +243,7 @@ class ClassifierTrainer:
                     "best_metric": best,
                     "best_epoch": best_epoch,
                 }
-                write_resume_state(self.output_dir, resume_state, keep=cfg.checkpoint.keep)
+                write_resume_state(self.output_dir, resume_state, keep=cfg.checkpointing.keep_last)
         final_path = self.export(self.output_dir / "model_final.pth")
         summary = {
             "final": epoch_report.get("val") if epoch_report else None,
@@ -244,6 +254,7 @@ class ClassifierTrainer:
             "model_best": str(self.output_dir / "model_best.pth") if best_epoch else None,
         }
         atomic_write_text(self.output_dir / SUMMARY_FILE, json.dumps(summary, indent=2))
+        self.metrics.close()
         return summary
 
 
