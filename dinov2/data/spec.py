@@ -4,14 +4,22 @@ This is the one place where spec strings are split and their values converted. E
 declares its keys as a mapping ``name -> SpecKey``; :func:`parse_dataset_spec` turns the string into
 ``(kind, options)`` and :func:`resolve_options` checks the keys of one kind, converts the values and
 fills in defaults. Unknown kinds and keys are errors that list the valid ones.
+
+A value may itself contain ``:`` (``urls=https://host:8080/train-{000000..000009}.tar``,
+``urls=pipe:aws s3 cp s3://bucket/a.tar -``): a ``:`` only starts the next key when the text after
+it is ``name=`` with ``name`` a key-like word (letters, digits, ``_``, ``.``, ``-``; no ``/`` or
+spaces). Everything else up to such a ``:`` belongs to the value.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 _MISSING = object()
+# The start of a ``key=value`` part; any other part continues the value before it.
+_KEY_PART = re.compile(r"\s*[A-Za-z_][A-Za-z0-9_.-]*\s*=")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off"}
 
@@ -59,17 +67,22 @@ def parse_dataset_spec(spec: str) -> tuple[str, dict[str, str]]:
     kind = kind.strip()
     if not kind:
         raise DatasetSpecError(f"dataset spec {spec!r} has no kind before the first ':'")
-    options: dict[str, str] = {}
+    groups: list[list[str]] = []  # the ':'-separated parts of each key=value, colons of values rejoined
     for part in parts:
-        if not part.strip():
-            continue  # tolerate 'Kind:' and '::'
-        key, sep, value = part.partition("=")
-        key = key.strip()
-        if not sep or not key:
+        if _KEY_PART.match(part):
+            groups.append([part])
+        elif groups:
+            groups[-1].append(part)
+        elif part.strip():
             raise DatasetSpecError(f"dataset spec {spec!r}: expected key=value, got {part!r}")
+        # an empty part before the first key: tolerate 'Kind:' and 'Kind::key=...'
+    options: dict[str, str] = {}
+    for group in groups:
+        key, _, value = ":".join(group).partition("=")
+        key = key.strip()
         if key in options:
             raise DatasetSpecError(f"dataset spec {spec!r}: key {key!r} given twice")
-        options[key] = value.strip()
+        options[key] = value.strip().rstrip(":").strip()  # tolerate 'key=value:' and 'key=value::next=...'
     return kind, options
 
 

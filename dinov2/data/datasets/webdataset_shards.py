@@ -23,15 +23,23 @@ The DataLoader takes batches from its workers round-robin (batch ``b`` from work
 num_workers``), so the number of batches a rank consumed fixes how many samples each of its readers
 consumed. :meth:`WebDatasetStream.start_at_batch` makes the stream continue after that many batches:
 each reader skips its consumed samples by whole passes and whole shards (counted from the tar
-headers of local shards) and, within the shard it resumes in, reads the remaining skipped samples
-without decoding them. :class:`~dinov2.data.loaders.ResumableDataLoader` saves and restores this
-position.
+headers of local shards, taken from a shard list's sample counts, or else read once) and, within
+the shard it resumes in, reads the remaining skipped samples without decoding them.
+:class:`~dinov2.data.loaders.ResumableDataLoader` saves and restores this position.
+
+Shards may live anywhere :mod:`~dinov2.data.datasets.shard_sources` reads from (local paths,
+``http(s)://``, ``s3://`` and the other fsspec protocols, ``pipe:`` commands), named by brace
+patterns in ``urls`` or listed in a ``shard_list`` file. Each is read as a stream through a
+:class:`~dinov2.data.datasets.shard_sources.ShardStream`, which retries broken reads, and the tar
+reader here refuses an archive that stops without its end-of-archive block: ``tarfile`` ends an
+archive quietly at a missing or garbled header, so a truncated shard would be a short epoch.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import logging
 import os
 import re
 import tarfile
@@ -41,20 +49,23 @@ import numpy as np
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError, open_text
+from dinov2.data.datasets.base import BAD_IMAGES_KEY, DatasetFormatError
+from dinov2.data.datasets.shard_sources import ShardReadError, ShardStream, is_local, read_shard_list, read_text
 from dinov2.data.image_io import check_policy, decode_image_bytes
 from dinov2.data.samplers import default_rank_and_world_size
-from dinov2.data.spec import SpecKey, parse_bool
+from dinov2.data.spec import DatasetSpecError, SpecKey, parse_bool
+
+logger = logging.getLogger("dinov2")
 
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
 # Tar members webdataset's tar reader leaves out of every sample (``__*__`` metadata entries).
 _SKIPPED_MEMBER = re.compile(r"__[^/]*__($|/)")
 
 
-def read_class_list(path: str) -> list[str]:
-    """Class names from a JSON list (or ``{"classes": [...]}``) or a text file with one name per line."""
-    with open_text(path, "class list") as f:
-        text = f.read()
+def read_class_list(path: str, **stream_options) -> list[str]:
+    """Class names from a JSON list (or ``{"classes": [...]}``) or a text file with one name per
+    line, at a local path or a URL."""
+    text = read_text(path, "class list", **stream_options)
     if path.endswith(".json"):
         content = json.loads(text)
         content = content.get("classes") if isinstance(content, dict) else content
@@ -64,18 +75,81 @@ def read_class_list(path: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip()]
 
 
-def _is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+class _EndCheckingTarInfo(tarfile.TarInfo):
+    """Notes on the archive why ``tarfile`` stopped reading headers. It stops at the zero block that
+    ends an archive, but also, quietly, at a header that is missing, cut short or garbled (after the
+    first), which is what a shard cut off mid-transfer or mid-upload looks like."""
+
+    @classmethod
+    def fromtarfile(cls, tarfile_):
+        try:
+            return super().fromtarfile(tarfile_)
+        except tarfile.EOFHeaderError:
+            tarfile_.dinov2_unfinished = None  # the end-of-archive block
+            raise
+        except (tarfile.EmptyHeaderError, tarfile.TruncatedHeaderError, tarfile.InvalidHeaderError) as exc:
+            tarfile_.dinov2_unfinished = str(exc)
+            raise
 
 
-def count_shard_samples(url: str) -> int:
+def shard_members(stream: ShardStream) -> Iterator[dict]:
+    """The regular tar members of one shard as webdataset's grouping takes them
+    (``{"fname", "data", "__url__"}``), ``__*__`` metadata members left out.
+
+    Raises :class:`DatasetFormatError` for an archive that is damaged or ends without its
+    end-of-archive block; a :class:`ShardReadError` of the stream gets the last member read added.
+    """
+    url, last = stream.url, None
+
+    def reached() -> str:
+        return f"; the last complete member was {last!r}" if last else "; no member was complete"
+
+    try:
+        tar = tarfile.open(fileobj=stream, mode="r|*", tarinfo=_EndCheckingTarInfo)
+        tar.dinov2_unfinished = "no end-of-archive block"
+        for info in tar:
+            if not info.isreg() or _SKIPPED_MEMBER.match(info.name):
+                continue
+            data = tar.extractfile(info).read()
+            last = info.name
+            yield {"fname": info.name, "data": data, "__url__": url}
+            tar.members = []  # a streamed archive would keep every member's header otherwise
+    except tarfile.TarError as exc:
+        raise DatasetFormatError(
+            f"WebDataset shard {url} is not a readable tar archive ({exc}) after {stream.position} bytes{reached()}"
+        ) from None
+    except ShardReadError as exc:
+        raise ShardReadError(f"{exc}{reached()}") from exc
+    if tar.dinov2_unfinished is not None:
+        raise DatasetFormatError(
+            f"WebDataset shard {url} ends after {stream.position} bytes without the tar end-of-archive block "
+            f"({tar.dinov2_unfinished}){reached()}: the shard is truncated or damaged"
+        )
+
+
+def shard_samples(url: str, expected: int | None = None, **stream_options) -> Iterator[dict]:
+    """The undecoded samples of one shard (tar members grouped by key, by webdataset);
+    ``expected``: the sample count a shard list gave, checked once the shard is read."""
+    count = 0
+    with ShardStream(url, **stream_options) as stream:
+        for sample in wds.tariterators.group_by_keys(shard_members(stream)):
+            count += 1
+            yield sample
+    if expected is not None and count != expected:
+        raise DatasetFormatError(
+            f"WebDataset shard {url} holds {count} samples but its shard list says {expected}: "
+            "a resumed run would skip the wrong samples; fix the list's nsamples"
+        )
+
+
+def count_shard_samples(url: str, **stream_options) -> int:
     """Number of samples in one shard, as webdataset's tar reader groups members into samples.
 
     A local shard is counted from its member headers (the tar is opened for random access, so the
-    member data is seeked over, not read); a remote one is read through the library once.
+    member data is seeked over, not read); any other is read through once.
     """
-    if not _is_local(url):
-        return sum(1 for _ in wds.tariterators.tarfile_samples([{"url": url}]))
+    if not is_local(url):
+        return sum(1 for _ in shard_samples(url, **stream_options))
     count, key = 0, None
     with tarfile.open(url) as tar:
         for member in tar:
@@ -89,25 +163,40 @@ def count_shard_samples(url: str) -> int:
 
 class WebDatasetStream(IterableDataset):
     SPEC_KEYS = {
-        "urls": SpecKey(str, help="shard paths or URLs, brace patterns allowed: train-{000000..000031}.tar"),
-        "length": SpecKey(int, 0, "number of samples (lets len() work; 0: unknown)"),
-        "classes": SpecKey(str, "", "class list file (.json list or one name per line)"),
+        "urls": SpecKey(
+            str,
+            "",
+            "shard paths, URLs (https://, s3://, ...) or pipe: commands, brace patterns allowed: "
+            "train-{000000..000031}.tar (this or shard_list)",
+        ),
+        "shard_list": SpecKey(
+            str, "", "file (path or URL) naming the shards: one per line, or a .json index with nsamples"
+        ),
+        "length": SpecKey(int, 0, "number of samples (lets len() work; 0: unknown, or the shard list's total)"),
+        "classes": SpecKey(str, "", "class list file (.json list or one name per line; path or URL)"),
         "shuffle": SpecKey(
             int, 0, "permute each run of N consecutive samples of a reader; also shuffles shard order (0: off)"
         ),
         "repeat": SpecKey(parse_bool, False, "loop over the shards forever (for iteration-based training)"),
         "seed": SpecKey(int, 0, "seed of the shard and sample shuffles"),
+        "retries": SpecKey(int, 3, "times in a row a broken read of a remote shard is retried"),
+        "retry_wait": SpecKey(float, 1.0, "seconds before the first retry (doubling for each next one)"),
+        "timeout": SpecKey(float, 60.0, "seconds a connection may stall before the read counts as broken"),
         **BAD_IMAGES_KEY,
     }
 
     def __init__(
         self,
-        urls: str,
+        urls: str | list[str] = "",
+        shard_list: str = "",
         length: int = 0,
         classes: str = "",
         shuffle: int = 0,
         repeat: bool = False,
         seed: int = 0,
+        retries: int = 3,
+        retry_wait: float = 1.0,
+        timeout: float = 60.0,
         transform=None,
         target_transform=None,
         bad_images: str = "raise",
@@ -115,13 +204,30 @@ class WebDatasetStream(IterableDataset):
         world_size: int | None = None,
     ):
         super().__init__()
-        self.shards = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
-        local = [s for s in self.shards if _is_local(s)]
-        missing = [s for s in local if not os.path.isfile(s)]
+        if retries < 0 or retry_wait < 0 or timeout <= 0:
+            raise DatasetSpecError(
+                f"WebDataset: retries ({retries}) and retry_wait ({retry_wait}) must be >= 0, timeout ({timeout}) > 0"
+            )
+        # Passed to every ShardStream (shards, and shard and class lists at a URL).
+        self.stream_options = {"retries": int(retries), "retry_wait": float(retry_wait), "timeout": float(timeout)}
+        if bool(urls) == bool(shard_list):
+            raise DatasetSpecError("WebDataset needs exactly one of urls=<shards> and shard_list=<file>")
+        self._shard_sizes: dict[str, int] = {}
+        if shard_list:
+            listed = read_shard_list(shard_list, **self.stream_options)
+            self.shards = [url for url, _ in listed]
+            self._shard_sizes = {url: count for url, count in listed if count is not None}
+            self._listed_sizes = dict(self._shard_sizes)  # checked when a shard has been read
+            if not length and len(self._shard_sizes) == len(set(self.shards)):
+                length = sum(count for _, count in listed)
+        else:
+            self.shards = list(wds.shardlists.expand_urls(urls)) if isinstance(urls, str) else list(urls)
+            self._listed_sizes = {}
+        missing = [s for s in self.shards if is_local(s) and not os.path.isfile(s)]
         if missing:
             raise DatasetFormatError(f"WebDataset shard(s) not found: {missing[:5]} (of {len(self.shards)})")
         self.length = length
-        self.classes = read_class_list(classes) if classes else []
+        self.classes = read_class_list(classes, **self.stream_options) if classes else []
         self.shuffle = shuffle
         self.repeat = repeat
         self.seed = seed
@@ -133,7 +239,6 @@ class WebDatasetStream(IterableDataset):
         self.epoch = 0
         self.start_batches = 0  # batches of `start_batch_size` this rank consumed before (resume)
         self.start_batch_size = 0
-        self._shard_sizes: dict[str, int] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -164,7 +269,9 @@ class WebDatasetStream(IterableDataset):
 
     def _shard_size(self, url: str) -> int:
         if url not in self._shard_sizes:
-            self._shard_sizes[url] = count_shard_samples(url)
+            if not is_local(url):
+                logger.info("counting the samples of %s by reading it (a shard list with nsamples saves this)", url)
+            self._shard_sizes[url] = count_shard_samples(url, **self.stream_options)
         return self._shard_sizes[url]
 
     def __len__(self) -> int:
@@ -178,7 +285,9 @@ class WebDatasetStream(IterableDataset):
         while skip and first < len(shards) and skip >= self._shard_size(shards[first]):
             skip -= self._shard_size(shards[first])
             first += 1
-        samples = wds.tariterators.tarfile_samples({"url": url} for url in shards[first:])
+        samples = itertools.chain.from_iterable(
+            shard_samples(url, self._listed_sizes.get(url), **self.stream_options) for url in shards[first:]
+        )
         return itertools.islice(samples, skip, None)
 
     def _pass_samples(self, shards: list[str], epoch: int, worker: int, skip: int) -> Iterator[dict]:
