@@ -41,6 +41,10 @@ setup(
         # Backbones for transformers (Dinov2WithRegistersModel needs 4.48), and ONNX export
         # (torch's default exporter translates with onnxscript) and serving with ONNX Runtime.
         "interop": ["transformers>=4.48", "onnx>=1.16", "onnxscript>=0.2", "onnxruntime>=1.18"],
+        # WebDataset shards at s3://, gs://, ... URLs (plus the protocol's package: s3fs, gcsfs, adlfs).
+        "remote": ["fsspec>=2023.1"],
+        # logging.tensorboard (torch.utils.tensorboard writes, tensorboard reads) and logging.wandb.
+        "tracking": ["tensorboard>=2.14", "wandb>=0.16"],
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
@@ -56,6 +60,9 @@ setup(
             "onnx>=1.16",
             "onnxscript>=0.2",
             "onnxruntime>=1.18",
+            "tensorboard>=2.14",  # and the experiment tracking sinks
+            "wandb>=0.16",
+            "fsspec>=2023.1",  # and WebDataset shards at fsspec URLs (memory://, file://)
             "ruff>=0.6",  # lint and format, run by .ci/run before the tests
         ],
     },

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Dataset
 
 from dinov2.data.image_io import SkipBadSamples
@@ -70,7 +70,16 @@ class ClassifierTrainer:
             if cfg.optim.mode == "lpft"
             else None
         )
-        self.metrics = MetricsLogger(self.output_dir, file_name=METRICS_FILE, step_key="epoch", describe=self._describe)
+        # logging.tensorboard / logging.wandb: the epoch records also go to TensorBoard and W&B.
+        self.metrics = MetricsLogger(
+            self.output_dir,
+            file_name=METRICS_FILE,
+            step_key="epoch",
+            describe=self._describe,
+            tracking=cfg.get("logging"),
+            run_config=OmegaConf.to_container(cfg, resolve=True),
+            job_type="classify",
+        )
 
     # -- set-up
     def _build_backbone(self):
@@ -194,7 +203,8 @@ class ClassifierTrainer:
         state = self._resume()
         start_epoch = int(state["epoch"]) if state else 0
         best, best_epoch = (state["best_metric"], state["best_epoch"]) if state else (None, None)
-        self.metrics.truncate_after(start_epoch)  # epochs after the resume state are trained again
+        # Epochs after the resume state are trained again: their lines (and tracked points) go.
+        self.metrics.start(start_epoch)
         if cfg.optim.cache_features and start_epoch < cfg.optim.epochs:
             self._cache_features()
 

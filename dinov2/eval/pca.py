@@ -67,6 +67,17 @@ def pca_rgb_maps(
     return colours.reshape(batch, h, w, 3)
 
 
+def side_by_side(images: np.ndarray, maps: np.ndarray) -> np.ndarray:
+    """One (2H, N*W, 3) picture in [0, 1]: the N input images (N, H, W, 3) on top and their PCA
+    maps (N, h, w, 3), enlarged to H x W without smoothing, below (TensorBoard / W&B images)."""
+    _, height, width, _ = images.shape
+    rows = np.repeat(np.repeat(maps, -(-height // maps.shape[1]), axis=1), -(-width // maps.shape[2]), axis=2)
+    rows = rows[:, :height, :width]
+    top = np.concatenate(list(np.clip(images, 0.0, 1.0)), axis=1)
+    bottom = np.concatenate(list(rows), axis=1)
+    return np.concatenate([top, bottom], axis=0)
+
+
 def collect_image_paths(inputs: Sequence[str], max_images: int) -> List[Path]:
     paths: List[Path] = []
     for item in inputs:

@@ -6,6 +6,9 @@ over the iterations since the previous line, non-finite steps excluded), the sch
 are clipped), ``images_per_sec`` (global), ``eta_seconds``, ``skipped_images`` and
 ``nonfinite_steps`` (counts since the previous line) and, on iterations where the online monitor
 ran, ``knn_top1``.
+
+With ``logging.tensorboard`` / ``logging.wandb.project`` set, every record also goes to TensorBoard
+and Weights & Biases under the same names (:mod:`dinov2.utils.tracking`).
 """
 
 from __future__ import annotations
@@ -16,7 +19,9 @@ import math
 import os
 from collections import defaultdict
 from pathlib import Path
-from typing import Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from dinov2.utils.tracking import Tracker, tracking_options
 
 logger = logging.getLogger("dinov2")
 
@@ -36,6 +41,10 @@ class MetricsLogger:
 
     ``file_name``, ``step_key`` (the field that orders the lines) and ``describe`` (record ->
     log line) default to SSL training's; classifier training logs ``metrics.jsonl`` by ``epoch``.
+
+    ``tracking`` (a ``logging`` config section, see :mod:`dinov2.utils.tracking`) adds the
+    TensorBoard / W&B sinks: :meth:`start` opens them once the run's starting step is known,
+    :meth:`close` finishes them. ``run_config`` and ``job_type`` describe the run to W&B.
     """
 
     def __init__(
@@ -45,11 +54,43 @@ class MetricsLogger:
         file_name: str = METRICS_FILE_NAME,
         step_key: str = "iteration",
         describe: Optional[Callable[[Dict], str]] = None,
+        tracking: Any = None,
+        run_config: Optional[Mapping] = None,
+        job_type: str = "train",
     ):
         self.path = Path(output_dir) / file_name
         self.enabled = enabled
         self.step_key = step_key
         self.describe = describe if describe is not None else self.format
+        self.tracking = tracking_options(tracking)
+        self._run_config = run_config
+        self._job_type = job_type
+        self.tracker: Optional[Tracker] = None
+
+    def start(self, step: int) -> None:
+        """The run continues after step ``step`` (0: a fresh run): lines logged after it are
+        dropped (:meth:`truncate_after`) and the tracking sinks open there (TensorBoard hides
+        its events after ``step``; W&B continues the run whose id the output directory holds)."""
+        self.truncate_after(step)
+        if self.enabled and self.tracking.enabled and self.tracker is None:
+            self.tracker = Tracker(
+                self.path.parent,
+                self.tracking,
+                step_key=self.step_key,
+                start_step=step,
+                run_config=self._run_config,
+                job_type=self._job_type,
+            )
+
+    def log_image(self, tag: str, image, step: int, caption: str = "") -> None:
+        """An (H, W, 3) image to the tracking sinks (the JSONL file holds numbers only)."""
+        if self.tracker is not None:
+            self.tracker.log_image(tag, image, step, caption)
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+            self.tracker = None
 
     def truncate_after(self, iteration: int) -> None:
         """Drop lines logged after step ``iteration`` (a resumed run redoes those steps; on a fresh
@@ -66,6 +107,8 @@ class MetricsLogger:
     def log(self, record: Dict) -> None:
         if not self.enabled:
             return
+        if self.tracker is not None:
+            self.tracker.log(record)
         record = {key: _jsonable(value) for key, value in record.items()}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path, "a", encoding="utf-8") as handle:

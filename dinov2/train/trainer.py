@@ -48,6 +48,7 @@ from dinov2.train.data import build_train_data_loader
 from dinov2.train.export import LATEST_EXPORT_NAME, export_path, export_teacher_backbone
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.metrics import MetricsLogger, WindowAverager
+from dinov2.train.pca_preview import PCA_IMAGE_TAG, PcaPreview
 from dinov2.train.ssl_meta_arch import PRECISIONS, SSLMetaArch
 from dinov2.utils.config import save_config
 
@@ -177,7 +178,14 @@ class SSLTrainer:
         self.checkpoint_period = int(cfg.checkpointing.period_iterations)
         self.export_period = int(cfg.evaluation.export_period_iterations)
         self.log_period = max(int(cfg.logging.log_period_iterations), 1)
-        self.metrics = MetricsLogger(self.output_dir, enabled=self.is_main)
+        # logging.tensorboard / logging.wandb: the same records to TensorBoard and W&B (rank 0).
+        self.metrics = MetricsLogger(
+            self.output_dir,
+            enabled=self.is_main,
+            tracking=cfg.logging,
+            run_config=OmegaConf.to_container(cfg, resolve=True),
+        )
+        self.pca_preview = PcaPreview(cfg, self.device, dataset_override=dataset)
         self.rng_state = RNGState(self.seed)
         self.iteration = 0
         self.nonfinite_streak = 0
@@ -296,7 +304,7 @@ class SSLTrainer:
         """The run's files once its starting point is known: metrics lines of iterations that
         will be redone are dropped (a killed attempt's, before or after its last checkpoint), and
         ``config.yaml`` describes the run from here on."""
-        self.metrics.truncate_after(self.iteration)
+        self.metrics.start(self.iteration)  # also opens TensorBoard / W&B from this iteration on
         if self.is_main:
             save_config(OmegaConf.merge(self.cfg, {"train": {"output_dir": str(self.output_dir)}}), self.output_dir)
 
@@ -394,7 +402,17 @@ class SSLTrainer:
         path = export_teacher_backbone(self.model, export_path(self.output_dir, self.iteration))
         self._last_export_iteration = self.iteration
         logger.info("exported the teacher backbone to %s", path)
+        self._log_pca_preview()
         return path
+
+    def _log_pca_preview(self) -> None:
+        """The PCA map of the fixed preview images to the tracking sinks (logging.pca_images)."""
+        if not self.pca_preview.enabled:
+            return
+        dtype = PRECISIONS[self.cfg.compute_precision.teacher_dtype]
+        picture = self.pca_preview.render(self.model.teacher["backbone"], dtype=dtype)
+        if picture is not None:
+            self.metrics.log_image(PCA_IMAGE_TAG, picture, self.iteration, caption=f"iteration {self.iteration}")
 
     def _export_boundary(self) -> Optional[Path]:
         """Export the teacher unless a step since the previous checkpoint boundary was
@@ -438,6 +456,7 @@ class SSLTrainer:
         self.resume()
         if self.iteration >= self.max_iterations:
             logger.info("nothing to do: iteration %d >= max iterations %d", self.iteration, self.max_iterations)
+            self.metrics.close()
             return {
                 "iteration": self.iteration,
                 "last_record": None,
@@ -503,6 +522,7 @@ class SSLTrainer:
                 checkpoint_skipped = self._checkpoint_boundary() is None
             if stop:
                 break
+        self.metrics.close()
         return {
             "iteration": self.iteration,
             "last_record": last_record,
