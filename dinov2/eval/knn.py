@@ -28,7 +28,7 @@ from . import _dist
 from .features import FeatureSet, as_numpy, class_names_of, extract_features, gather_feature_set, group_ids_for
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
-from .results import write_results
+from .results import track_results, write_results
 
 logger = logging.getLogger("dinov2.eval")
 
@@ -389,6 +389,7 @@ def run_knn(cfg: DictConfig) -> dict:
         results["few_shot_summary"] = _few_shot_summary(runs)
     if _dist.is_main_process():
         _write(ctx.output_dir, results, runs, class_names, options.plot_k)
+        track_results(ctx.output_dir, cfg, results, "knn")  # logging.tensorboard / logging.wandb
     _dist.barrier()
     return results
 

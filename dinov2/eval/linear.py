@@ -57,7 +57,7 @@ from .features import (
 )
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
-from .results import write_results
+from .results import track_results, write_results
 
 logger = logging.getLogger("dinov2.eval")
 
@@ -614,6 +614,7 @@ def run_linear(cfg: DictConfig) -> dict:
     }
     if _dist.is_main_process():
         _write(ctx.output_dir, results, result.grid, class_names)
+        track_results(ctx.output_dir, cfg, results, "linear")  # logging.tensorboard / logging.wandb
     _dist.barrier()
     return results
 

@@ -35,7 +35,7 @@ from .features import (
 from .linear import linear_input, split_train_val
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
-from .results import write_results
+from .results import track_results, write_results
 
 logger = logging.getLogger("dinov2.eval")
 
@@ -242,6 +242,7 @@ def run_log_regression(cfg: DictConfig) -> Optional[dict]:
                 youden_thresholds_of(val_report),
             )
         _write(ctx.output_dir, results, class_names)
+        track_results(ctx.output_dir, cfg, results, "log_regression")  # logging.tensorboard / logging.wandb
     _dist.barrier()
     return results
 

@@ -6,12 +6,14 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Dict, Iterable, Mapping
 
 import numpy as np
 import torch
+from omegaconf import OmegaConf
 
 from dinov2.utils.io import atomic_write_text
+from dinov2.utils.tracking import Tracker, flatten_scalars, tracking_options
 
 RESULTS_FILE = "results.json"
 SUMMARY_FILE = "summary.txt"
@@ -72,6 +74,44 @@ def write_results(output_dir: os.PathLike | str, results: Mapping, summary_lines
     path = write_json(output_dir / RESULTS_FILE, results)
     atomic_write_text(output_dir / SUMMARY_FILE, "\n".join(summary_lines).rstrip() + "\n")
     return path
+
+
+# Sections of results.json that describe the run rather than measure it: not tracked.
+_UNTRACKED_SECTIONS = ("method", "backbone", "datasets", "settings", "class_names", "heads", "history", "runs")
+
+
+def tracked_metrics(results: Mapping) -> Dict[str, float]:
+    """The numbers of an evaluation's results by ``/``-joined name (``test/top1``,
+    ``best_head/val_top1``; k-NN: ``test/k=20/top1``, few-shot banks prefixed by their name)."""
+    metrics = flatten_scalars({key: value for key, value in results.items() if key not in _UNTRACKED_SECTIONS})
+    runs = results.get("runs", [])
+    for run in runs:
+        metrics.update(flatten_scalars(run["splits"], "" if len(runs) == 1 else f"{run['bank']}/"))
+    return metrics
+
+
+def track_results(output_dir: os.PathLike | str, cfg: Any, results: Mapping, method: str) -> None:
+    """Send an evaluation's results to the tracking sinks its config's ``logging`` section switches
+    on (see :mod:`dinov2.utils.tracking`; nothing is imported when none is): the linear heads' validation
+    history at its iterations (``val_top1/<head>``), then :func:`tracked_metrics` at the last
+    iteration (0 for k-NN and logistic regression). A rerun in the same directory replaces the
+    TensorBoard points and continues the W&B run. Main process only."""
+    options = tracking_options(cfg.get("logging"))
+    if not options.enabled:
+        return
+    run_config = OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else dict(cfg)
+    tracker = Tracker(
+        output_dir, options, step_key="iteration", start_step=None, run_config=run_config, job_type=f"eval-{method}"
+    )
+    try:
+        names = [head["name"] for head in results.get("heads", [])]
+        for entry in results.get("history", []):
+            tracker.log(
+                {f"val_top1/{name}": value for name, value in zip(names, entry["val_top1"])}, entry["iteration"]
+            )
+        tracker.log(tracked_metrics(results), step=results.get("settings", {}).get("iterations", 0))
+    finally:
+        tracker.close()
 
 
 def format_percent(value: Any) -> str:
