@@ -96,7 +96,11 @@ def test_refresh_schedule_iterations_and_maximum():
     assert GramRefreshSchedule(3, 4, 0).updates_before(20) == 5
     with pytest.raises(ValueError, match="gram.update_frequency"):
         GramRefreshSchedule(0, -1, 0)
-    assert gram_teacher_input_size(16, 2.0, 4) == 32 and gram_teacher_input_size(28, 1.5, 7) == 42 and gram_teacher_input_size(29, 1.0, 4) == 28
+    assert (
+        gram_teacher_input_size(16, 2.0, 4) == 32
+        and gram_teacher_input_size(28, 1.5, 7) == 42
+        and gram_teacher_input_size(29, 1.0, 4) == 28
+    )
 
 
 # ------------------------------------------------------------------------- the run's teacher
@@ -204,3 +208,25 @@ def test_file_gram_teacher_is_verified_on_resume_and_a_changed_file_is_refused(t
     torch.save(build_backbone(cfg.student, cfg.crops.global_crops_size).state_dict(), teacher_file)
     with pytest.raises(GramTeacherChangedError, match=str(teacher_file)):
         SSLTrainer(later, output_dir=tmp_path / "run").resume()
+
+
+# ------------------------------------------------------------------------------ FSDP2, 2 ranks
+@pytest.mark.slow
+def test_two_rank_fsdp_run_shards_checkpoints_and_resumes_its_gram_teacher(tmp_path, data_root):
+    from test_train_distributed import run_two_ranks
+
+    from dinov2.checkpoint.manager import checkpoint_keys
+
+    common = tiny_overrides(
+        data_root, *GRAM, "gram.it_first_update=1", "train.max_iterations=4", "checkpointing.period_iterations=2"
+    )
+    straight = run_two_ranks(tmp_path / "straight", common)
+    run_two_ranks(tmp_path / "resumed", common + ["train.max_iterations=2"])
+    resumed = run_two_ranks(tmp_path / "resumed", common)
+    keys = checkpoint_keys(tmp_path / "resumed" / "checkpoints" / "ckpt_00000002")
+    assert "gram.model.blocks.0.attn.qkv.weight" in keys and "gram_state.updates" in keys
+    assert [line["iteration"] for line in resumed] == [1, 2, 3, 4]
+    assert "gram_loss" not in straight[0] and all("gram_loss" in line for line in straight[1:])
+    for a, b in zip(straight[2:], resumed[2:]):  # the iterations after the resume
+        for key in ("total_loss", "gram_loss", "dino_loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (a["iteration"], key)

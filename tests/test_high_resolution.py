@@ -87,10 +87,14 @@ def test_every_rank_crops_a_batch_at_the_same_size_and_a_resumed_loader_continue
 def test_augmentation_keeps_one_size_without_pairs_and_rejects_uneven_lists(data_root):
     cfg = load_config(None, tiny_overrides(data_root))
     assert FastDataAugmentationDINO.from_config(cfg.crops).size_pairs == [(16, 8)]
-    uneven = load_config(None, tiny_overrides(data_root, "crops.global_crops_sizes=[16,24]", "crops.local_crops_sizes=[8]"))
+    uneven = load_config(
+        None, tiny_overrides(data_root, "crops.global_crops_sizes=[16,24]", "crops.local_crops_sizes=[8]")
+    )
     with pytest.raises(ValueError, match="same length"):
         FastDataAugmentationDINO.from_config(uneven.crops)
-    no_ratios = load_config(None, tiny_overrides(data_root, "crops.global_crops_sizes=[16]", "crops.local_crops_sizes=[8]"))
+    no_ratios = load_config(
+        None, tiny_overrides(data_root, "crops.global_crops_sizes=[16]", "crops.local_crops_sizes=[8]")
+    )
     with pytest.raises(ValueError, match="global_local_crop_pairs_ratios"):
         build_train_data_loader(no_ratios, 4, 0, 1)
 
@@ -109,6 +113,8 @@ def test_high_resolution_stage_continues_from_a_checkpoint_with_a_gram_teacher(t
         "gram.resolution_scale=2.0",
     )
     main(["--output-dir", str(tmp_path / "highres"), *stage])
-    lines = [json.loads(line) for line in (Path(tmp_path) / "highres" / "training_metrics.jsonl").read_text().splitlines()]
+    lines = [
+        json.loads(line) for line in (Path(tmp_path) / "highres" / "training_metrics.jsonl").read_text().splitlines()
+    ]
     assert [line["iteration"] for line in lines] == list(range(1, 7))
     assert all(line["nonfinite_steps"] == 0 and line["gram_loss"] >= 0 for line in lines)

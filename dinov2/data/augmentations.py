@@ -140,7 +140,9 @@ class DataAugmentationDINO:
         self.prepare = ToRGB() if policy == "natural" else ToLuminance()
         #: ``(global size, local size)`` pairs a batch may use (high-resolution adaptation); the
         #: first is the one in use until :meth:`select_size_pair` picks another.
-        self.size_pairs = [(int(g), int(lo)) for g, lo in size_pairs] or [(self.global_crops_size, self.local_crops_size)]
+        self.size_pairs = [(int(g), int(lo)) for g, lo in size_pairs] or [
+            (self.global_crops_size, self.local_crops_size)
+        ]
         for global_size, local_size in self.size_pairs:
             if global_size <= 0 or local_size <= 0:
                 raise ValueError(f"crop sizes must be positive, got the pair ({global_size}, {local_size})")

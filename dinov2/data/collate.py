@@ -168,7 +168,9 @@ class CollateBySize:
         first = kept[0][0] if isinstance(kept[0], (tuple, list)) else kept[0]
         size = int(first["global_crops"][0].shape[-1])
         if size not in self.collates:
-            raise ValueError(f"collate: global crops of {size} px, but the configured sizes are {sorted(self.collates)}")
+            raise ValueError(
+                f"collate: global crops of {size} px, but the configured sizes are {sorted(self.collates)}"
+            )
         return self.collates[size](samples_list, generator=generator)
 
 

@@ -161,7 +161,7 @@ class GramTeacher(nn.Module):
         if not self.from_run or not self.schedule.is_update(iteration):
             return False
         if iteration == self.last_update:
-            return False  # already taken at this iteration (a skipped step is retried)
+            return False  # already taken for this iteration (train_step called again for it)
         self.copy_from(teacher_backbone)
         self.updates += 1
         self.last_update = int(iteration)
