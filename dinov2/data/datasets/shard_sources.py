@@ -242,7 +242,7 @@ class ShardStream(io.RawIOBase):
         """The source said end of data: check it against the announced size and close it (a pipe's
         command reports its exit status here)."""
         if self.size is not None and self.position < self.size:
-            raise ConnectionError(f"the connection closed at byte {self.position} of {self.size}")
+            raise ConnectionError(f"the source ended {self.size - self.position} bytes before its announced size")
         raw, self._raw = self._raw, None
         raw.close()
         self._ended = True
