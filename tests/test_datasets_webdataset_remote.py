@@ -60,6 +60,12 @@ class _ShardHandler(http.server.BaseHTTPRequestHandler):
         match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
         if match and server.ranges:
             start = int(match.group(1))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self.send_response(206)
             self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
         else:
@@ -182,6 +188,14 @@ def test_a_dropped_connection_is_retried_where_it_broke(shard_dir, server, range
     ]
     assert f"{server.url}/r-000001.tar" in caplog.text and "at byte 3000" in caplog.text
     assert "retry 1 of 3" in caplog.text
+
+
+def test_a_retry_after_the_last_byte_finds_the_shard_complete(server):
+    from dinov2.data.datasets.shard_sources import _open_http
+
+    size = (server.root / "r-000000.tar").stat().st_size
+    raw, total = _open_http(f"{server.url}/r-000000.tar", size, timeout=5)  # the server answers 416
+    assert (raw.read(), total) == (b"", size)
 
 
 def test_a_connection_that_keeps_dropping_is_a_clear_error(server):

@@ -89,7 +89,14 @@ def _open_local(url: str, offset: int, timeout: float):
 
 def _open_http(url: str, offset: int, timeout: float):
     headers = {"Range": f"bytes={offset}-"} if offset else {}
-    response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        total = re.fullmatch(r"bytes \*/(\d+)", (exc.headers or {}).get("Content-Range", "").strip())
+        if exc.code == 416 and offset and total and int(total.group(1)) == offset:
+            exc.close()  # the connection broke after the last byte: nothing is left to read
+            return io.BytesIO(b""), offset
+        raise
     if response.status == 206:
         content_range = response.headers.get("Content-Range", "")
         match = re.fullmatch(r"bytes (\d+)-\d+/(\d+|\*)", content_range.strip())
