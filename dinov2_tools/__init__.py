@@ -7,7 +7,10 @@
 * :mod:`dinov2_tools.shapes` - the multi-head hand-drawn shapes demo dataset
   (``scripts/make_shapes_dataset.py``, ``dinov2-make-shapes``);
 * :mod:`dinov2_tools.data_loading_benchmark` - data-loading throughput
-  (``scripts/benchmark_data_loading.py``).
+  (``scripts/benchmark_data_loading.py``);
+* :mod:`dinov2_tools.trivial_baselines` - features without pretraining (pixels, blur, pooling, a
+  random backbone) that pretrained features must beat (``scripts/quickdraw_pixel_knn.py``,
+  ``scripts/label_efficiency.py``).
 
 Why a package of its own: these modules fetch, generate and measure data, they are not part of
 training, evaluation or inference, and nothing in ``dinov2`` imports them. The tests and several

