@@ -194,8 +194,8 @@ def test_a_retry_after_the_last_byte_finds_the_shard_complete(server):
     from dinov2.data.datasets.shard_sources import _open_http
 
     size = (server.root / "r-000000.tar").stat().st_size
-    raw, total = _open_http(f"{server.url}/r-000000.tar", size, timeout=5)  # the server answers 416
-    assert (raw.read(), total) == (b"", size)
+    raw, total, skip = _open_http(f"{server.url}/r-000000.tar", size, timeout=5)  # the server answers 416
+    assert (raw.read(), total, skip) == (b"", size, 0)
 
 
 def test_a_connection_that_keeps_dropping_is_a_clear_error(server):
@@ -229,8 +229,15 @@ def test_a_shard_cut_at_a_member_boundary_is_an_error_not_the_end(shard_dir, ser
         _all_numbers(spec)
 
 
-def test_pipe_commands_and_no_shell_for_urls_or_shard_lists(shard_dir, server, tmp_path):
-    assert _all_numbers(f"WebDataset:urls=pipe:cat {shard_dir}/{PATTERN}") == list(range(sum(SHARD_SIZES)))
+def test_pipe_commands_and_no_shell_for_urls_or_shard_lists(shard_dir, server, tmp_path, caplog):
+    expected = list(range(sum(SHARD_SIZES)))
+    assert _all_numbers(f"WebDataset:urls=pipe:cat {shard_dir}/{PATTERN}") == expected
+    # A command that fails halfway the first time: run again, the bytes already read are skipped.
+    flaky = f"if [ -e {tmp_path}/failed ]; then cat $0; else touch {tmp_path}/failed; head -c 3000 $0; exit 3; fi"
+    shard = shard_dir / "r-000000.tar"
+    with caplog.at_level("WARNING", logger="dinov2"):
+        assert _all_numbers(f"WebDataset:urls=pipe:sh -c '{flaky}' {shard}:retry_wait=0") == expected[:5]
+    assert "exit 3" in caplog.text and "at byte 3000; retry 1 of 3" in caplog.text
     with pytest.raises(ShardReadError, match=r"cat .*missing-000000.tar.*exit 1"):
         _all_numbers(f"WebDataset:urls=pipe:cat {tmp_path}/missing-000000.tar:retries=1:retry_wait=0")
     # Shell syntax in a URL is a file name to the server, never a command.

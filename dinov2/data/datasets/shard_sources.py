@@ -81,10 +81,14 @@ def _skip_bytes(raw, count: int) -> None:
         left -= len(data)
 
 
+# Openers: (url, offset, timeout) -> (source, size or None, bytes to skip): a source that cannot
+# start at ``offset`` starts at 0, and the stream drops the first ``offset`` bytes it sends.
+
+
 def _open_local(url: str, offset: int, timeout: float):
     f = open(url, "rb")
     f.seek(offset)
-    return f, os.fstat(f.fileno()).st_size
+    return f, os.fstat(f.fileno()).st_size, 0
 
 
 def _open_http(url: str, offset: int, timeout: float):
@@ -95,7 +99,7 @@ def _open_http(url: str, offset: int, timeout: float):
         total = re.fullmatch(r"bytes \*/(\d+)", (exc.headers or {}).get("Content-Range", "").strip())
         if exc.code == 416 and offset and total and int(total.group(1)) == offset:
             exc.close()  # the connection broke after the last byte: nothing is left to read
-            return io.BytesIO(b""), offset
+            return io.BytesIO(b""), offset, 0
         raise
     if response.status == 206:
         content_range = response.headers.get("Content-Range", "")
@@ -105,18 +109,14 @@ def _open_http(url: str, offset: int, timeout: float):
             raise ConnectionError(
                 f"asked for the bytes from {offset} on, the server sent Content-Range {content_range!r}"
             )
-        return response, None if match.group(2) == "*" else int(match.group(2))
+        return response, None if match.group(2) == "*" else int(match.group(2)), 0
     length = response.headers.get("Content-Length", "")
-    if offset:
-        _skip_bytes(response, offset)  # the server ignored the Range header and sent the whole shard
-    return response, int(length) if length.strip().isdigit() else None
+    # Without 206 the server ignored the Range header and sends the whole shard.
+    return response, int(length) if length.strip().isdigit() else None, offset
 
 
 def _open_pipe(url: str, offset: int, timeout: float):
-    pipe = gopen_pipe(url, "rb")  # the user's command, in a shell (that is what pipe: means)
-    if offset:
-        _skip_bytes(pipe, offset)
-    return pipe, None
+    return gopen_pipe(url, "rb"), None, offset  # the user's command, in a shell (that is what pipe: means)
 
 
 def _open_fsspec(url: str, offset: int, timeout: float):
@@ -138,7 +138,7 @@ def _open_fsspec(url: str, offset: int, timeout: float):
     size = getattr(f, "size", None)
     if offset:
         f.seek(offset)
-    return f, size if isinstance(size, int) else None
+    return f, size if isinstance(size, int) else None, 0
 
 
 def _opener(url: str) -> Callable:
@@ -202,8 +202,9 @@ class ShardStream(io.RawIOBase):
         while True:
             try:
                 if self._raw is None:
-                    self._raw, size = self._open(self.url, self.position, self.timeout)
+                    self._raw, size, skip = self._open(self.url, self.position, self.timeout)
                     self.size = size if size is not None else self.size
+                    _skip_bytes(self._raw, skip)
                 data = self._raw.read(len(buffer))
                 if not data:
                     self._end()
