@@ -27,7 +27,7 @@ from torch.utils.data import Dataset
 from dinov2 import distributed
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.pca import patch_features, pca_rgb_maps, side_by_side
+from dinov2.eval.pca import pca_rgb_maps, side_by_side
 from dinov2.train.knn_monitor import _raw_image
 from dinov2.utils.tracking import tracking_options
 
@@ -83,10 +83,14 @@ class PcaPreview:
         was_training = backbone.training
         backbone.eval()
         try:
-            with torch.autocast(device_type=self.device.type, dtype=dtype, enabled=dtype != torch.float32):
-                features = patch_features(backbone, images).float()
+            # Through the module call, not forward_features: an FSDP2-sharded teacher gathers its
+            # root parameters (patch and position embeddings) in the call's pre-forward hook.
+            with torch.no_grad(), torch.autocast(self.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                tokens = backbone(images, is_training=True)["x_norm_patchtokens"].float()
         finally:
             backbone.train(was_training)
+        grid = images.shape[-2] // backbone.patch_size, images.shape[-1] // backbone.patch_size
+        features = tokens.reshape(images.shape[0], *grid, -1)
         if not distributed.is_main_process():
             return None
         mean = torch.tensor(list(self.cfg.crops.mean)).view(1, 3, 1, 1)
