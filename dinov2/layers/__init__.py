@@ -2,8 +2,22 @@ from .attention import Attention
 from .block import Block
 from .drop_path import DropPath
 from .layer_scale import LayerScale
+from .masked_bias import LinearKMaskedBias
 from .mlp import Mlp
 from .patch_embed import PatchEmbed
-from .swiglu_ffn import SwiGLUFFN, SwiGLUFFNFused
+from .rope import RopePositionEmbedding
+from .swiglu_ffn import SwiGLUFFN, SwiGLUFFNAligned, SwiGLUFFNFused
 
-__all__ = ["Attention", "Block", "DropPath", "LayerScale", "Mlp", "PatchEmbed", "SwiGLUFFN", "SwiGLUFFNFused"]
+__all__ = [
+    "Attention",
+    "Block",
+    "DropPath",
+    "LayerScale",
+    "LinearKMaskedBias",
+    "Mlp",
+    "PatchEmbed",
+    "RopePositionEmbedding",
+    "SwiGLUFFN",
+    "SwiGLUFFNAligned",
+    "SwiGLUFFNFused",
+]
