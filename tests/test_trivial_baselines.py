@@ -119,3 +119,73 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path):
     assert [row["baseline"] for row in rows] == ["raw", "blur:1.5", "pool:7", "random ViT (seed 0)"]
     assert rows[1]["top1"] == 1.0  # blurred bars at two heights: every test drawing found
     assert "best trivial baseline" in result.stdout
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny training output (config + export) and colour-coded train / test ImageFolders."""
+    from dinov2.hub.weights import save_state_dict
+    from dinov2.models import build_model_from_cfg
+    from dinov2.utils.config import load_config, save_config
+
+    root = tmp_path_factory.mktemp("label_efficiency")
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_small",
+            "student.embed_dim=32",
+            "student.depth=2",
+            "student.num_heads=2",
+            "student.patch_size=4",
+            "crops.global_crops_size=16",
+        ],
+    )
+    save_config(cfg, root / "run")
+    torch.manual_seed(0)
+    teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
+    save_state_dict(teacher.state_dict(), root / "run" / "exports" / "teacher_backbone_latest.pth")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 6), ("test", 4)):
+        for label, colour in enumerate([(200, 40, 40), (40, 40, 200), (40, 200, 40)]):
+            folder = root / split / f"class_{label}"
+            folder.mkdir(parents=True)
+            for i in range(n):
+                pixels = np.clip(np.array(colour) + rng.normal(0, 15, (16, 16, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(pixels).save(folder / f"{i}.png")
+    return root
+
+
+def test_label_efficiency_script_writes_every_row(tiny_run):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("label_efficiency_script", REPO / "scripts/label_efficiency.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tiny_run / "out"
+    argv = [
+        "--backbone", str(tiny_run / "run"),
+        "--train-dataset", f"ImageFolder:root={tiny_run / 'train'}",
+        "--test-dataset", f"ImageFolder:root={tiny_run / 'test'}",
+        "--labels-per-class", "1", "2",
+        "--pixel-baselines", "raw",
+        "--c-values", "1.0",
+        "--classifiers", "all",
+        "--classifier-lrs", "1e-3",
+        "--classifier-min-scales", "1.0",
+        "--classifier-steps", "2",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    assert script.main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    methods = {(row["labels_per_class"], row["method"]) for row in rows}
+    for n in (1, 2):
+        for method in ("probe cls", "probe cls+avgpool", "pixels raw", "label-only ViT (random init)",
+                       "fine-tuned from backbone"):  # fmt: skip
+            assert (n, method) in methods
+    pixel_rows = [row for row in rows if row["method"] == "pixels raw"]
+    assert all(row["top1"] == 1.0 for row in pixel_rows)  # colour-coded classes: pixels separate them
+    # The labelled ImageFolders hold exactly n images per class, named by the class.
+    assert (
+        sorted(p.parent.name for p in (out / "labelled_2").rglob("*.png"))
+        == ["class_0"] * 2 + ["class_1"] * 2 + ["class_2"] * 2
+    )
