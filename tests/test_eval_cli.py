@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 from PIL import Image
 
 from dinov2.data.loaders import make_dataset
@@ -106,6 +107,8 @@ def test_knn_cli_writes_results(workspace):
     assert results["class_names"] == ["class_0", "class_1", "class_2"]
     assert (out / "summary.txt").read_text().startswith("k-NN evaluation")
     assert (out / "confusion_matrix_test_k5.png").stat().st_size > 0
+    saved = OmegaConf.load(out / "eval_config.yaml")  # the merged options, beside the results
+    assert list(saved.knn.nb_knn) == [1, 5, 40] and saved.knn.plot_k == 5 and saved.data.batch_size == 8
     # few-shot: 2 per class, two draws
     few = root / "knn_few"
     knn.main(common_args(run, specs, few) + ["--nb-knn", "1", "3", "--n-per-class", "2", "--few-shot-seeds", "0", "1"])
@@ -241,6 +244,7 @@ def test_group_metrics_through_cli_on_industrial_data(workspace, tmp_path):
 
 def test_resize_size_option_keeps_whole_small_images(workspace):
     root, run, specs = workspace
+
     def options(extra=()):
         return parse_config("knn", knn.get_args_parser(), common_args(run, specs, root / "resize") + list(extra))
 

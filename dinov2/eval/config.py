@@ -107,7 +107,7 @@ _DATA_FLAGS = (
     Flag("--val-dataset", "data.val", "validation dataset spec", "text"),
     Flag("--test-dataset", "data.test", "test dataset spec", "text"),
     Flag("--task", "data.task", "label column to use for multi-task CSV datasets", "text"),
-    Flag("--positive-class", "data.positive_class", "binary tasks: name or index of the positive class", "text"),
+    Flag("--positive-class", "data.positive_class", "binary tasks: name or index of the positive class"),
     Flag("--batch-size", "data.batch_size", "images per forward pass during feature extraction"),
     Flag(
         "--num-workers",
@@ -139,7 +139,6 @@ _METHOD_FLAGS = {
             "--avgpool",
             "linear.avgpool",
             "append the average patch token: both variants, always or never (both, yes, no)",
-            "text",
         ),
         Flag("--epochs", "linear.epochs", "training epochs of the heads"),
         Flag("--train-batch-size", "linear.train_batch_size", "samples per rank per step"),
@@ -249,7 +248,7 @@ _METHOD_RULES = {
     "linear": {
         "linear.learning_rates": (Length(1, at_least=True), _POSITIVE),
         "linear.n_last_blocks": (Length(1, at_least=True), Range(1, integer=True)),
-        "linear.avgpool": OneOf(("both", "yes", "no")),
+        "linear.avgpool": OneOf(("both", True, False)),  # yes / no are YAML booleans
         "linear.epochs": Range(1),
         "linear.train_batch_size": Range(1),
         "linear.eval_period_iterations": Range(1),
@@ -282,6 +281,7 @@ _NULL_TYPES = {
     "knn.plot_k": "int",
     "linear.eval_period_iterations": "int",
     "linear.augment": "bool",
+    "linear.avgpool": "scalar",  # both, or yes / no (read as true / false, by a flag as by a key=value)
     "pca.output": "str",
     "pca.foreground_threshold": "float",
 }
@@ -290,10 +290,11 @@ _NULL_TYPES = {
 def _schema(method: str) -> ConfigSchema:
     with_data = method != "pca"
     flags = FLAGS[method]
+    sections = {"backbone", "device", "logging", method} | ({"data", "output_dir"} if with_data else set())
     return ConfigSchema(
         name=f"{method} evaluation",
         defaults=("eval/common.yaml",) + (("eval/data.yaml",) if with_data else ()) + (f"eval/{method}.yaml",),
-        null_types={k: t for k, t in _NULL_TYPES.items() if with_data or not k.startswith(("data.", "output_dir"))},
+        null_types={k: t for k, t in _NULL_TYPES.items() if k.split(".")[0] in sections},
         rules={**_COMMON_RULES, **(_DATA_RULES if with_data else {}), **_METHOD_RULES[method]},
         required=("backbone.pretrained_weights",) + (("data.train",) if with_data else ("pca.output",)),
         checks=(_check_backbone,) + {"knn": (_check_knn,), "linear": (_check_linear,)}.get(method, ()),

@@ -550,7 +550,7 @@ def run_linear(cfg: DictConfig) -> dict:
     configs = make_head_grid(
         options.learning_rates,
         options.n_last_blocks,
-        {"both": (False, True), "yes": (True,), "no": (False,)}[options.avgpool],
+        {"both": (False, True), True: (True,), False: (False,)}[options.avgpool],
     )
     result = train_linear_grid(
         source,

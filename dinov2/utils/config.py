@@ -24,6 +24,7 @@ file, command-line flags (already mapped to their keys) and ``key=value`` overri
 """
 
 import difflib
+import functools
 import logging
 import os
 from dataclasses import dataclass, field
@@ -194,7 +195,8 @@ class ConfigSchema:
     """One task's options: its defaults files (merged in order) and what a value must satisfy.
 
     ``null_types`` gives the type of each null default (``int``, ``float``, ``str``, ``bool``,
-    ``list``, or ``scalar`` for a name-or-index). ``aliases`` maps a key to the command-line flag
+    ``list``, or ``scalar`` for a name-or-index), and of the options whose default's type is
+    not theirs (``scalar``: ``both`` or a YAML boolean such as ``yes`` / ``no``). ``aliases`` maps a key to the command-line flag
     that sets it, so errors name both. ``checks`` are functions of the merged config that raise
     :class:`ConfigError` when options do not fit together (``a`` needs ``b``). ``fill`` computes
     the value of an option left null at load time (a default that depends on the machine).
@@ -214,15 +216,21 @@ class ConfigSchema:
     fill: Mapping[str, Callable[[], Any]] = field(default_factory=dict)
 
     def default_config(self) -> DictConfig:
-        cfg = OmegaConf.create({})
-        for name in self.defaults:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(configs_dir() / name))
-        return cfg
+        return OmegaConf.create(_merged_defaults(self.defaults))
 
     def describe(self, key: str) -> str:
         """``'knn.nb_knn' (--nb-knn)``: the key, and its flag where it has one."""
         flag = self.aliases.get(key)
         return f"'{key}'" + (f" ({flag})" if flag else "")
+
+
+@functools.lru_cache(maxsize=None)
+def _merged_defaults(names: Tuple[str, ...]) -> dict:
+    """The defaults files merged in order, read once per process (a fresh config is made of it each time)."""
+    cfg = OmegaConf.create({})
+    for name in names:
+        cfg = OmegaConf.merge(cfg, OmegaConf.load(configs_dir() / name))
+    return OmegaConf.to_container(cfg)
 
 
 SSL_SCHEMA = ConfigSchema(
@@ -338,8 +346,8 @@ def _compatible(expected: str, value) -> bool:
         return True  # null is "not set" (e.g. student.layerscale: null turns LayerScale off)
     if expected == "float":
         return isinstance(value, (int, float)) and not isinstance(value, bool)
-    if expected == "scalar":  # a name or an index (e.g. a positive class)
-        return _type_name(value) in ("str", "int", "float")
+    if expected == "scalar":  # a name or an index (a positive class), a word or a switch (yes / no)
+        return _type_name(value) in ("str", "int", "float", "bool")
     return _type_name(value) == expected
 
 
@@ -361,10 +369,10 @@ def _check_types(
                 f"{source}: '{full_key}' is a section and must map its keys ({keys}, ...) to values, "
                 f"got {new_value!r}" + (" (a key with nothing under it is null)" if new_value is None else "")
             )
-        if default_value is None:
-            expected = null_types.get(full_key)
-            if expected is None:
-                continue  # not a default of the defaults file (the tests keep each table complete)
+        if full_key in null_types:  # null defaults, and options of a mixed type ("scalar")
+            expected = null_types[full_key]
+        elif default_value is None:
+            continue  # not a default of the defaults file (the tests keep each table complete)
         else:
             expected = _type_name(default_value)
         if not _compatible(expected, new_value):
@@ -500,7 +508,7 @@ def validate(cfg: DictConfig, schema: ConfigSchema) -> DictConfig:
     for check in schema.checks:
         check(cfg)
     # An int given for a float option (lr=1) is stored as a float, so no use site needs a cast.
-    for key in _float_keys(OmegaConf.to_container(schema.default_config()), schema.null_types):
+    for key in _float_keys(_merged_defaults(schema.defaults), schema.null_types):
         value = OmegaConf.select(cfg, key)
         if isinstance(value, int) and not isinstance(value, bool):
             OmegaConf.update(cfg, key, float(value))
