@@ -69,7 +69,9 @@ def test_unknown_keys_name_the_key_and_the_nearest_one():
 
 
 def test_wrong_types_name_the_key_and_value():
-    with pytest.raises(ConfigError, match=r"'knn\.temperature' must be of type float.*'warm'"):
+    with pytest.raises(
+        ConfigError, match=r"command-line flags: 'knn\.temperature' \(--temperature\) must be of type float.*'warm'"
+    ):
         eval_config("knn", "--temperature", "warm")
     with pytest.raises(ConfigError, match=r"'optim\.epochs' must be of type int.*'ten'"):
         load_classify_config(None, [*CLASSIFY_REQUIRED, "optim.epochs=ten"])

@@ -352,7 +352,12 @@ def _compatible(expected: str, value) -> bool:
 
 
 def _check_types(
-    default: dict, update: dict, source: str, prefix: str = "", null_types: Mapping = NULL_DEFAULT_TYPES
+    default: dict,
+    update: dict,
+    source: str,
+    prefix: str = "",
+    null_types: Mapping = NULL_DEFAULT_TYPES,
+    aliases: Mapping = {},
 ) -> None:
     for key, new_value in update.items():
         if key not in default:
@@ -361,7 +366,7 @@ def _check_types(
         default_value = default[key]
         if isinstance(default_value, dict):
             if isinstance(new_value, dict):
-                _check_types(default_value, new_value, source, f"{full_key}.", null_types)
+                _check_types(default_value, new_value, source, f"{full_key}.", null_types, aliases)
                 continue
             # `optim:` with nothing under it is null, which would replace the whole section.
             keys = ", ".join(list(default_value)[:3])
@@ -377,7 +382,7 @@ def _check_types(
             expected = _type_name(default_value)
         if not _compatible(expected, new_value):
             raise ConfigError(
-                f"{source}: '{full_key}' must be of type {expected} "
+                f"{source}: '{full_key}'{f' ({aliases[full_key]})' if full_key in aliases else ''} must be of type {expected} "
                 f"(default {default_value!r}), got {new_value!r} ({_type_name(new_value)})"
             )
 
@@ -398,7 +403,9 @@ def _merge(
         update_dict = OmegaConf.to_container(update)
     else:
         _check_retired(update_dict, source, schema.retired)
-    _check_types(OmegaConf.to_container(base), update_dict, source, null_types=schema.null_types)
+    _check_types(
+        OmegaConf.to_container(base), update_dict, source, null_types=schema.null_types, aliases=schema.aliases
+    )
     OmegaConf.set_struct(base, True)
     for section in schema.open_sections:  # user-named keys (e.g. one loss weight per task)
         OmegaConf.set_struct(OmegaConf.select(base, section), False)
