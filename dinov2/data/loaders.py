@@ -18,6 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from dinov2.data.datasets.csv_labels import CSVDataset
+from dinov2.data.datasets.idx import IDXDataset
 from dinov2.data.datasets.image_folder import ImageFolderDataset
 from dinov2.data.datasets.imagenet import ImageNetDataset
 from dinov2.data.datasets.industrial import IndustrialDataset
@@ -35,6 +36,7 @@ DATASET_KINDS: dict[str, type] = {
     "ImageNet": ImageNetDataset,
     "ImageFolder": ImageFolderDataset,
     "CSV": CSVDataset,
+    "MNIST": IDXDataset,
     "WebDataset": WebDatasetStream,
 }
 
