@@ -244,3 +244,13 @@ def test_command_line_defaults_match_the_library_defaults():
     cfg = eval_config("log_regression")
     assert tuple(cfg.log_regression.c_values) == DEFAULT_C_VALUES
     assert cfg.log_regression.max_iter == DEFAULT_MAX_ITER
+
+
+def test_the_docs_table_lists_every_flag_with_its_key():
+    from pathlib import Path
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
+    missing = [
+        f"{f.name} -> {f.key}" for flags in FLAGS.values() for f in flags if f"| `{f.name}` | `{f.key}` |" not in docs
+    ]
+    assert not missing
