@@ -36,7 +36,7 @@ from torch.utils.data import Dataset
 from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager, ModelOptimizerState, RNGState, seed_all
 from dinov2.checkpoint.manager import checkpoint_keys, checkpoint_name, validate_checkpoint
-from dinov2.fsdp import shard_ssl_meta_arch
+from dinov2.fsdp import mixed_precision_policy, shard_backbone, shard_ssl_meta_arch
 from dinov2.optim import (
     apply_optim_scheduler,
     build_optimizer,
@@ -46,6 +46,7 @@ from dinov2.optim import (
 )
 from dinov2.train.data import build_train_data_loader
 from dinov2.train.export import LATEST_EXPORT_NAME, export_path, export_teacher_backbone
+from dinov2.train.gram_teacher import build_gram_teacher
 from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.metrics import MetricsLogger, WindowAverager
 from dinov2.train.pca_preview import PCA_IMAGE_TAG, PcaPreview
@@ -151,6 +152,8 @@ class SSLTrainer:
         seed_all(self.seed, 0, 0)
         self.model = SSLMetaArch(cfg).to(self.device)
         self.model.train()
+        # Gram anchoring: a frozen copy of the teacher (or a file's backbone), sharded like the teacher.
+        self.gram_teacher = build_gram_teacher(cfg, self.model.teacher_backbone())
         seed_all(self.seed, self.rank, 0)
         self.fsdp = self._shard_model()
         self.optimizer = build_optimizer(self.model.student, self.model.student["backbone"].n_blocks, cfg.optim)
@@ -206,6 +209,10 @@ class SSLTrainer:
             logger.info("distributed.fsdp=false: replicated student, gradients averaged over ranks")
             return False
         shard_ssl_meta_arch(self.model, self.cfg)
+        if self.gram_teacher is not None:
+            precision = self.cfg.compute_precision
+            policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
+            shard_backbone(self.gram_teacher.backbone, policy, bool(self.cfg.distributed.reshard_after_forward))
         return True
 
     # -------------------------------------------------------------- checkpoint
@@ -216,7 +223,9 @@ class SSLTrainer:
         * ``extra``: ``iteration``, ``nonfinite_streak``, ``protected_checkpoint`` (the iteration
           retention keeps, -1 for none) and ``sampler`` (global samples consumed);
         * ``rng``: each rank's torch / numpy / random (/ CUDA) states;
-        * ``scaler``: the fp16 GradScaler, when used.
+        * ``scaler``: the fp16 GradScaler, when used;
+        * ``gram`` / ``gram_state``: the Gram teacher's weights (taken from this run) and its update
+          count, source and checksum, with ``gram.use_loss`` (see :mod:`dinov2.train.gram_teacher`).
         """
         extra: Dict[str, Any] = {
             "iteration": self.iteration,
@@ -232,6 +241,8 @@ class SSLTrainer:
         }
         if self.scaler is not None:
             state["scaler"] = self.scaler
+        if self.gram_teacher is not None:
+            state.update(self.gram_teacher.checkpoint_entries())
         return state
 
     def _check_finite_state(self) -> None:
@@ -284,9 +295,17 @@ class SSLTrainer:
             self._record_start()
             return False
         state = self.checkpoint_state()
-        if "extra.protected_checkpoint" not in checkpoint_keys(path):
+        keys = checkpoint_keys(path)
+        if "extra.protected_checkpoint" not in keys:
             del state["extra"]["protected_checkpoint"]  # written before retention protection existed
+        if self.gram_teacher is not None and "gram_state.source" not in keys:
+            raise ValueError(
+                f"gram.use_loss is on but checkpoint {path} was written without Gram anchoring; start the Gram "
+                f"phase as a new run (another output directory) with train.init_from_checkpoint={path}"
+            )
         self.checkpointer.load(path, state)
+        if self.gram_teacher is not None:
+            self.gram_teacher.restore(state["gram_state"], path)
         extra = state["extra"]
         self.iteration = int(extra["iteration"])
         self.nonfinite_streak = int(extra["nonfinite_streak"])
@@ -330,7 +349,14 @@ class SSLTrainer:
         apply_optim_scheduler(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
         self.optimizer.zero_grad(set_to_none=True)
         data = _to_device(batch, self.device)
-        losses = self.model.forward_backward(data, teacher_temp=values["teacher_temp"], scaler=self.scaler)
+        gram_targets = None
+        if self.gram_teacher is not None:
+            self.gram_teacher.maybe_update(it, self.model.teacher_backbone())
+            if self.gram_teacher.active(it):
+                gram_targets = self.model.gram_targets(self.gram_teacher, data["collated_global_crops"])
+        losses = self.model.forward_backward(
+            data, teacher_temp=values["teacher_temp"], scaler=self.scaler, gram_targets=gram_targets
+        )
         if self.world_size > 1 and not self.fsdp:
             _all_reduce_gradients(self.model.student)
 
