@@ -44,6 +44,7 @@ from dinov2.optim import (
     clip_student_gradients,
     scaled_learning_rate,
 )
+from dinov2.train.compile import compile_for_training
 from dinov2.train.data import build_train_data_loader
 from dinov2.train.export import LATEST_EXPORT_NAME, export_path, export_teacher_backbone
 from dinov2.train.gram_teacher import build_gram_teacher
@@ -154,6 +155,8 @@ class SSLTrainer:
         self.model.train()
         # Gram anchoring: a frozen copy of the teacher (or a file's backbone), sharded like the teacher.
         self.gram_teacher = build_gram_teacher(cfg, self.model.teacher_backbone())
+        # train.compile: every block compiled before FSDP2 makes it a unit (False where it fell back).
+        self.compiled = compile_for_training(cfg, [self.model, self.gram_teacher], self.device)
         seed_all(self.seed, self.rank, 0)
         self.fsdp = self._shard_model()
         self.optimizer = build_optimizer(self.model.student, self.model.student["backbone"].n_blocks, cfg.optim)
