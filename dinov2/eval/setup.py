@@ -5,7 +5,8 @@
   ``config.yaml`` when no ``--config-file`` is given;
 - a ``.pth`` / ``.safetensors`` file: a plain backbone state dict in the official DINOv2 key
   format, or a checkpoint dict nesting one under ``teacher_backbone``, ``teacher`` (``backbone.``
-  prefix) or ``model`` (see :func:`dinov2.hub.weights.read_state_dict`).
+  prefix) or ``model`` (see :func:`dinov2.hub.weights.read_state_dict`); a DINOv3 file (official
+  or exported) needs neither ``--config-file`` nor ``--arch``: its keys describe it.
 The architecture comes from ``--config-file`` (a training config, e.g. a run's ``config.yaml``)
 or, for the official releases, from ``--arch dinov2_vits14`` style names. Weights always load
 strictly: a missing or extra key is an error listing the keys.
@@ -26,8 +27,14 @@ import torch
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from dinov2.hub.backbones import ENTRY_POINTS
 from dinov2.hub.interop import is_transformers_folder, transformers_normalization
-from dinov2.hub.sources import load_backbone, load_backbone_from_config, resolve_weights_path
-from dinov2.hub.weights import PathLike
+from dinov2.hub.sources import (
+    backbone_from_state_dict,
+    is_dinov3_state_dict,
+    load_backbone,
+    load_backbone_from_config,
+    resolve_weights_path,
+)
+from dinov2.hub.weights import PathLike, read_state_dict
 from dinov2.utils.config import CONFIG_FILE_NAME, load_saved_config
 
 # The official releases were trained and evaluated at 224 px.
@@ -91,16 +98,23 @@ def build_model_for_eval(
     else:
         weights_path = resolve_weights_path(pretrained_weights, "--pretrained-weights")
         config_path = _config_for(config_file, pretrained_weights)
-        if config_path is None:
+        state = read_state_dict(weights_path) if config_path is None else None
+        if state is not None and is_dinov3_state_dict(state):
+            # A DINOv3 file describes its own architecture (its RoPE periods give the head width).
+            model, _ = backbone_from_state_dict(state, str(weights_path))
+            size, mean, std = OFFICIAL_IMAGE_SIZE, IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+            description = f"DINOv3 file {weights_path}"
+        elif config_path is None:
             raise ValueError(
                 "no model description: give --config-file (a training output's config.yaml, or a training "
                 f"config) or --arch (one of {sorted(ENTRY_POINTS)}) for official-format weights"
             )
-        cfg = load_saved_config(config_path, overrides)
-        model, spec = load_backbone_from_config(cfg, weights_path)
-        size = int(cfg.crops.global_crops_size)
-        mean, std = tuple(spec["normalization"]["mean"]), tuple(spec["normalization"]["std"])
-        description = f"{cfg.student.arch}/{cfg.student.patch_size} from {config_path}"
+        else:
+            cfg = load_saved_config(config_path, overrides)
+            model, spec = load_backbone_from_config(cfg, weights_path)
+            size = int(cfg.crops.global_crops_size)
+            mean, std = tuple(spec["normalization"]["mean"]), tuple(spec["normalization"]["std"])
+            description = f"{cfg.student.arch}/{cfg.student.patch_size} from {config_path}"
     size = int(image_size or size)
     if size % model.patch_size:
         raise ValueError(f"evaluation image size {size} is not a multiple of the patch size {model.patch_size}")

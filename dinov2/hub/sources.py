@@ -10,7 +10,10 @@ A *source* is one of
   or another export named by ``weights``);
 * a weights file (``.pth``/``.pt``/``.safetensors``): our consolidated export or an official DINOv2
   checkpoint. The architecture is read off the tensor shapes; only ``num_heads`` cannot be, so it
-  defaults to ``embed_dim // 64`` (true for every released ViT) unless given;
+  defaults to ``embed_dim // 64`` (true for every released ViT) unless given. A DINOv3 file (our
+  export of a DINOv3-style run, or an official DINOv3 checkpoint) is recognised by its RoPE buffer
+  ``rope_embed.periods`` and built as a :class:`~dinov2.models.vision_transformer_v3.DinoV3VisionTransformer`,
+  whose head width the buffer gives (4 x its length), so nothing needs guessing;
 * ``timm:<name>`` - any ``timm`` model (optional dependency), randomly initialised unless
   ``weights=PATH``;
 * a transformers DINOv2 folder (``config.json`` + ``model.safetensors``: ``Dinov2Model``,
@@ -31,15 +34,17 @@ from __future__ import annotations
 
 import math
 import re
+from functools import partial
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, make_vit
+from dinov2.models.vision_transformer_v3 import DINOV3_RELEASES, DinoV3VisionTransformer, make_dinov3_release
 
-from .weights import PathLike, load_backbone_weights, load_weights_only, read_state_dict
+from .weights import PathLike, check_state_dict, load_backbone_weights, load_weights_only, read_state_dict
 
 TRAINING_EXPORT = Path("exports") / "teacher_backbone_latest.pth"
 EXPORT_NAME = TRAINING_EXPORT.name
@@ -143,6 +148,105 @@ def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int]
     )
 
 
+# The key that only DINOv3 files have: the RoPE periods (DINOv2 files have pos_embed instead).
+DINOV3_MARKER_KEY = "rope_embed.periods"
+_SWIGLU_ALIGNMENTS = {"swiglu": 8, "swiglu32": 32, "swiglu64": 64, "swiglu128": 128}
+
+
+def is_dinov3_state_dict(state: Mapping[str, torch.Tensor]) -> bool:
+    """Whether ``state`` is a DINOv3 ViT backbone (RoPE periods), not a DINOv2 one."""
+    return DINOV3_MARKER_KEY in state
+
+
+def _ratio_for_width(hidden: int, embed_dim: int) -> float:
+    """A ratio whose ``int(embed_dim * ratio)`` is exactly ``hidden`` (the blocks' width rule)."""
+    for ratio in (hidden / embed_dim, (hidden + 0.5) / embed_dim):
+        if int(embed_dim * ratio) == hidden:
+            return ratio
+    raise BackboneSourceError(f"no feed-forward ratio gives width {hidden} for embed_dim {embed_dim}")
+
+
+def _rope_period_kwargs(periods: torch.Tensor, head_dim: int) -> Dict[str, Any]:
+    """``rope_base`` (or ``rope_min_period`` / ``rope_max_period``) that reproduce a periods buffer."""
+    from dinov2.layers.rope import rope_periods
+
+    if periods.is_meta:  # shapes only (a model built on the meta device): the releases' base
+        return dict(rope_base=100.0, rope_min_period=None, rope_max_period=None)
+    values = periods.detach().float().cpu()
+    if values.numel() > 1 and abs(float(values[0]) - 1.0) < 1e-6:
+        base = float(f"{float(values[1]) ** (head_dim / 4):.5g}")  # float32 periods: 5 digits are exact
+        if torch.allclose(rope_periods(head_dim, base), values, rtol=1e-4):
+            return dict(rope_base=base, rope_min_period=None, rope_max_period=None)
+    low, high = float(values[0]), float(values[-1])
+    if values.numel() > 1 and 0 < low < high:
+        if torch.allclose(rope_periods(head_dim, None, low, high), values, rtol=1e-4):
+            return dict(rope_base=None, rope_min_period=low, rope_max_period=high)
+    # Periods of no known rule (or a single one, which any base gives): the releases' base. The
+    # model uses the file's buffer either way; only a rebuild without weights would differ.
+    return dict(rope_base=100.0, rope_min_period=None, rope_max_period=None)
+
+
+def infer_dinov3_kwargs(state: Mapping[str, torch.Tensor]) -> Dict[str, Any]:
+    """Architecture of a DINOv3-format state dict, read off key names and tensor shapes.
+
+    The head width is 4 x the length of ``rope_embed.periods``. What shapes cannot tell (LayerNorm
+    epsilon, RoPE coordinate options) is that of the released models (the class defaults)."""
+    for key in ("cls_token", DINOV3_MARKER_KEY, "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+        if key not in state:
+            raise BackboneSourceError(f"not a DINOv3 ViT state dict: key {key!r} is missing")
+    embed_dim = int(state["cls_token"].shape[-1])
+    head_dim = 4 * state[DINOV3_MARKER_KEY].numel()
+    if head_dim == 0 or embed_dim % head_dim:
+        raise BackboneSourceError(
+            f"{DINOV3_MARKER_KEY} holds {head_dim // 4} periods (head width {head_dim}), which does not divide "
+            f"embed_dim {embed_dim}"
+        )
+    proj = state["patch_embed.proj.weight"]
+    depth = 1 + max(int(m.group(1)) for m in (re.match(r"blocks\.(\d+)\.", k) for k in state) if m)
+    if "blocks.0.mlp.fc1.weight" in state:
+        ffn_layer, hidden = "mlp", int(state["blocks.0.mlp.fc1.weight"].shape[0])
+        mlp_ratio = _ratio_for_width(hidden, embed_dim)
+        ffn_bias = "blocks.0.mlp.fc1.bias" in state
+    elif "blocks.0.mlp.w1.weight" in state:
+        from dinov2.layers.swiglu_ffn import swiglu_aligned_width
+
+        hidden = int(state["blocks.0.mlp.w1.weight"].shape[0])
+        # The nominal width whose 2/3 is the hidden width (the blocks then round it up to the alignment).
+        mlp_ratio = _ratio_for_width((hidden * 3 + 1) // 2, embed_dim)
+        fits = [
+            name
+            for name, align in _SWIGLU_ALIGNMENTS.items()
+            if swiglu_aligned_width(int(embed_dim * mlp_ratio), align) == hidden
+        ]
+        if not fits:
+            raise BackboneSourceError(
+                f"SwiGLU width {hidden} does not follow the DINOv3 rule for embed_dim {embed_dim}"
+            )
+        ffn_layer, ffn_bias = fits[0], "blocks.0.mlp.w1.bias" in state
+    else:
+        raise BackboneSourceError("state dict has neither mlp.fc1 nor mlp.w1 weights in block 0")
+    qkv_bias = "blocks.0.attn.qkv.bias" in state
+    return dict(
+        patch_size=int(proj.shape[-1]),
+        in_chans=int(proj.shape[1]),
+        embed_dim=embed_dim,
+        depth=int(depth),
+        num_heads=embed_dim // head_dim,
+        mlp_ratio=float(mlp_ratio),
+        qkv_bias=qkv_bias,
+        ffn_bias=bool(ffn_bias),
+        proj_bias="blocks.0.attn.proj.bias" in state,
+        init_values=1e-5 if "blocks.0.ls1.gamma" in state else None,
+        ffn_layer=ffn_layer,
+        num_storage_tokens=int(state["storage_tokens"].shape[1]) if "storage_tokens" in state else 0,
+        # Without a qkv bias there is nothing to mask (the released ViT-7B/16 is built with the option on).
+        mask_k_bias="blocks.0.attn.qkv.bias_mask" in state or not qkv_bias,
+        untie_cls_and_patch_norms="cls_norm.weight" in state,
+        untie_global_and_local_cls_norm="local_cls_norm.weight" in state,
+        **_rope_period_kwargs(state[DINOV3_MARKER_KEY], head_dim),
+    )
+
+
 def _export_hint(directory: Path) -> str:
     return (
         f"Training writes one every evaluation.export_period_iterations iterations; to make one now from the "
@@ -209,9 +313,11 @@ def build_backbone_from_spec(spec: Mapping[str, Any], drop_path_rate: float = 0.
     kind = spec.get("kind")
     if kind == "vit":
         return DinoVisionTransformer(drop_path_rate=drop_path_rate, **spec["kwargs"])
+    if kind == "dinov3":
+        return DinoV3VisionTransformer(drop_path_rate=drop_path_rate, **spec["kwargs"])
     if kind == "timm":
         return _timm_model(spec["name"], **dict(spec.get("kwargs", {})))
-    raise BackboneSourceError(f"unknown backbone spec kind {kind!r} (expected 'vit' or 'timm')")
+    raise BackboneSourceError(f"unknown backbone spec kind {kind!r} (expected 'vit', 'dinov3' or 'timm')")
 
 
 def _timm_model(name: str, **kwargs) -> nn.Module:
@@ -224,8 +330,53 @@ def _timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
-def _vit_spec(model: DinoVisionTransformer) -> Dict[str, Any]:
+def _vit_spec(model: nn.Module) -> Dict[str, Any]:
+    if isinstance(model, DinoV3VisionTransformer):
+        return {"kind": "dinov3", "kwargs": dict(model.architecture)}
     return {"kind": "vit", "kwargs": vit_kwargs_of(model)}
+
+
+def load_dinov3_weights(
+    build: Callable[[], DinoV3VisionTransformer], state: Mapping[str, torch.Tensor], source: str = "state dict"
+) -> DinoV3VisionTransformer:
+    """``build()`` with the weights of ``state``, loaded strictly (errors list every bad key).
+
+    The model is built on the meta device and takes the loaded tensors (cast to float32) as its own,
+    so no random initialisation is computed and thrown away, and a large model (ViT-7B/16: 27 GB in
+    float32) is never held twice in memory."""
+    with torch.device("meta"):
+        model = build()
+    check_state_dict(model, state, source)
+    state = {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+    model.load_state_dict(state, strict=True, assign=True)
+    return model
+
+
+def backbone_from_state_dict(
+    state: Mapping[str, torch.Tensor],
+    source: str = "state dict",
+    num_heads: Optional[int] = None,
+    drop_path_rate: float = 0.0,
+) -> Tuple[nn.Module, Dict[str, Any]]:
+    """(backbone, build spec) for a backbone state dict (DINOv2 or DINOv3 format, told apart by its
+    keys), loaded strictly; ``source`` names it in errors."""
+    if is_dinov3_state_dict(state):
+        kwargs = infer_dinov3_kwargs(state)
+        if num_heads is not None and num_heads != kwargs["num_heads"]:
+            raise BackboneSourceError(
+                f"{source}: num_heads={num_heads} given, but its RoPE periods make {kwargs['num_heads']} heads"
+            )
+        model = load_dinov3_weights(
+            partial(DinoV3VisionTransformer, drop_path_rate=drop_path_rate, **kwargs), state, source
+        )
+        return model, _vit_spec(model)
+    else:
+        kwargs = infer_vit_kwargs(state, num_heads=num_heads)
+        model = DinoVisionTransformer(drop_path_rate=drop_path_rate, **kwargs)
+        spec = {"kind": "vit", "kwargs": kwargs}
+    check_state_dict(model, state, source)
+    model.load_state_dict(state, strict=True)
+    return model, spec
 
 
 def load_backbone(
@@ -244,8 +395,13 @@ def load_backbone(
     """
     source = str(source)
     if source == "random":
+        if arch in DINOV3_RELEASES:  # a published DINOv3 shape, randomly initialised
+            model = make_dinov3_release(arch, drop_path_rate=drop_path_rate)
+            return model, _vit_spec(model)
         if arch not in ARCHITECTURES:
-            raise BackboneSourceError(f"unknown arch {arch!r}; valid: {sorted(ARCHITECTURES)}")
+            raise BackboneSourceError(
+                f"unknown arch {arch!r}; valid: {sorted(ARCHITECTURES)} or a DINOv3 shape {sorted(DINOV3_RELEASES)}"
+            )
         model = make_vit(arch, num_heads=num_heads, drop_path_rate=drop_path_rate, **vit_options)
         return model, _vit_spec(model)
     if source.startswith("hub:"):
@@ -274,11 +430,7 @@ def load_backbone(
     if path.is_dir():
         return _from_training_output(path, weights, drop_path_rate)
     if path.is_file():
-        state = read_state_dict(path)
-        kwargs = infer_vit_kwargs(state, num_heads=num_heads)
-        model = DinoVisionTransformer(drop_path_rate=drop_path_rate, **kwargs)
-        load_backbone_weights(model, state)
-        return model, {"kind": "vit", "kwargs": kwargs}
+        return backbone_from_state_dict(read_state_dict(path), str(path), num_heads, drop_path_rate)
     raise BackboneSourceError(
         f"backbone source {source!r} is not 'random', 'hub:<entry>', 'timm:<name>', an existing "
         f"training output directory or an existing weights file ({', '.join(_WEIGHT_SUFFIXES)})"

@@ -25,12 +25,15 @@ class LinearKMaskedBias(nn.Linear):
             raise ValueError(f"a qkv projection has 3 equal parts; out_features {out_features} is not divisible by 3")
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         if self.bias is not None:
-            self.register_buffer("bias_mask", torch.empty_like(self.bias), persistent=True)
+            mask = torch.empty(out_features, device=self.bias.device, dtype=self.bias.dtype)
+            self.register_buffer("bias_mask", mask, persistent=True)
             self.reset_bias_mask()
 
     def reset_bias_mask(self) -> None:
         """1 on the query and value thirds, 0 on the key third."""
         third = self.out_features // 3
+        if self.bias_mask.is_meta:
+            return  # shapes only: a model built on the meta device to take loaded weights
         with torch.no_grad():
             self.bias_mask.fill_(1.0)
             self.bias_mask[third : 2 * third] = 0.0

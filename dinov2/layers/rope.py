@@ -118,6 +118,10 @@ class RopePositionEmbedding(nn.Module):
 
     def reset_parameters(self) -> None:
         """Fill ``periods`` from the formula (a loaded state dict overwrites it)."""
+        if self.periods.is_meta:
+            # Shapes only (a model built on the meta device to take loaded weights). torch.arange on
+            # the meta device first imports torch's Python reference kernels, 13 s here.
+            return
         with torch.no_grad():
             periods = rope_periods(self.head_dim, self.base, self.min_period, self.max_period, self.periods.device)
             self.periods.copy_(periods)

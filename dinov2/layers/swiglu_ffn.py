@@ -55,7 +55,7 @@ class SwiGLUFFNAligned(nn.Module):
     """SwiGLU of the DINOv3 ViTs: ``w3(silu(w1 x) * (w2 x))`` with separate ``w1`` / ``w2`` keys.
 
     The nominal width (``ffn_ratio * dim``) is reduced to 2/3 and rounded up to a multiple of
-    ``align_to``: 8 for ViT-S+/16, L+/16 and H+/16 (1536 and 5120 wide), 64 for ViT-7B/16 (8192).
+    ``align_to``: 8 for ViT-S+/16 and H+/16 (1536 and 5120 wide), 64 for ViT-7B/16 (8192).
     """
 
     def __init__(

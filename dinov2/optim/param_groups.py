@@ -7,8 +7,8 @@ Parameters sharing all three are fused into one optimizer group; the loop multip
 lr / weight decay by the group's multipliers at each iteration (:func:`apply_optim_scheduler`).
 
 Layer ids (as in DINOv2 / BEiT): the embeddings (``patch_embed``, ``pos_embed``, ``cls_token``,
-``register_tokens``, ``mask_token``) are layer 0, ``blocks.<i>`` is layer ``i + 1``, everything
-else (the final ``norm`` and the heads) is layer ``depth + 1``. The lr multiplier is
+``register_tokens`` or DINOv3's ``storage_tokens``, ``mask_token``) are layer 0, ``blocks.<i>``
+is layer ``i + 1``, everything else (the final ``norm`` and the heads) is layer ``depth + 1``. The lr multiplier is
 ``layerwise_decay ** (depth + 1 - layer_id)``, so the heads train at the full lr and each block
 below at ``layerwise_decay`` times the one above.
 
@@ -40,7 +40,7 @@ __all__ = [
     "scale_learning_rates",
 ]
 
-_EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "mask_token")
+_EMBEDDING_NAMES = ("patch_embed", "pos_embed", "cls_token", "register_tokens", "storage_tokens", "mask_token")
 _BLOCK_RE = re.compile(r"(?:^|\.)blocks\.(\d+)\.")
 
 

@@ -70,11 +70,13 @@ def load_warm_start_weights(backbone: nn.Module, path: Union[str, os.PathLike]) 
     else:
         path = resolve_weights_path(path, "student.pretrained_weights")
         state = dict(read_state_dict(path, what="warm-start weights file (student.pretrained_weights)"))
-    stored, target = state.get("pos_embed"), backbone.pos_embed
+    # A RoPE backbone (DINOv3) has no position table: nothing to resample.
+    stored, target = state.get("pos_embed"), getattr(backbone, "pos_embed", None)
     # Only a different grid is resampled; any other mismatch (width, layout) is left for the
     # strict load, whose error lists every bad key.
     if (
         stored is not None
+        and target is not None
         and stored.shape != target.shape
         and stored.ndim == 3
         and (stored.shape[0], stored.shape[2]) == (target.shape[0], target.shape[2])
