@@ -171,8 +171,9 @@ def apply_rope_to_qkv(qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
     """Rotate the queries and keys of the patch tokens of a ``(B, N, 3, heads, head_dim)`` qkv tensor.
 
     The patches are the last ``sin.shape[0]`` of the ``N`` tokens; the tokens before them (CLS,
-    storage tokens) and all values are returned unchanged. The rotation runs in the tables' dtype
-    (float32), then the result is cast back, so low-precision training does not round the angles.
+    storage tokens) and all values are returned unchanged. The rotation runs in float32 and the
+    result is cast back to the qkv dtype. (The tables are float32 as computed; FSDP2 mixed
+    precision casts a block's floating-point inputs, tables included, to its parameter dtype.)
     """
     sin, cos = rope
     patches = sin.shape[0]
@@ -181,8 +182,8 @@ def apply_rope_to_qkv(qkv: torch.Tensor, rope: Rope) -> torch.Tensor:
         raise ValueError(
             f"RoPE tables for {patches} patches of width {sin.shape[-1]} do not fit qkv of shape {tuple(qkv.shape)}"
         )
-    sin, cos = sin[:, None, None, :], cos[:, None, None, :]  # broadcast over (q/k, heads)
-    qk = qkv[:, prefix:, :2].to(sin.dtype)
+    sin, cos = sin.float()[:, None, None, :], cos.float()[:, None, None, :]  # broadcast over (q/k, heads)
+    qk = qkv[:, prefix:, :2].float()
     rotated = (qk * cos + rotate_half(qk) * sin).to(qkv.dtype)
     patch_qkv = torch.cat((rotated, qkv[:, prefix:, 2:]), dim=2)
     return torch.cat((qkv[:, :prefix], patch_qkv), dim=1) if prefix else patch_qkv
