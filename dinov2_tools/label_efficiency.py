@@ -59,16 +59,15 @@ def labelled_indices(labels: Sequence[int], n_per_class: int, seed: int) -> np.n
     return sample_few_shot(labels, np.arange(len(labels)), n_per_class, seed)
 
 
-def backbone_features(model: torch.nn.Module, dataset, kind: str, batch_size: int = 256, num_workers: int = 0):
-    """(features, labels) numpy arrays of a frozen backbone on a transformed dataset."""
-    if kind not in FEATURE_KINDS:
-        raise ValueError(f"feature kind {kind!r}: use one of {FEATURE_KINDS}")
+def backbone_features(model: torch.nn.Module, dataset, batch_size: int = 256, num_workers: int = 0):
+    """``{kind: features}`` for every :data:`FEATURE_KINDS` from one pass, and the labels (numpy)."""
     features = extract_features(
-        model, dataset, feature_fn=BlockFeatures(1), batch_size=batch_size, num_workers=num_workers, desc=kind
+        model, dataset, feature_fn=BlockFeatures(1), batch_size=batch_size, num_workers=num_workers, desc="features"
     )
-    x = linear_input(features.features, 1, avgpool=kind == "cls+avgpool")
     order = torch.argsort(features.indices)
-    return as_numpy(x[order]), as_numpy(features.labels[order])
+    block = features.features[order]
+    kinds = {kind: as_numpy(linear_input(block, 1, avgpool=kind == "cls+avgpool")) for kind in FEATURE_KINDS}
+    return kinds, as_numpy(features.labels[order])
 
 
 def probe_top1(

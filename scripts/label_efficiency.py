@@ -102,13 +102,13 @@ def main(argv=None) -> int:
     test_t = make_dataset(args.test_dataset, transform=transform)
 
     start = time.perf_counter()
-    features = {
-        kind: (le.backbone_features(backbone.model, train_t, kind), le.backbone_features(backbone.model, test_t, kind))
-        for kind in le.FEATURE_KINDS
-    }
+    (train_kinds, train_y), (test_kinds, test_y) = (
+        le.backbone_features(backbone.model, train_t),
+        le.backbone_features(backbone.model, test_t),
+    )
+    features = {kind: ((train_kinds[kind], train_y), (test_kinds[kind], test_y)) for kind in le.FEATURE_KINDS}
     train_ink, test_ink = ink_images(train_pil), ink_images(test_pil)
     for name in args.pixel_baselines:
-        train_y, test_y = features["cls"][0][1], features["cls"][1][1]
         features[f"pixels {name}"] = (
             (pixel_baseline(train_ink, name).numpy(), train_y),
             (pixel_baseline(test_ink, name).numpy(), test_y),
@@ -126,7 +126,7 @@ def main(argv=None) -> int:
 
     rows = []
     num_classes = len(class_names)
-    train_labels = features["cls"][0][1]
+    train_labels = train_y
     for n in args.labels_per_class:
         chosen = le.labelled_indices(train_labels, n, args.seed)
         for name, ((train_x, train_y), (test_x, test_y)) in features.items():
