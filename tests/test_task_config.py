@@ -2,6 +2,7 @@
 flags, key=value overrides; checked once at load, read-only afterwards)."""
 
 import functools
+from pathlib import Path
 
 import pytest
 from omegaconf import OmegaConf
@@ -13,13 +14,14 @@ from dinov2.eval import knn, linear, log_regression, pca
 from dinov2.eval.config import FLAGS, SCHEMAS, config_from_args
 from dinov2.utils.config import ConfigError
 
+RUN = str(Path(__file__).resolve().parent)  # an existing directory: configs only, nothing is loaded from it
 PARSERS = {"knn": knn, "linear": linear, "log_regression": log_regression, "pca": pca}
 # The options a method cannot run without (the flags' test adds its own on top).
 REQUIRED = {
-    "knn": ["--pretrained-weights", "run", "--train-dataset", "T", "--val-dataset", "V"],
-    "linear": ["--pretrained-weights", "run", "--train-dataset", "T"],
-    "log_regression": ["--pretrained-weights", "run", "--train-dataset", "T"],
-    "pca": ["--pretrained-weights", "run", "--images", "a.png", "--output", "out.png"],
+    "knn": ["--pretrained-weights", RUN, "--train-dataset", "T", "--val-dataset", "V"],
+    "linear": ["--pretrained-weights", RUN, "--train-dataset", "T"],
+    "log_regression": ["--pretrained-weights", RUN, "--train-dataset", "T"],
+    "pca": ["--pretrained-weights", RUN, "--images", "a.png", "--output", "out.png"],
 }
 CLASSIFY_REQUIRED = ["output_dir=out", "data.train=CSV:path=labels.csv"]
 
@@ -42,7 +44,7 @@ def test_eval_yaml_then_flags_then_overrides(tmp_path):
     assert cfg.data.batch_size == 16  # the flag wins over the file
     assert list(cfg.knn.nb_knn) == [3]  # the override wins over the file
     assert cfg.knn.bank_chunk_size == 65536  # untouched default
-    assert cfg.data.train == "T" and cfg.backbone.pretrained_weights == "run"
+    assert cfg.data.train == "T" and cfg.backbone.pretrained_weights == RUN
     # A key outside the evaluation's sections overrides the training config of the backbone.
     cfg = eval_config("knn", "student.arch=vit_small", "crops.global_crops_size=32", "knn.plot_k=10")
     assert list(cfg.backbone.overrides) == ["student.arch=vit_small", "crops.global_crops_size=32"]
@@ -99,6 +101,12 @@ def test_wrong_types_name_the_key_and_value():
             ["--image-size", "32", "--resize-size", "16"],
             r"--resize-size \(backbone\.resize_size\) 16 is smaller",
         ),
+        (
+            "pca",
+            ["--pretrained-weights", "no/such/run"],
+            r"'backbone\.pretrained_weights' \(--pretrained-weights\) must be an existing file or directory, "
+            r"got 'no/such/run'",
+        ),
         ("linear", ["--augment"], r"--augment needs --feature-mode online"),
     ],
 )
@@ -111,9 +119,9 @@ def test_bad_eval_values_exit_with_the_message_from_the_command_line():
     with pytest.raises(SystemExit, match=r"'knn\.temperature' \(--temperature\) must be > 0"):
         knn.main([*REQUIRED["knn"], "--temperature", "-1"])
     with pytest.raises(SystemExit, match=r"give --val-dataset and/or --test-dataset"):
-        knn.main(["--pretrained-weights", "run", "--train-dataset", "T"])
+        knn.main(["--pretrained-weights", RUN, "--train-dataset", "T"])
     with pytest.raises(SystemExit, match=r"required option\(s\) not set: 'data\.train' \(--train-dataset\)"):
-        knn.main(["--pretrained-weights", "run", "--val-dataset", "V"])
+        knn.main(["--pretrained-weights", RUN, "--val-dataset", "V"])
 
 
 @pytest.mark.parametrize(
@@ -166,6 +174,7 @@ def _sample(flag, default):
     """A value for ``flag`` and the same value written for a key=value override."""
     samples = {
         "backbone.arch": "dinov2_vits14",
+        "backbone.pretrained_weights": str(Path(RUN).parent),
         "backbone.precision": "bf16",
         "backbone.config_file": "run/config.yaml",
         "linear.avgpool": "no",

@@ -28,6 +28,7 @@ from dinov2.hub.backbones import ENTRY_POINTS
 from dinov2.utils.config import (
     ConfigError,
     ConfigSchema,
+    ExistingPath,
     Length,
     OneOf,
     Range,
@@ -228,6 +229,7 @@ def _check_linear(cfg: DictConfig) -> None:
 
 _POSITIVE = Range(0, low_open=True)
 _COMMON_RULES = {
+    "backbone.pretrained_weights": ExistingPath(),  # a typo stops the run before any process group is joined
     "backbone.arch": OneOf(tuple(sorted(ENTRY_POINTS))),
     "backbone.image_size": Range(1),
     "backbone.resize_size": Range(1),
