@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train classification heads on a DINOv2 backbone (probe, fine-tuning, LP-FT with LoRA).",
         epilog="Options are key=value overrides, e.g. output_dir=out data.train=CSV:path=labels.csv optim.mode=lpft",
     )
-    parser.add_argument("--config-file", default=None, help="YAML file with options (see docs/classify.md)")
+    parser.add_argument(
+        "--config-file",
+        default=None,
+        help="YAML file with options; every option and its default: configs/classify/default.yaml (docs/classify.md)",
+    )
     parser.add_argument("overrides", nargs="*", help="key=value options applied after the file")
     return parser
 
