@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, SwiGLUFFNFused
+from dinov2.layers.packing import PACKED_ATTENTION_MODES, PackedLayout, resolve_packed_kernel
 
 FFN_LAYERS = {
     "mlp": Mlp,
@@ -57,6 +58,7 @@ class DinoVisionTransformer(nn.Module):
         block_chunks: int = 0,
         stochastic_depth: str = "mask",
         activation_checkpointing: int = 0,
+        packed_attention: str = "per_resolution",
     ):
         """
         Args:
@@ -74,6 +76,10 @@ class DinoVisionTransformer(nn.Module):
                 training (``dinov2.layers.drop_path``); no effect in eval mode or at rate 0.
             activation_checkpointing: 0 (off), or k: every k-th block (0, k, 2k, ...) recomputes
                 its activations in backward instead of storing them (1: all blocks).
+            packed_attention: how ``forward_features_list`` runs batches of several resolutions:
+                "per_resolution" (each through every block on its own), "packed" or a kernel name
+                (all crops in one sequence, block-diagonal attention) or "auto" (packed only
+                where measured faster); see ``dinov2.layers.packing``.
         """
         super().__init__()
         if block_chunks not in (0, None):
@@ -119,6 +125,7 @@ class DinoVisionTransformer(nn.Module):
             for i in range(depth)
         )
         self.set_activation_checkpointing(activation_checkpointing)
+        self.set_packed_attention(packed_attention)
         self.norm = norm_layer(embed_dim)
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
@@ -132,6 +139,12 @@ class DinoVisionTransformer(nn.Module):
             )
         for i, block in enumerate(self.blocks):
             block.checkpoint_activations = every > 0 and i % every == 0
+
+    def set_packed_attention(self, mode: str) -> None:
+        """How ``forward_features_list`` runs several resolutions (``dinov2.layers.packing``)."""
+        if mode not in PACKED_ATTENTION_MODES:
+            raise ValueError(f"packed_attention must be one of {list(PACKED_ATTENTION_MODES)}, got {mode!r}")
+        self.packed_attention = mode
 
     def init_weights(self) -> None:
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
@@ -210,13 +223,23 @@ class DinoVisionTransformer(nn.Module):
     ) -> List[Dict[str, torch.Tensor]]:
         """One forward per batch of a given resolution (e.g. global and local crops).
 
-        Each batch runs through every block separately, so the result equals separate forwards.
+        Per resolution, each batch runs through every block separately, so the result equals
+        separate forwards. Packed (``packed_attention``), the batches' tokens run through the
+        blocks as one sequence with block-diagonal attention: the same result up to rounding.
         """
         if len(x_list) != len(masks_list):
             raise ValueError(f"got {len(x_list)} batches but {len(masks_list)} masks")
         tokens = [self.prepare_tokens_with_masks(x, m) for x, m in zip(x_list, masks_list)]
-        for block in self.blocks:
-            tokens = [block(t) for t in tokens]
+        kernel = resolve_packed_kernel(self.packed_attention, tokens[0].device) if len(tokens) > 1 else None
+        if kernel is None:
+            for block in self.blocks:
+                tokens = [block(t) for t in tokens]
+        else:
+            layout = PackedLayout.of(tokens, kernel)
+            x = layout.pack(tokens)
+            for block in self.blocks:
+                x = block(x, packing=layout)
+            tokens = layout.unpack(x)
         return [self._split_tokens(t, m) for t, m in zip(tokens, masks_list)]
 
     def forward_features(
