@@ -198,6 +198,7 @@ def make_data_loader(
     rank: int | None = None,
     world_size: int | None = None,
     pin_memory: bool = False,
+    prefetch_factor: int | None = None,
 ) -> ResumableDataLoader:
     """A DataLoader over ``dataset`` for this rank.
 
@@ -206,6 +207,8 @@ def make_data_loader(
     datasets (WebDataset) split their shards by rank and worker themselves and take no sampler;
     a WebDataset stream's position is saved and restored by the loader like a sampler's.
     ``collate_fn`` (default ``default_collate``) is wrapped in ``SkipBadSamples``.
+    ``prefetch_factor``: batches each worker prepares ahead (None: DataLoader's default; only
+    with ``num_workers`` > 0).
     """
     rank, world_size = default_rank_and_world_size(rank, world_size)
     sampler = None
@@ -239,6 +242,7 @@ def make_data_loader(
         pin_memory=pin_memory,
         drop_last=drop_last,
         persistent_workers=persistent_workers and num_workers > 0,
+        prefetch_factor=prefetch_factor if num_workers > 0 else None,
         worker_init_fn=_seed_worker,
         generator=generator,
         world_size=world_size,

@@ -53,6 +53,7 @@ __all__ = [
     "SeededSampleStream",
     "SeededCollate",
     "build_train_data_loader",
+    "loader_options",
     "train_dataset_spec",
 ]
 
@@ -279,12 +280,15 @@ def build_train_data_loader(
     world_size: int,
     dtype: torch.dtype = torch.float32,
     dataset: Optional[Dataset] = None,
+    pin_memory: bool = False,
 ) -> Tuple[ResumableDataLoader, Any]:
     """The training loader of this rank and the underlying dataset.
 
     ``dataset`` replaces ``train.dataset_path`` (tests, programmatic use); its transform must be
     unset: the multi-crop augmentation from ``crops.*`` is installed here. With
     ``crops.global_local_crop_pairs_ratios`` each batch's crop sizes follow :class:`CropSizeSchedule`.
+    ``pin_memory``: batches in page-locked memory (training on CUDA: the trainer's copies to the
+    GPU are then asynchronous); see :func:`loader_options` for the worker options.
     """
     augmentation = FastDataAugmentationDINO.from_config(cfg.crops)  # the v2 reference's crops, faster
     if dataset is None:
@@ -299,6 +303,7 @@ def build_train_data_loader(
     batch_size = int(cfg.train.batch_size_per_gpu)
     num_workers = int(cfg.train.num_workers)
     seed = int(cfg.train.seed)
+    options = loader_options(cfg, pin_memory)
 
     if isinstance(dataset, WebDatasetStream):
         readers = world_size * max(num_workers, 1)
@@ -312,7 +317,7 @@ def build_train_data_loader(
         sizes = CropSizeSchedule.from_config(cfg, world_size, stream_workers=num_workers)
         before = _SizedTransform(augmentation, sizes) if sizes is not None else None
         loader = _seeded_loader(
-            SeededSampleStream(dataset, seed, before), None, collate, batch_size, num_workers, seed, world_size
+            SeededSampleStream(dataset, seed, before), None, collate, batch_size, seed, world_size, options
         )
         return loader, dataset
 
@@ -329,13 +334,12 @@ def build_train_data_loader(
         loader = make_data_loader(
             dataset,
             batch_size,
-            num_workers=num_workers,
             seed=seed,
             sampler_type=None,
             collate_fn=collate,
             rank=rank,
             world_size=world_size,
-            persistent_workers=num_workers > 0,
+            **options,
         )
         return loader, dataset
 
@@ -347,13 +351,35 @@ def build_train_data_loader(
     sizes = CropSizeSchedule.from_config(cfg, world_size)
     before = _SizedTransform(augmentation, sizes) if sizes is not None else None
     loader = _seeded_loader(
-        SeededSampleDataset(dataset, seed, before), sampler, collate, batch_size, num_workers, seed, world_size
+        SeededSampleDataset(dataset, seed, before), sampler, collate, batch_size, seed, world_size, options
     )
     return loader, dataset
 
 
-def _seeded_loader(samples, sampler, collate, batch_size: int, num_workers: int, seed: int, world_size: int):
-    """The resumable loader over seeded samples (map-style with its sampler, or a stream)."""
+def loader_options(cfg: DictConfig, pin_memory: bool = False) -> dict:
+    """DataLoader options of the training loader: ``num_workers`` (``train.num_workers``), workers
+    kept alive between iterators, ``prefetch_factor`` (``train.prefetch_factor``, batches each
+    worker prepares ahead; only with workers, DataLoader refuses it otherwise) and ``pin_memory``.
+
+    Why each: a worker that is kept does not pay its start-up (imports, dataset opening) again at
+    the next iterator; prefetching lets workers absorb the uneven cost of batches; pinned batches
+    are copied to a GPU asynchronously (``non_blocking``), so the copy overlaps the previous step.
+    """
+    num_workers = int(cfg.train.num_workers)
+    prefetch_factor = int(cfg.train.prefetch_factor)
+    if num_workers < 0:
+        raise ValueError(f"train.num_workers must be >= 0, got {num_workers}")
+    if prefetch_factor < 1:
+        raise ValueError(f"train.prefetch_factor must be >= 1, got {prefetch_factor}")
+    options = {"num_workers": num_workers, "persistent_workers": num_workers > 0, "pin_memory": bool(pin_memory)}
+    if num_workers > 0:
+        options["prefetch_factor"] = prefetch_factor
+    return options
+
+
+def _seeded_loader(samples, sampler, collate, batch_size: int, seed: int, world_size: int, options: dict):
+    """The resumable loader over seeded samples (map-style with its sampler, or a stream), with the
+    DataLoader ``options`` of :func:`loader_options`."""
     generator = torch.Generator()
     # Worker base seeds come from this, not from the global RNG (a resumed run must draw the same).
     generator.manual_seed(seed)
@@ -361,11 +387,9 @@ def _seeded_loader(samples, sampler, collate, batch_size: int, num_workers: int,
         samples,
         batch_size=batch_size,
         sampler=sampler,
-        num_workers=num_workers,
         collate_fn=SkipBadSamples(SeededCollate(collate, seed)),
         drop_last=True,
-        persistent_workers=num_workers > 0,
-        pin_memory=torch.cuda.is_available(),
         generator=generator,
         world_size=world_size,
+        **options,
     )

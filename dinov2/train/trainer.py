@@ -172,8 +172,9 @@ class SSLTrainer:
             raise ValueError(f"train.max_nonfinite_steps must be >= 1, got {self.max_nonfinite_steps}")
 
         patch_size = self.model.student["backbone"].patch_size
+        # Pinned batches on CUDA: _to_device's non_blocking copies then overlap the previous step.
         self.loader, self.dataset = build_train_data_loader(
-            cfg, patch_size, self.rank, self.world_size, dataset=dataset
+            cfg, patch_size, self.rank, self.world_size, dataset=dataset, pin_memory=self.device.type == "cuda"
         )
         self.knn_monitor = KnnMonitor(cfg, self.device, dataset_override=dataset)
         self.checkpointer = CheckpointManager(
