@@ -57,6 +57,11 @@ class Flag:
     kind: str = "value"
     nargs: Optional[str] = None  # "+": one or more values, a list
 
+    @property
+    def dest(self) -> str:
+        """The attribute argparse stores the flag's value in."""
+        return self.name[2:].replace("-", "_")
+
     def value(self, given):
         if self.kind == "value":
             return [parse_value(v) for v in given] if self.nargs else parse_value(given)
@@ -350,7 +355,8 @@ def config_from_args(method: str, args: argparse.Namespace) -> DictConfig:
     """The validated, read-only config of parsed command-line ``args``."""
     schema = SCHEMAS[method]
     sections = set(schema.default_config())
-    flags = {f.key: f.value(getattr(args, f.name[2:].replace("-", "_"))) for f in FLAGS[method] if _given(args, f)}
+    # Flags default to argparse.SUPPRESS: only those given are attributes, so defaults stay in the YAML.
+    flags = {f.key: f.value(getattr(args, f.dest)) for f in FLAGS[method] if hasattr(args, f.dest)}
     eval_overrides: List[str] = []
     model_overrides: List[str] = []
     for item in args.opts:
@@ -358,10 +364,6 @@ def config_from_args(method: str, args: argparse.Namespace) -> DictConfig:
     if model_overrides:
         flags["backbone.overrides"] = model_overrides
     return load_task_config(schema, args.eval_config, eval_overrides, flags)
-
-
-def _given(args: argparse.Namespace, flag: Flag) -> bool:
-    return hasattr(args, flag.name[2:].replace("-", "_"))
 
 
 def parse_config(method: str, parser: argparse.ArgumentParser, argv: Optional[Iterable[str]] = None) -> DictConfig:
