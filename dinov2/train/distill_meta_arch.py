@@ -191,7 +191,9 @@ def _teacher_from_checkpoint(checkpoint: Path, config_path: Path) -> Tuple[Froze
     backbone, _ = load_backbone_from_config(teacher_cfg, backbone_state)
     # A distillation run's checkpoint holds its students' EMAs, whose heads may sit on an adapter
     # into another width: its backbone is a teacher, its heads are not.
-    if OmegaConf.select(teacher_cfg, "distillation.enabled", default=False) or not any(key.startswith("dino_head.") for key in heads_state):
+    if OmegaConf.select(teacher_cfg, "distillation.enabled", default=False) or not any(
+        key.startswith("dino_head.") for key in heads_state
+    ):
         return FrozenTeacher(backbone), teacher_cfg
     embed_dim = int(backbone.embed_dim)
     heads = {"dino_head": SSLMetaArch._make_head(teacher_cfg.dino, embed_dim)}
@@ -199,7 +201,9 @@ def _teacher_from_checkpoint(checkpoint: Path, config_path: Path) -> Tuple[Froze
         heads["ibot_head"] = SSLMetaArch._make_head(teacher_cfg.ibot, embed_dim)
     modules = nn.ModuleDict(heads)
     modules.load_state_dict(heads_state, strict=True)
-    ibot_prototypes = teacher_cfg.ibot.head_n_prototypes if teacher_cfg.ibot.separate_head else teacher_cfg.dino.head_n_prototypes
+    ibot_prototypes = (
+        teacher_cfg.ibot.head_n_prototypes if teacher_cfg.ibot.separate_head else teacher_cfg.dino.head_n_prototypes
+    )
     return FrozenTeacher(backbone, heads, (int(teacher_cfg.dino.head_n_prototypes), int(ibot_prototypes))), teacher_cfg
 
 
@@ -388,9 +392,6 @@ class DistillMetaArch(nn.Module):
         self.teacher_dtype = _precision(cfg.compute_precision.teacher_dtype, "teacher_dtype")
         self.student_cfgs: Dict[str, DictConfig] = dict(student_configs(cfg))
         self.students = nn.ModuleDict({name: DistillStudent(scfg, teacher) for name, scfg in self.student_cfgs.items()})
-        sizes = {(int(s.crops.global_crops_size), int(s.crops.local_crops_size)) for s in self.student_cfgs.values()}
-        if len(sizes) > 1:
-            raise ValueError("distillation.students share one data pipeline: crops.* must not differ between them")
 
     @property
     def frozen_teacher(self) -> FrozenTeacher:
@@ -472,4 +473,3 @@ class DistillMetaArch(nn.Module):
     def revert_centers(self) -> None:
         for student in self.students.values():
             student.revert_centers()
-

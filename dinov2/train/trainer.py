@@ -26,8 +26,9 @@ from __future__ import annotations
 import logging
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -44,8 +45,10 @@ from dinov2.optim import (
     clip_student_gradients,
     scaled_learning_rate,
 )
+from dinov2.optim.schedules import TrainingSchedules
 from dinov2.train.compile import compile_for_training
 from dinov2.train.data import build_train_data_loader
+from dinov2.train.distill_meta_arch import DistillMetaArch
 from dinov2.train.export import LATEST_EXPORT_NAME, export_path, export_teacher_backbone
 from dinov2.train.gram_teacher import build_gram_teacher
 from dinov2.train.knn_monitor import KnnMonitor
@@ -56,11 +59,29 @@ from dinov2.utils.config import save_config
 
 logger = logging.getLogger("dinov2")
 
-__all__ = ["NonFiniteLossError", "SSLTrainer"]
+__all__ = ["NonFiniteLossError", "SSLTrainer", "TrainedStudent"]
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss term or gradient norm."""
+
+
+@dataclass
+class TrainedStudent:
+    """One student the loop trains, with its own optimizer and schedules.
+
+    Pretraining has one: ``arch`` is the :class:`SSLMetaArch`. Distillation has one per student:
+    ``arch`` is a :class:`~dinov2.train.distill_meta_arch.DistillStudent` (both expose ``student``,
+    ``teacher`` (the EMA that is exported), ``update_teacher`` and ``zero_last_layer_grads``).
+    ``output_dir`` receives its exports (and, beside several students, its ``config.yaml``).
+    """
+
+    name: str
+    arch: torch.nn.Module
+    cfg: DictConfig
+    optimizer: torch.optim.Optimizer
+    schedules: TrainingSchedules
+    output_dir: Path
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -151,7 +172,9 @@ class SSLTrainer:
         # per-rank seed for everything random during training (stochastic depth).
         self.seed = int(cfg.train.seed)
         seed_all(self.seed, 0, 0)
-        self.model = SSLMetaArch(cfg).to(self.device)
+        # distillation.enabled: the same loop trains students on a frozen teacher (docs/distillation.md).
+        self.distill = bool(cfg.distillation.enabled)
+        self.model = (DistillMetaArch if self.distill else SSLMetaArch)(cfg).to(self.device)
         self.model.train()
         # Gram anchoring: a frozen copy of the teacher (or a file's backbone), sharded like the teacher.
         self.gram_teacher = build_gram_teacher(cfg, self.model.teacher_backbone())
@@ -159,9 +182,10 @@ class SSLTrainer:
         self.compiled = compile_for_training(cfg, [self.model, self.gram_teacher], self.device)
         seed_all(self.seed, self.rank, 0)
         self.fsdp = self._shard_model()
-        self.optimizer = build_optimizer(self.model.student, self.model.student["backbone"].n_blocks, cfg.optim)
-        self.schedules = build_schedules(cfg, self.lr)
-        self.max_iterations = int(cfg.train.max_iterations or self.schedules.total_iters)
+        self.units = self._trained_students()
+        # The first student's optimizer and schedules (pretraining's only ones).
+        self.optimizer, self.schedules = self.units[0].optimizer, self.units[0].schedules
+        self.max_iterations = int(cfg.train.max_iterations or max(unit.schedules.total_iters for unit in self.units))
         _warn_if_bf16_is_emulated(cfg.compute_precision.param_dtype, self.device)
         self.scaler = None
         if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
@@ -206,13 +230,46 @@ class SSLTrainer:
         self.protected_checkpoint: Optional[int] = None
 
     # ------------------------------------------------------------------ set-up
+    def _trained_students(self) -> List[TrainedStudent]:
+        if not self.distill:
+            parts = [("student", self.model, self.cfg, self.output_dir)]
+        else:
+            several = len(self.model.students) > 1
+            parts = [
+                (
+                    name,
+                    arch,
+                    self.model.student_cfgs[name],
+                    self.output_dir / "students" / name if several else self.output_dir,
+                )
+                for name, arch in self.model.students.items()
+            ]
+        units = []
+        for name, arch, unit_cfg, unit_dir in parts:
+            lr = scaled_learning_rate(
+                float(unit_cfg.optim.base_lr), self.global_batch_size, unit_cfg.optim.scaling_rule
+            )
+            optimizer = build_optimizer(arch.student, arch.student["backbone"].n_blocks, unit_cfg.optim)
+            units.append(TrainedStudent(name, arch, unit_cfg, optimizer, build_schedules(unit_cfg, lr), Path(unit_dir)))
+        return units
+
+    def _active_units(self, iteration: int) -> List[TrainedStudent]:
+        """The students trained at ``iteration``: all of them, except that beside other students one
+        whose schedule has ended stops (its last export stays as it was written)."""
+        if len(self.units) == 1:
+            return self.units
+        return [unit for unit in self.units if iteration < unit.schedules.total_iters]
+
     def _shard_model(self) -> bool:
         if self.world_size == 1:
             return False
         if not self.cfg.distributed.fsdp:
             logger.info("distributed.fsdp=false: replicated student, gradients averaged over ranks")
             return False
-        shard_ssl_meta_arch(self.model, self.cfg)
+        if self.distill:
+            self.model.shard(self.cfg)
+        else:
+            shard_ssl_meta_arch(self.model, self.cfg)
         if self.gram_teacher is not None:
             precision = self.cfg.compute_precision
             policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
@@ -238,8 +295,12 @@ class SSLTrainer:
         }
         if self.loader.resumable:  # an infinite sampler or a WebDataset stream
             extra["sampler"] = self.loader.state_dict()
+        if self.distill:
+            # The frozen teacher is referenced, never stored: its path and SHA-256, checked on resume.
+            extra.update(self.model.teacher_reference.checkpoint_entries())
+        optimizers = self.optimizer if len(self.units) == 1 else [unit.optimizer for unit in self.units]
         state: Dict[str, Any] = {
-            "train": ModelOptimizerState(self.model, self.optimizer),
+            "train": ModelOptimizerState(self.model, optimizers),
             "extra": extra,
             "rng": self.rng_state,
         }
@@ -307,10 +368,17 @@ class SSLTrainer:
                 f"gram.use_loss is on but checkpoint {path} was written without Gram anchoring; start the Gram "
                 f"phase as a new run (another output directory) with train.init_from_checkpoint={path}"
             )
+        if self.distill and "extra.distill_teacher_sha256" not in keys:
+            raise ValueError(
+                f"distillation.enabled is on but checkpoint {path} was not written by a distillation run; "
+                "use another output directory (student.pretrained_weights starts a student from a backbone file)"
+            )
         self.checkpointer.load(path, state)
         if self.gram_teacher is not None:
             self.gram_teacher.restore(state["gram_state"], path)
         extra = state["extra"]
+        if self.distill:
+            self.model.teacher_reference.verify(extra, path)
         self.iteration = int(extra["iteration"])
         self.nonfinite_streak = int(extra["nonfinite_streak"])
         protected = int(extra.get("protected_checkpoint", -1))
@@ -330,6 +398,11 @@ class SSLTrainer:
         self.metrics.start(self.iteration)  # also opens TensorBoard / W&B from this iteration on
         if self.is_main:
             save_config(OmegaConf.merge(self.cfg, {"train": {"output_dir": str(self.output_dir)}}), self.output_dir)
+            for unit in self.units:
+                if unit.output_dir != self.output_dir:  # several students: each its own, for evaluation
+                    save_config(
+                        OmegaConf.merge(unit.cfg, {"train": {"output_dir": str(unit.output_dir)}}), unit.output_dir
+                    )
 
     # -------------------------------------------------------------------- stop
     def request_stop(self) -> None:
@@ -349,9 +422,18 @@ class SSLTrainer:
         with loss terms averaged over ranks.
         """
         it = self.iteration
-        values = self.schedules.at(it)
-        apply_optim_scheduler(self.optimizer, values["lr"], values["wd"], values["last_layer_lr"])
-        self.optimizer.zero_grad(set_to_none=True)
+        units = self._active_units(it)
+        unit_values = {unit.name: unit.schedules.at(it) for unit in units}
+        for unit in units:
+            scheduled = unit_values[unit.name]
+            apply_optim_scheduler(unit.optimizer, scheduled["lr"], scheduled["wd"], scheduled["last_layer_lr"])
+            unit.optimizer.zero_grad(set_to_none=True)
+        values = dict(unit_values[units[0].name])
+        if len(self.units) > 1:
+            values.update({f"{name}/{key}": value for name, v in unit_values.items() for key, value in v.items()})
+        teacher_temp = values["teacher_temp"]
+        if self.distill:
+            teacher_temp = {name: v["teacher_temp"] for name, v in unit_values.items()}
         data = _to_device(batch, self.device)
         gram_targets = None
         if self.gram_teacher is not None:
@@ -359,10 +441,11 @@ class SSLTrainer:
             if self.gram_teacher.active(it):
                 gram_targets = self.model.gram_targets(self.gram_teacher, data["collated_global_crops"])
         losses = self.model.forward_backward(
-            data, teacher_temp=values["teacher_temp"], scaler=self.scaler, gram_targets=gram_targets
+            data, teacher_temp=teacher_temp, scaler=self.scaler, gram_targets=gram_targets
         )
         if self.world_size > 1 and not self.fsdp:
-            _all_reduce_gradients(self.model.student)
+            for unit in units:
+                _all_reduce_gradients(unit.arch.student)
 
         names = list(losses)
         stacked = torch.stack([losses[name].float().reshape(()) for name in names])
@@ -373,17 +456,22 @@ class SSLTrainer:
         grad_norm = None
         if not bad:
             if self.scaler is not None:
-                self.scaler.unscale_(self.optimizer)
+                for unit in units:
+                    self.scaler.unscale_(unit.optimizer)
             if self.clip_grad > 0:
-                norm = clip_student_gradients(self.model.student, self.clip_grad, self.cfg.optim.clip_grad_scope)
-                grad_norm = _as_float(norm)
+                norms = [
+                    _as_float(clip_student_gradients(unit.arch.student, self.clip_grad, self.cfg.optim.clip_grad_scope))
+                    for unit in units
+                ]
+                grad_norm = norms[0] if len(norms) == 1 else math.sqrt(sum(norm * norm for norm in norms))
                 if not math.isfinite(grad_norm) and self.scaler is None:
                     bad.append("grad_norm")
 
         if bad:
             # Skip the step: parameters, optimizer moments and loss centres stay as they were.
             self.model.revert_centers()
-            self.optimizer.zero_grad(set_to_none=True)
+            for unit in units:
+                unit.optimizer.zero_grad(set_to_none=True)
             self.nonfinite_streak += 1
             # The next checkpoint and export boundaries write nothing; no checkpoint has been
             # written since this window began, so the last one predates the trouble: keep it.
@@ -409,29 +497,47 @@ class SSLTrainer:
                 "schedules": values,
             }
 
-        if self.schedules.last_layer_frozen(it):
-            self.model.zero_last_layer_grads()
+        for unit in units:
+            if unit.schedules.last_layer_frozen(it):
+                unit.arch.zero_last_layer_grads()
+            if self.scaler is not None:
+                self.scaler.step(unit.optimizer)
+            else:
+                unit.optimizer.step()
         if self.scaler is not None:
-            self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.model.update_teacher(values["momentum"])
+        for unit in units:
+            unit.arch.update_teacher(unit_values[unit.name]["momentum"])
         self.nonfinite_streak = 0
         return {"losses": loss_values, "finite": True, "bad_terms": [], "grad_norm": grad_norm, "schedules": values}
 
     # ---------------------------------------------------------------- periodic
     def run_knn_monitor(self) -> float:
+        """k-NN top-1 of the (first) student's EMA backbone; beside several students, each one's
+        is also kept in :attr:`knn_by_student` (logged as ``<name>/knn_top1``)."""
         dtype = PRECISIONS[self.cfg.compute_precision.teacher_dtype]
-        start = time.perf_counter()
-        top1 = self.knn_monitor.evaluate(self.model.teacher["backbone"], dtype=dtype)
-        logger.info("iteration %d: k-NN top-1 %.2f%% (%.1f s)", self.iteration, 100 * top1, time.perf_counter() - start)
-        return top1
+        self.knn_by_student: Dict[str, float] = {}
+        for unit in self.units:
+            start = time.perf_counter()
+            top1 = self.knn_monitor.evaluate(unit.arch.teacher["backbone"], dtype=dtype)
+            self.knn_by_student[unit.name] = top1
+            logger.info(
+                "iteration %d: k-NN top-1 %.2f%%%s (%.1f s)",
+                self.iteration,
+                100 * top1,
+                f" ({unit.name})" if len(self.units) > 1 else "",
+                time.perf_counter() - start,
+            )
+        return self.knn_by_student[self.units[0].name]
 
     def export_teacher(self) -> Path:
-        path = export_teacher_backbone(self.model, export_path(self.output_dir, self.iteration))
+        """Export each student's EMA backbone (pretraining: the teacher); returns the first's path."""
+        paths = [
+            export_teacher_backbone(unit.arch, export_path(unit.output_dir, self.iteration)) for unit in self.units
+        ]
+        path = paths[0]
         self._last_export_iteration = self.iteration
-        logger.info("exported the teacher backbone to %s", path)
+        logger.info("exported the teacher backbone to %s", ", ".join(str(p) for p in paths))
         self._log_pca_preview()
         return path
 
@@ -539,6 +645,8 @@ class SSLTrainer:
                 record["nonfinite_steps"] = nonfinite_steps
                 if knn_top1 is not None:
                     record["knn_top1"] = knn_top1
+                    if len(self.units) > 1:
+                        record.update({f"{name}/knn_top1": v for name, v in self.knn_by_student.items()})
                 self.metrics.log(record)
                 last_record = record
                 window.reset()

@@ -1,0 +1,207 @@
+"""Distillation (distillation.enabled): a frozen teacher, students trained on its targets, on the
+pretraining loop (checkpoints, resume, exports), in one process and over 2 gloo ranks."""
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+from distributed_helpers import free_port, subprocess_env, torchrun_command
+from train_helpers import make_image_folder, tiny_overrides
+
+from dinov2.checkpoint.manager import checkpoint_keys, file_sha256
+from dinov2.hub.sources import load_backbone
+from dinov2.train.distill_meta_arch import TeacherChangedError
+from dinov2.train.train import main
+from dinov2.train.trainer import SSLTrainer
+from dinov2.utils.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+# BatchNorm in the teacher's DINO head (as the Quick, Draw! recipe): its statistics must stay frozen too.
+TEACHER_WIDTH = ["student.embed_dim=64", "student.num_heads=2", "dino.head_use_bn=true"]
+# Fixed learning rate and temperature, no prototype freeze: the loss can only fall by fitting.
+FIT = [
+    "optim.warmup_epochs=0",
+    "optim.base_lr=0.1",
+    "optim.min_lr=0.1",
+    "teacher.warmup_teacher_temp=0.07",
+    "student.drop_path_rate=0",
+    "optim.freeze_last_layer_epochs=0",
+]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return make_image_folder(tmp_path_factory.mktemp("images"))
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory, data_root):
+    """A pretrained 64-wide teacher: a training output with checkpoints (heads) and an export."""
+    out = tmp_path_factory.mktemp("teacher")
+    main(["--output-dir", str(out), *tiny_overrides(data_root, *TEACHER_WIDTH, "train.max_iterations=2")])
+    return out
+
+
+def distill_overrides(data_root, teacher, *extra):
+    return tiny_overrides(
+        data_root,
+        "distillation.enabled=true",
+        f"distillation.teacher={teacher}",
+        "distillation.teacher_num_heads=2",  # a bare 64-wide file would otherwise be read as 1 head
+        *extra,
+    )
+
+
+def read_lines(output_dir):
+    with open(Path(output_dir) / "training_metrics.jsonl") as handle:
+        return [json.loads(line) for line in handle]
+
+
+def fit_fixed_batch(trainer, steps=10):
+    batch = next(iter(trainer.loader))
+    batch.pop("skipped_images")
+    totals = []
+    for _ in range(steps):
+        result = trainer.train_step(batch)
+        assert result["finite"]
+        totals.append(result["losses"]["total_loss"])
+        trainer.iteration += 1
+    return totals
+
+
+@pytest.mark.parametrize("source", ["training_output", "backbone_file"])
+def test_student_fits_a_frozen_teacher(tmp_path, data_root, teacher_run, source):
+    teacher = teacher_run if source == "training_output" else teacher_run / "exports" / "teacher_backbone_latest.pth"
+    cfg = load_config(None, distill_overrides(data_root, teacher, *FIT))
+    trainer = SSLTrainer(cfg, output_dir=tmp_path / "fit")
+    frozen = trainer.model.frozen_teacher
+    # Heads come with a training output (its checkpoint); a bare file gets learned heads on an adapter.
+    assert frozen.has_heads == (source == "training_output")
+    assert ("adapter" in trainer.model.student) == (source == "backbone_file")
+    assert trainer.model.student["backbone"].embed_dim == 32 and frozen.embed_dim == 64
+    before = {name: t.clone() for name, t in frozen.state_dict().items()}
+    totals = fit_fixed_batch(trainer)
+    assert totals[-1] < totals[0] - 0.05, totals
+    after = frozen.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[name], after[name]) for name in before)  # bit-identical: never trained
+    assert not any(p.requires_grad for p in frozen.parameters())
+
+
+def test_checkpoints_reference_the_teacher_and_resume_like_an_uninterrupted_run(tmp_path, data_root, teacher_run):
+    teacher_file = teacher_run / "exports" / "teacher_backbone_latest.pth"
+    common = distill_overrides(data_root, teacher_file, "train.max_iterations=6", "checkpointing.period_iterations=2")
+    main(["--output-dir", str(tmp_path / "straight"), *common])
+
+    # Stopped as SIGTERM stops it (request_stop) after iteration 3, then the same command again.
+    cfg = load_config(None, common)
+    trainer = SSLTrainer(cfg, output_dir=tmp_path / "resumed")
+    step = trainer.train_step
+
+    def stopping_step(batch):
+        result = step(batch)
+        if trainer.iteration == 2:  # the iteration being completed is the 3rd
+            trainer.request_stop()
+        return result
+
+    trainer.train_step = stopping_step
+    assert trainer.train()["stopped"]
+    keys = checkpoint_keys(tmp_path / "resumed" / "checkpoints" / "ckpt_00000003")
+    model_keys = [key for key in keys if key.startswith("train.model.")]
+    assert model_keys and all(key.startswith("train.model.students.main.") for key in model_keys)
+    assert not any("frozen" in key for key in keys)
+    assert len(model_keys) == len(trainer.model.state_dict())  # exactly the students, nothing of the teacher
+    assert "extra.distill_teacher_sha256" in keys and "extra.distill_teacher_path" in keys
+    assert trainer.model.teacher_reference.sha256 == file_sha256(teacher_file)
+
+    main(["--output-dir", str(tmp_path / "resumed"), *common])
+    straight, resumed = read_lines(tmp_path / "straight"), read_lines(tmp_path / "resumed")
+    assert [line["iteration"] for line in resumed] == list(range(1, 7))
+    for a, b in zip(straight, resumed):
+        for key in ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "lr"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6, abs=1e-7), (a["iteration"], key)
+    # The export is the student's EMA in the official format, loadable through the run directory.
+    student, _ = load_backbone(str(tmp_path / "resumed"))
+    assert student.embed_dim == 32
+    a = torch.load(tmp_path / "straight" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
+    b = torch.load(tmp_path / "resumed" / "exports" / "teacher_backbone_latest.pth", weights_only=True)
+    assert a.keys() == student.state_dict().keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6)
+
+
+def test_a_changed_teacher_file_is_refused_on_resume(tmp_path, data_root, teacher_run):
+    teacher_file = tmp_path / "teacher.pth"
+    teacher_file.write_bytes((teacher_run / "exports" / "teacher_backbone_latest.pth").read_bytes())
+    common = distill_overrides(data_root, teacher_file, "checkpointing.period_iterations=2")
+    main(["--output-dir", str(tmp_path / "run"), *common, "train.max_iterations=2"])
+    state = torch.load(teacher_file, weights_only=True)
+    state["norm.weight"] = state["norm.weight"] + 1.0
+    torch.save(state, teacher_file)
+    with pytest.raises(TeacherChangedError, match=str(teacher_file)):
+        main(["--output-dir", str(tmp_path / "run"), *common, "train.max_iterations=4"])
+
+
+def test_two_students_share_one_teacher_forward_and_export_separately(tmp_path, data_root, teacher_run):
+    students = (
+        "distillation.students=[{name: wide, student: {embed_dim: 32}},"
+        " {name: narrow, student: {embed_dim: 16}, optim: {base_lr: 0.002}}]"
+    )
+    cfg = load_config(None, distill_overrides(data_root, teacher_run, students, "train.max_iterations=3"))
+    out = tmp_path / "multi"
+    trainer = SSLTrainer(cfg, output_dir=out)
+    assert [unit.name for unit in trainer.units] == ["wide", "narrow"]
+    assert trainer.units[0].optimizer is not trainer.units[1].optimizer
+    assert trainer.units[1].schedules.lr.base_value == pytest.approx(trainer.units[0].schedules.lr.base_value / 2)
+    backbone = trainer.model.frozen_teacher.backbone
+    forward, calls = backbone.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    backbone.forward = counted
+    record = trainer.train()["last_record"]
+    assert len(calls) == 3  # one teacher forward per batch for both students
+    assert {"wide/total_loss", "narrow/total_loss", "wide/lr", "narrow/lr"} <= set(record)
+    assert record["narrow/lr"] != record["wide/lr"]
+    for name, width in (("wide", 32), ("narrow", 16)):
+        assert (out / "students" / name / "exports" / "teacher_backbone_latest.pth").is_file()
+        exported, _ = load_backbone(str(out / "students" / name))  # its own config.yaml beside the export
+        assert exported.embed_dim == width
+    # Both students' weights and optimizer states resume from the one checkpoint.
+    cfg = load_config(None, distill_overrides(data_root, teacher_run, students, "train.max_iterations=4"))
+    resumed = SSLTrainer(cfg, output_dir=out)
+    assert resumed.resume() and resumed.iteration == 3
+    for before, after in zip(trainer.units, resumed.units):
+        assert before.optimizer.state_dict()["state"].keys() == after.optimizer.state_dict()["state"].keys()
+        for key, value in before.arch.state_dict().items():
+            assert torch.equal(value, after.arch.state_dict()[key]), key
+
+
+def test_two_rank_gloo_distillation(tmp_path, data_root, teacher_run):
+    out = tmp_path / "ddp"
+    overrides = distill_overrides(
+        data_root, teacher_run / "exports" / "teacher_backbone_latest.pth", "train.max_iterations=2"
+    )
+    command = torchrun_command(2, str(REPO / "train" / "train.py"), ["--output-dir", str(out), *overrides], free_port())
+    log = tmp_path / "log.txt"
+    with open(log, "w") as handle:
+        result = subprocess.run(
+            command, cwd=REPO, env=subprocess_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=240
+        )
+    assert result.returncode == 0, log.read_text()[-3000:]
+    lines = read_lines(out)
+    assert [line["iteration"] for line in lines] == [1, 2]
+    assert all(line["total_loss"] == line["total_loss"] for line in lines)  # finite, no NaN
+    keys = checkpoint_keys(out / "checkpoints" / "ckpt_00000002")
+    assert all(key.startswith("train.model.students.main.") for key in keys if key.startswith("train.model."))
+    student, _ = load_backbone(str(out))
+    assert student.embed_dim == 32
+    # Resharded: the 2-rank checkpoint resumes in one process.
+    cfg = load_config(None, [*overrides[:-1], "train.max_iterations=3"])
+    trainer = SSLTrainer(cfg, output_dir=out)
+    assert trainer.train()["iteration"] == 3
+    assert trainer.resumed_from.name == "ckpt_00000002"
