@@ -123,8 +123,7 @@ class PackedLayout:
             raise ValueError(f"packed sequence has {x.shape[1]} tokens, its layout {self.groups} {self.total_tokens}")
         sizes = [crops * tokens for crops, tokens in self.groups]
         return [
-            part.reshape(crops, tokens, *x.shape[2:])
-            for part, (crops, tokens) in zip(x[0].split(sizes), self.groups)
+            part.reshape(crops, tokens, *x.shape[2:]) for part, (crops, tokens) in zip(x[0].split(sizes), self.groups)
         ]
 
     unpack = split
