@@ -10,11 +10,13 @@ import pytest
 import torch
 from train_helpers import make_image_folder, tiny_overrides
 
+from dinov2.classify.heads import HeadSpec, MultiHeadClassifier, pooled_features
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
 from dinov2.eval import knn
 from dinov2.eval.features import extract_features
 from dinov2.eval.knn import knn_classify
+from dinov2.eval.pca import patch_features, pca_rgb_maps
 from dinov2.eval.setup import build_model_for_eval
 from dinov2.hub import ENTRY_POINTS, build_backbone_from_spec, dinov3_vits16, load_backbone
 from dinov2.hub.weights import WeightsError, save_state_dict
@@ -270,6 +272,18 @@ def test_masked_key_bias_and_untied_norms():
     assert {"cls_norm.weight", "local_cls_norm.weight"} <= set(model.state_dict())
     # Storage tokens are embeddings (layer 0) for layer-wise lr decay.
     assert param_multipliers("backbone.storage_tokens", 2, 0.5, 1.0)["lr_multiplier"] == 0.5**3
+
+
+def test_classifier_heads_and_pca_maps_take_a_dinov3_backbone():
+    torch.manual_seed(0)
+    backbone = make_vit_v3("vit_small", **TINY_V3).eval()
+    images = torch.randn(3, 3, 16, 12)
+    pooled = pooled_features(backbone, images)
+    assert pooled["cls"].shape == pooled["mean"].shape == (3, 32)
+    classifier = MultiHeadClassifier(backbone, [HeadSpec("shape", ("a", "b"), pooling="cls+mean")])
+    assert classifier(images)["shape"].shape == (3, 2)
+    maps = pca_rgb_maps(patch_features(backbone, images))
+    assert maps.shape == (3, 4, 3, 3) and 0.0 <= maps.min() and maps.max() <= 1.0
 
 
 # ViT-S/16 21M, S+ 29M, B 86M, L 300M, H+ 840M, 7B 6,716M parameters (the DINOv3 model card).
