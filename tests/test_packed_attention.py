@@ -190,3 +190,36 @@ def test_an_ssl_training_step_with_packed_subset_stochastic_depth_trains():
     assert torch.isfinite(losses["total_loss"])
     grads = [p.grad for p in model.student["backbone"].parameters() if p.requires_grad]
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_packed_blocks_under_fsdp2_equal_the_unsharded_model():
+    """FSDP2 passes ``packing=`` through its hooks (it rebuilds dataclass arguments) unchanged."""
+    import copy
+
+    import torch.distributed as dist
+
+    from dinov2.distributed import free_port
+    from dinov2.fsdp import mixed_precision_policy, shard_backbone
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        plain = vit_small(
+            patch_size=4, img_size=16, embed_dim=48, depth=2, num_heads=3, drop_path_rate=0.3, stochastic_depth="subset"
+        )
+        plain.set_packed_attention("packed")
+        sharded = shard_backbone(copy.deepcopy(plain).train(), mixed_precision_policy("fp32", "fp32"))
+        plain.train()
+        crops = [torch.randn(4, 3, 16, 16), torch.randn(6, 3, 8, 8)]
+        outputs = []
+        for model in (sharded, plain):
+            torch.manual_seed(1)  # the same crops dropped in both
+            out = model(crops, masks=[None, None], is_training=True)
+            sum(o["x_prenorm"].sum() for o in out).backward()
+            outputs.append([o["x_prenorm"].detach() for o in out])
+        for a, b in zip(*outputs):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+        grad = sharded.blocks[0].attn.qkv.weight.grad.full_tensor()
+        torch.testing.assert_close(grad, plain.blocks[0].attn.qkv.weight.grad, rtol=1e-5, atol=1e-6)
+    finally:
+        dist.destroy_process_group()
