@@ -2,6 +2,7 @@
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -221,7 +222,10 @@ def test_two_rank_fsdp_run_shards_checkpoints_and_resumes_its_gram_teacher(tmp_p
         data_root, *GRAM, "gram.it_first_update=1", "train.max_iterations=4", "checkpointing.period_iterations=2"
     )
     straight = run_two_ranks(tmp_path / "straight", common)
-    run_two_ranks(tmp_path / "resumed", common + ["train.max_iterations=2"])
+    # An interrupted run is the straight run's directory as it stood at iteration 2 (two launches,
+    # not three: the checkpoint at 2 is what a run stopped there writes).
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / "ckpt_00000004")
     resumed = run_two_ranks(tmp_path / "resumed", common)
     keys = checkpoint_keys(tmp_path / "resumed" / "checkpoints" / "ckpt_00000002")
     assert "gram.model.blocks.0.attn.qkv.weight" in keys and "gram_state.updates" in keys
