@@ -1,7 +1,7 @@
 """Data-loading throughput: images/s through the full DINO multi-crop augmentation and the
 masking collate, with N loader workers, for 28 px sketches and 224 px JPEGs; plus the stroke
-rasteriser's drawings/s. Compare with the model's images/s per step to see which one bounds
-training.
+rasteriser's drawings/s. Given the training step's images/s (``step_images_per_s``, e.g. from
+``scripts/benchmark_train_step.py``), each loader row also says whether loading bounds the step.
 """
 
 from __future__ import annotations
@@ -38,8 +38,31 @@ def rasterisation_rate(size: int, antialias: bool, count: int = 500) -> float:
     return count / (time.perf_counter() - start)
 
 
-def loader_rate(dataset, batch_size: int, num_workers: int, batches: int, warmup: int, collate_fn) -> float:
-    """Images per second delivered by a training loader (after ``warmup`` batches of worker start-up)."""
+def bound_verdict(loader_images_per_s: float, num_workers: int, step_images_per_s: float) -> str:
+    """Whether a loader delivering ``loader_images_per_s`` bounds a step of ``step_images_per_s``.
+
+    Workers prepare batches while the step runs, so they bound it only when slower than it; loading
+    in the main process (0 workers) adds its whole time to every step."""
+    if num_workers == 0:
+        share = step_images_per_s / (loader_images_per_s + step_images_per_s)
+        return f"main-process loading adds {100 * step_images_per_s / loader_images_per_s:.0f}% to each step ({100 * share:.0f}% of the time)"
+    if loader_images_per_s < step_images_per_s:
+        return f"bounds the step: {step_images_per_s / loader_images_per_s:.2f}x slower than the step's {step_images_per_s:.0f} images/s"
+    return f"keeps up with the step's {step_images_per_s:.0f} images/s ({loader_images_per_s / step_images_per_s:.1f}x)"
+
+
+def loader_rate(
+    dataset,
+    batch_size: int,
+    num_workers: int,
+    batches: int,
+    warmup: int,
+    collate_fn,
+    prefetch_factor: int | None = None,
+    pin_memory: bool = False,
+) -> float:
+    """Images per second delivered by a training loader (after ``warmup`` batches of worker start-up),
+    with the training loader's worker options (persistent workers, ``prefetch_factor``, pinning)."""
     from dinov2.data.loaders import make_data_loader
 
     loader = make_data_loader(
@@ -51,6 +74,9 @@ def loader_rate(dataset, batch_size: int, num_workers: int, batches: int, warmup
         collate_fn=collate_fn,
         rank=0,
         world_size=1,
+        persistent_workers=True,
+        prefetch_factor=prefetch_factor,
+        pin_memory=pin_memory,
     )
     iterator = iter(loader)
     for _ in range(warmup):
@@ -92,8 +118,13 @@ def run_benchmark(
     patch_size: int = 14,
     jpeg_images: int = 256,
     print_fn=print,
+    step_images_per_s: float | None = None,
+    prefetch_factor: int | None = None,
 ) -> list[dict]:
-    """Measure and print every case; returns the rows (case, workers, images_per_s)."""
+    """Measure and print every case; returns the rows (case, workers, rate, unit, and with
+    ``step_images_per_s`` a ``verdict``: whether the loader bounds such a step)."""
+    import torch
+
     from dinov2.data.augmentations import FastDataAugmentationDINO  # what training runs
     from dinov2.data.collate import collate_data_and_cast
     from dinov2.data.loaders import make_dataset
@@ -140,7 +171,16 @@ def run_benchmark(
             )
             dataset = make_dataset(spec, transform=augmentation)
             for num_workers in workers:
-                rate = loader_rate(dataset, batch_size, num_workers, batches, warmup, collate)
+                rate = loader_rate(
+                    dataset,
+                    batch_size,
+                    num_workers,
+                    batches,
+                    warmup,
+                    collate,
+                    prefetch_factor=prefetch_factor,
+                    pin_memory=torch.cuda.is_available(),  # as the trainer does on CUDA
+                )
                 rows.append(
                     {
                         "case": f"{name} -> DINO multi-crop 2x{global_crops_size}+{local_crops_number}x"
@@ -150,5 +190,9 @@ def run_benchmark(
                         "unit": "images/s",
                     }
                 )
-                print_fn(f"{rows[-1]['case']:48s} {rate:9.1f} images/s with {num_workers} loader worker(s)")
+                line = f"{rows[-1]['case']:48s} {rate:9.1f} images/s with {num_workers} loader worker(s)"
+                if step_images_per_s:
+                    rows[-1]["verdict"] = bound_verdict(rate, num_workers, step_images_per_s)
+                    line += f": {rows[-1]['verdict']}"
+                print_fn(line)
     return rows

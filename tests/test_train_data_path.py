@@ -42,3 +42,12 @@ def test_the_training_loader_uses_them(tmp_path):
     # The trainer pins only when it trains on CUDA (pinned host memory makes its copies asynchronous).
     trainer = SSLTrainer(load_config(None, tiny_overrides(data)), output_dir=tmp_path / "run")
     assert trainer.device.type == "cpu" and not trainer.loader.pin_memory
+
+
+def test_the_loading_benchmark_says_whether_loading_bounds_the_step():
+    from dinov2_tools.data_loading_benchmark import bound_verdict
+
+    assert bound_verdict(100.0, 2, 300.0).startswith("bounds the step: 3.00x slower")
+    assert bound_verdict(600.0, 2, 300.0).startswith("keeps up")
+    # In the main process loading is never hidden: 300 images/s of steps and 600 of loading add 50%.
+    assert bound_verdict(600.0, 0, 300.0).startswith("main-process loading adds 50%")
