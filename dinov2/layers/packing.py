@@ -24,7 +24,7 @@ Modes (``train.packed_attention``, ``PACKED_ATTENTION_MODES``): ``per_resolution
 ``packed`` (the kernel for the device: xformers on CUDA when installed, else ``njt`` on CUDA and
 ``sdpa_split`` elsewhere), one of the kernel names, or ``auto``: packed only where it was measured
 faster than per resolution. That is CUDA with xformers (upstream DINOv2's measured setup); on the
-CPU every packed kernel was measured slower (docs/training.md, scripts/benchmark_packed_attention.py),
+CPU no packed kernel was measured faster (docs/training.md, scripts/benchmark_packed_attention.py),
 and CUDA without xformers has not been measured yet, so ``auto`` stays per resolution there.
 
 Stochastic depth works per crop in the packed sequence as it does per sample in a batch
