@@ -149,7 +149,8 @@ def test_two_students_share_one_teacher_forward_and_export_separately(tmp_path, 
         "distillation.students=[{name: wide, student: {embed_dim: 32}},"
         " {name: narrow, student: {embed_dim: 16}, optim: {base_lr: 0.002}}]"
     )
-    cfg = load_config(None, distill_overrides(data_root, teacher_run, students, "train.max_iterations=3"))
+    knn = ["evaluation.knn_period_iterations=3", "evaluation.knn_max_samples=8", "evaluation.knn_k=3"]
+    cfg = load_config(None, distill_overrides(data_root, teacher_run, students, "train.max_iterations=3", *knn))
     out = tmp_path / "multi"
     trainer = SSLTrainer(cfg, output_dir=out)
     assert [unit.name for unit in trainer.units] == ["wide", "narrow"]
@@ -167,6 +168,8 @@ def test_two_students_share_one_teacher_forward_and_export_separately(tmp_path, 
     assert len(calls) == 3  # one teacher forward per batch for both students
     assert {"wide/total_loss", "narrow/total_loss", "wide/lr", "narrow/lr"} <= set(record)
     assert record["narrow/lr"] != record["wide/lr"]
+    # The online k-NN monitor scores each student's EMA (knn_top1: the first student's).
+    assert record["knn_top1"] == record["wide/knn_top1"] and 0.0 <= record["narrow/knn_top1"] <= 1.0
     for name, width in (("wide", 32), ("narrow", 16)):
         assert (out / "students" / name / "exports" / "teacher_backbone_latest.pth").is_file()
         exported, _ = load_backbone(str(out / "students" / name))  # its own config.yaml beside the export
