@@ -12,7 +12,7 @@ from train_helpers import make_image_folder, tiny_overrides
 
 from dinov2.checkpoint.manager import checkpoint_keys, file_sha256
 from dinov2.hub.sources import load_backbone
-from dinov2.train.distill_meta_arch import TeacherChangedError
+from dinov2.train.distill_meta_arch import TeacherChangedError, student_configs
 from dinov2.train.train import main
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
@@ -208,3 +208,18 @@ def test_two_rank_gloo_distillation(tmp_path, data_root, teacher_run):
     trainer = SSLTrainer(cfg, output_dir=out)
     assert trainer.train()["iteration"] == 3
     assert trainer.resumed_from.name == "ckpt_00000002"
+
+
+def test_bad_student_entries_and_a_mismatched_patch_size_are_named(tmp_path, data_root, teacher_run):
+    for entry, message in (
+        ("[{name: a, student: {embed_dims: 16}}]", r"students\[0\]\.student: unknown key\(s\) \['embed_dims'\]"),
+        ("[{name: a}, {name: a}]", "'a' is used twice"),
+        ("[{name: half}]", "taken by a torch.nn.Module attribute"),
+        ("[{name: a, lr: 0.1}]", r"unknown key\(s\) \['lr'\]"),
+    ):
+        cfg = load_config(None, distill_overrides(data_root, teacher_run, f"distillation.students={entry}"))
+        with pytest.raises(ValueError, match=message):
+            student_configs(cfg)
+    cfg = load_config(None, distill_overrides(data_root, teacher_run, "student.patch_size=8"))
+    with pytest.raises(ValueError, match="student.patch_size 8 differs from the teacher's patch size 4"):
+        SSLTrainer(cfg, output_dir=tmp_path / "bad")
