@@ -94,6 +94,8 @@ def train(recipe: Path, output_dir: Path, overrides: list, stop_after_seconds: f
         trainer.train_step = timed_step
     result = trainer.train()
     seconds = time.perf_counter() - start
+    if result["stopped"]:
+        trainer.export_teacher()  # stopped by time between two export boundaries
     return {"iterations": int(result["iteration"]), "seconds": seconds}
 
 
