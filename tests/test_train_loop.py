@@ -150,7 +150,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, d
     original = trainer.model.forward_backward
     snapshots = {}
 
-    def poisoned(data, teacher_temp, scaler=None):
+    def poisoned(data, teacher_temp, scaler=None, **options):
         if trainer.iteration >= 4:
             snapshots.setdefault(
                 "state",
@@ -160,7 +160,7 @@ def test_non_finite_losses_stop_the_run_and_keep_the_last_checkpoint(tmp_path, d
                     if k.startswith("teacher.") or k.endswith(".center")
                 },
             )
-        losses = original(data, teacher_temp, scaler)
+        losses = original(data, teacher_temp, scaler, **options)
         if trainer.iteration >= 4:  # from the 5th iteration on, iBOT goes NaN
             losses["ibot_loss"] = torch.tensor(float("nan"))
             losses["total_loss"] = torch.tensor(float("nan"))
