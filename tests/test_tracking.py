@@ -2,6 +2,7 @@
 with the packages' own readers (TensorBoard's EventAccumulator; W&B's record protobufs)."""
 
 import json
+import os
 import shutil
 import struct
 import subprocess
@@ -190,9 +191,160 @@ print("LOADED", loaded)
     assert not (tmp_path / "run" / "tensorboard").exists() and not (tmp_path / "run" / "wandb").exists()
 
 
+@pytest.mark.slow
+def test_two_fsdp_ranks_log_once_with_the_pca_map_of_the_sharded_teacher(tmp_path, data_root):
+    from distributed_helpers import TORCHRUN, training_overrides
+
+    from dinov2.distributed import free_port
+
+    out = tmp_path / "run"
+    overrides = [*training_overrides(Path(data_root), 2), "evaluation.export_period_iterations=2"]
+    command = [*TORCHRUN, "--nproc_per_node=2", f"--master_port={free_port()}", str(REPO / "train" / "train.py")]
+    command += ["--output-dir", str(out), *overrides, "logging.tensorboard=true", "logging.pca_images=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert len(list((out / "tensorboard").iterdir())) == 1  # rank 0 only
+    events = accumulator(out / "tensorboard")
+    assert [e.step for e in events.Scalars("total_loss")] == [1, 2]
+    assert [(e.step, e.width, e.height) for e in events.Images("pca/patch_features")] == [(2, 2 * 16, 2 * 16)]
+
+
+@pytest.mark.parametrize(
+    "module, options",
+    [("wandb", {"wandb": {"project": "p"}}), ("torch.utils.tensorboard", {"tensorboard": True})],
+)
+def test_a_missing_package_is_an_error_naming_the_extra(tmp_path, monkeypatch, module, options):
+    monkeypatch.setitem(sys.modules, module, None)  # import fails as if not installed
+    with pytest.raises(ImportError, match=r"pip install 'dinov2\[tracking\]'"):
+        Tracker(tmp_path, options)
+
+
 def test_tracker_on_a_non_main_process_writes_nothing(tmp_path):
     tracker = Tracker(tmp_path, {"tensorboard": True, "wandb": {"project": "p"}}, enabled=False)
     tracker.log({"iteration": 1, "loss": 1.0})
     tracker.log_image("pca", np.zeros((4, 4, 3)), step=1)
     tracker.close()
     assert not tracker.active and list(tmp_path.iterdir()) == []
+
+
+CLASSIFY_TINY = [
+    "backbone.patch_size=4",
+    "backbone.embed_dim=32",
+    "backbone.depth=2",
+    "backbone.num_heads=2",
+    "data.crop_size=16",
+    "data.batch_size=8",
+    "data.num_workers=0",
+    "optim.mode=probe",
+    "optim.cache_features=true",
+]
+
+
+def test_classifier_epochs_go_to_tensorboard_and_a_resume_continues_them(tmp_path):
+    from dinov2.classify.config import load_classify_config
+    from dinov2.classify.trainer import train_classifier
+    from dinov2_tools.shapes import make_shapes_dataset
+
+    shapes = tmp_path / "shapes"
+    make_shapes_dataset(shapes, count=24, size=16, seed=1)
+    out = tmp_path / "cls"
+
+    def run(epochs):
+        data = [f"data.train=CSV:path={shapes / 'train.csv'}", f"data.val=CSV:path={shapes / 'val.csv'}"]
+        overrides = [f"output_dir={out}", *data, *CLASSIFY_TINY, f"optim.epochs={epochs}", "logging.tensorboard=true"]
+        train_classifier(load_classify_config(None, overrides))
+
+    run(2)
+    run(3)  # resumes after epoch 2
+    events = accumulator(out / "tensorboard")
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3]
+    for tag in ("train/loss", "val/mean_top1"):
+        assert tag in events.Tags()["scalars"], events.Tags()["scalars"]
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
+    assert [e.value for e in events.Scalars("val/mean_top1")] == pytest.approx(
+        [line["val"]["mean_top1"] for line in lines]
+    )
+
+
+@pytest.fixture(scope="module")
+def eval_workspace(tmp_path_factory):
+    """A tiny training output directory (config + teacher export) and three ImageFolder splits."""
+    import torch
+
+    from dinov2.hub.weights import save_state_dict
+    from dinov2.models import build_model_from_cfg
+    from dinov2.utils.config import load_config, save_config
+
+    root = tmp_path_factory.mktemp("eval_tracking")
+    cfg = load_config(
+        None,
+        [
+            "student.arch=vit_small",
+            "student.embed_dim=32",
+            "student.depth=2",
+            "student.num_heads=2",
+            "student.patch_size=4",
+            "crops.global_crops_size=16",
+        ],
+    )
+    save_config(cfg, root / "run")
+    torch.manual_seed(0)
+    teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
+    save_state_dict(teacher.state_dict(), root / "run" / "exports" / "teacher_backbone_latest.pth")
+    specs = {}
+    for split in ("train", "val", "test"):
+        specs[split] = (
+            f"ImageFolder:root={make_image_folder(root / split, per_class=4, size=16, seed=len(split))}:cache=false"
+        )
+    return root, specs
+
+
+def _eval_args(root, specs, out):
+    return [
+        "--pretrained-weights",
+        str(root / "run"),
+        "--train-dataset",
+        specs["train"],
+        "--val-dataset",
+        specs["val"],
+        "--test-dataset",
+        specs["test"],
+        "--output-dir",
+        str(out),
+        "--num-workers",
+        "0",
+        "--batch-size",
+        "8",
+        "logging.tensorboard=true",
+    ]
+
+
+def test_knn_and_linear_evaluations_write_their_results_to_tensorboard(eval_workspace):
+    from dinov2.eval import knn, linear
+
+    root, specs = eval_workspace
+    assert knn.main(_eval_args(root, specs, root / "knn") + ["--nb-knn", "1", "3"]) == 0
+    results = json.loads((root / "knn" / "results.json").read_text())
+    events = accumulator(root / "knn" / "tensorboard")
+    for role in ("val", "test"):
+        for k in (1, 3):
+            (point,) = events.Scalars(f"{role}/k={k}/top1")
+            assert point.step == 0
+            assert point.value == pytest.approx(results["runs"][0]["splits"][role][f"k={k}"]["top1"])
+    assert knn.main(_eval_args(root, specs, root / "knn") + ["--nb-knn", "1", "3"]) == 0  # a rerun replaces
+    assert len(accumulator(root / "knn" / "tensorboard").Scalars("test/k=1/top1")) == 1
+
+    linear_args = ["--epochs", "2", "--learning-rates", "0.01", "0.1", "--n-last-blocks", "1", "--avgpool", "no"]
+    assert linear.main(_eval_args(root, specs, root / "linear") + linear_args) == 0
+    results = json.loads((root / "linear" / "results.json").read_text())
+    events = accumulator(root / "linear" / "tensorboard")
+    last = results["settings"]["iterations"]
+    (point,) = events.Scalars("test/top1")
+    assert (point.step, point.value) == (last, pytest.approx(results["test"]["top1"]))
+    assert events.Scalars("best_head/val_top1")[0].value == pytest.approx(results["best_head"]["val_top1"])
+    for index, head in enumerate(results["heads"]):  # the validation curve of every head
+        curve = events.Scalars(f"val_top1/{head['name']}")
+        assert [e.step for e in curve] == [entry["iteration"] for entry in results["history"]]
+        assert [e.value for e in curve] == pytest.approx([entry["val_top1"][index] for entry in results["history"]])

@@ -16,6 +16,7 @@ from omegaconf import DictConfig
 from torchvision.transforms import InterpolationMode
 
 from dinov2.utils.config import ConfigError, ConfigSchema, Length, OneOf, Range, load_task_config
+from dinov2.utils.tracking import WANDB_MODES
 
 from .heads import POOLINGS
 
@@ -100,6 +101,7 @@ RULES = {
     "lpft.head_lr": _NON_NEGATIVE,
     "checkpointing.period_epochs": Range(1),
     "logging.log_period_iterations": _NON_NEGATIVE,
+    "logging.wandb.mode": OneOf(WANDB_MODES),
 }
 
 

@@ -35,6 +35,7 @@ from dinov2.utils.config import (
     load_task_config,
     parse_value,
 )
+from dinov2.utils.tracking import WANDB_MODES
 
 METHODS = ("knn", "linear", "log_regression", "pca")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # backbone.precision: autocast dtype
@@ -239,6 +240,7 @@ _COMMON_RULES = {
     "backbone.image_size": Range(1),
     "backbone.resize_size": Range(1),
     "backbone.precision": OneOf(tuple(PRECISIONS)),
+    "logging.wandb.mode": OneOf(WANDB_MODES),
 }
 _DATA_RULES = {"data.batch_size": Range(1), "data.num_workers": Range(0)}
 _HELD_OUT_SHARE = Range(0, 1, low_open=True, high_open=True)
