@@ -8,7 +8,7 @@ patches only, and is interpolated to whatever input size is given.
 
 import math
 from functools import partial
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Set, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,6 +16,8 @@ from torch import nn
 
 from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, SwiGLUFFNFused
 from dinov2.layers.packing import PACKED_ATTENTION_MODES, PackedLayout, resolve_packed_kernel
+
+from .vit_features import ViTFeatureMethods
 
 FFN_LAYERS = {
     "mlp": Mlp,
@@ -35,7 +37,7 @@ def _init_vit_weights(module: nn.Module) -> None:
         nn.init.zeros_(module.bias)
 
 
-class DinoVisionTransformer(nn.Module):
+class DinoVisionTransformer(ViTFeatureMethods, nn.Module):
     def __init__(
         self,
         img_size: int = 224,
@@ -130,15 +132,6 @@ class DinoVisionTransformer(nn.Module):
         self.head = nn.Identity()
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.init_weights()
-
-    def set_activation_checkpointing(self, every: int) -> None:
-        """Checkpoint every ``every``-th block (0: none, 1: all); see ``Block``."""
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(
-                f"activation_checkpointing must be an integer >= 0 (0: off, k: every k-th block), got {every!r}"
-            )
-        for i, block in enumerate(self.blocks):
-            block.checkpoint_activations = every > 0 and i % every == 0
 
     def set_packed_attention(self, mode: str) -> None:
         """How ``forward_features_list`` runs several resolutions (``dinov2.layers.packing``)."""
@@ -254,11 +247,15 @@ class DinoVisionTransformer(nn.Module):
             x = block(x)
         return self._split_tokens(x, masks)
 
-    def _block_outputs(self, x: torch.Tensor, n: Union[int, Sequence[int]]) -> List[torch.Tensor]:
-        take = set(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else set(n)
-        bad = [i for i in take if not 0 <= i < self.n_blocks]
-        if bad or not take:
-            raise ValueError(f"block indices {sorted(bad) or n} out of range for a {self.n_blocks}-block model")
+    @property
+    def _num_prefix_tokens(self) -> int:
+        return 1 + self.num_register_tokens
+
+    def _normalize_block_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x)
+
+    def _block_outputs(self, x: torch.Tensor, take: Set[int]) -> List[torch.Tensor]:
+        """The outputs of the blocks whose indices are in ``take`` (before the final norm)."""
         x = self.prepare_tokens_with_masks(x)
         outputs = []
         for i, block in enumerate(self.blocks):
@@ -266,38 +263,6 @@ class DinoVisionTransformer(nn.Module):
             if i in take:
                 outputs.append(x)
         return outputs
-
-    def get_intermediate_layers(
-        self,
-        x: torch.Tensor,
-        n: Union[int, Sequence[int]] = 1,
-        reshape: bool = False,
-        return_class_token: bool = False,
-        norm: bool = True,
-    ) -> Tuple:
-        """Patch tokens of the last ``n`` blocks (or of the block indices in ``n``).
-
-        Returns a tuple with one entry per block: patch tokens (B, N, D), or (B, D, h, w) when
-        ``reshape``; with ``return_class_token`` each entry is (patch_tokens, cls_token).
-        """
-        outputs = self._block_outputs(x, n)
-        if norm:
-            outputs = [self.norm(out) for out in outputs]
-        class_tokens = [out[:, 0] for out in outputs]
-        patch_tokens = [out[:, 1 + self.num_register_tokens :] for out in outputs]
-        if reshape:
-            batch, _, height, width = x.shape
-            grid = (height // self.patch_size, width // self.patch_size)
-            patch_tokens = [p.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for p in patch_tokens]
-        if return_class_token:
-            return tuple(zip(patch_tokens, class_tokens))
-        return tuple(patch_tokens)
-
-    def forward(self, *args, is_training: bool = False, **kwargs):
-        features = self.forward_features(*args, **kwargs)
-        if is_training:
-            return features
-        return self.head(features["x_norm_clstoken"])
 
 
 ARCHITECTURES = {

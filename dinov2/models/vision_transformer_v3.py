@@ -24,7 +24,7 @@ classifiers take either class.
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import torch
 from torch import nn
@@ -32,6 +32,7 @@ from torch import nn
 from dinov2.layers import Block, LinearKMaskedBias, Mlp, PatchEmbed, RopePositionEmbedding, SwiGLUFFNAligned
 
 from .vision_transformer import ARCHITECTURES, _init_vit_weights
+from .vit_features import ViTFeatureMethods
 
 FFN_LAYERS_V3 = {
     "mlp": Mlp,
@@ -49,7 +50,7 @@ ARCHITECTURES_V3 = {
 }
 
 
-class DinoV3VisionTransformer(nn.Module):
+class DinoV3VisionTransformer(ViTFeatureMethods, nn.Module):
     def __init__(
         self,
         img_size: int = 224,
@@ -191,15 +192,6 @@ class DinoV3VisionTransformer(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, embed_dim))
         self.init_weights()
 
-    def set_activation_checkpointing(self, every: int) -> None:
-        """Checkpoint every ``every``-th block (0: none, 1: all); see ``Block``."""
-        if isinstance(every, bool) or not isinstance(every, int) or every < 0:
-            raise ValueError(
-                f"activation_checkpointing must be an integer >= 0 (0: off, k: every k-th block), got {every!r}"
-            )
-        for i, block in enumerate(self.blocks):
-            block.checkpoint_activations = every > 0 and i % every == 0
-
     def set_packed_attention(self, mode: str) -> None:
         """Accepts ``train.packed_attention``'s "per_resolution" and "auto"; both run each crop
         resolution on its own here. Packing several resolutions into one sequence would need one
@@ -319,45 +311,17 @@ class DinoV3VisionTransformer(nn.Module):
         tokens, _ = self._run_blocks([self.prepare_tokens_with_masks(x, masks)], [self._grid(x)])
         return self._split_tokens(tokens[0], masks)
 
-    def _block_outputs(self, x: torch.Tensor, n: Union[int, Sequence[int]]) -> List[torch.Tensor]:
-        take = set(range(self.n_blocks - n, self.n_blocks)) if isinstance(n, int) else set(n)
-        bad = [i for i in take if not 0 <= i < self.n_blocks]
-        if bad or not take:
-            raise ValueError(f"block indices {sorted(bad) or n} out of range for a {self.n_blocks}-block model")
+    @property
+    def _num_prefix_tokens(self) -> int:
+        return 1 + self.num_storage_tokens
+
+    def _normalize_block_output(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat(self._normalize(x), dim=1)
+
+    def _block_outputs(self, x: torch.Tensor, take: Set[int]) -> List[torch.Tensor]:
+        """The outputs of the blocks whose indices are in ``take`` (before the final norms)."""
         _, taken = self._run_blocks([self.prepare_tokens_with_masks(x)], [self._grid(x)], take=take)
         return taken
-
-    def get_intermediate_layers(
-        self,
-        x: torch.Tensor,
-        n: Union[int, Sequence[int]] = 1,
-        reshape: bool = False,
-        return_class_token: bool = False,
-        norm: bool = True,
-    ) -> Tuple:
-        """Patch tokens of the last ``n`` blocks (or of the block indices in ``n``).
-
-        Returns a tuple with one entry per block: patch tokens (B, N, D), or (B, D, h, w) when
-        ``reshape``; with ``return_class_token`` each entry is (patch_tokens, cls_token).
-        """
-        outputs = self._block_outputs(x, n)
-        if norm:
-            outputs = [torch.cat(self._normalize(out), dim=1) for out in outputs]
-        class_tokens = [out[:, 0] for out in outputs]
-        patch_tokens = [out[:, 1 + self.num_storage_tokens :] for out in outputs]
-        if reshape:
-            batch = x.shape[0]
-            grid = self._grid(x)
-            patch_tokens = [p.reshape(batch, *grid, -1).permute(0, 3, 1, 2).contiguous() for p in patch_tokens]
-        if return_class_token:
-            return tuple(zip(patch_tokens, class_tokens))
-        return tuple(patch_tokens)
-
-    def forward(self, *args, is_training: bool = False, **kwargs):
-        features = self.forward_features(*args, **kwargs)
-        if is_training:
-            return features
-        return self.head(features["x_norm_clstoken"])
 
 
 def make_vit_v3(arch: str, patch_size: int = 16, **kwargs) -> DinoV3VisionTransformer:
