@@ -65,7 +65,8 @@ def test_broken_files_are_named(fashion_root):
 
 
 @pytest.mark.skipif(
-    not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"), reason="Debian's dataset-fashion-mnist"
+    not __import__("os").path.isdir("/usr/share/datasets/fashion-mnist"),
+    reason="needs Debian's Fashion-MNIST files: apt-get install dataset-fashion-mnist (.ci/run does)",
 )
 def test_debian_fashion_mnist_package():
     train = make_dataset("MNIST:root=/usr/share/datasets/fashion-mnist:split=train")
