@@ -2,12 +2,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import make_training_output
 
 from dinov2.eval.pca import main, patch_features, pca_rgb_maps
-from dinov2.hub.weights import save_state_dict
-from dinov2.models import build_model_from_cfg
 from dinov2.models.vision_transformer import vit_small
-from dinov2.utils.config import load_config, save_config
 
 
 def test_pca_maps_shape_range_and_foreground():
@@ -33,20 +31,7 @@ def test_pca_maps_shape_range_and_foreground():
 
 
 def test_pca_script_writes_png(tmp_path):
-    cfg = load_config(
-        None,
-        [
-            "student.arch=vit_small",
-            "student.embed_dim=32",
-            "student.depth=2",
-            "student.num_heads=2",
-            "student.patch_size=4",
-            "crops.global_crops_size=16",
-        ],
-    )
-    save_config(cfg, tmp_path / "run")
-    teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
-    save_state_dict(teacher.state_dict(), tmp_path / "run" / "exports" / "teacher_backbone_latest.pth")
+    make_training_output(tmp_path / "run")
     for i in range(2):
         Image.fromarray(np.random.default_rng(i).integers(0, 255, (30, 40, 3), dtype=np.uint8)).save(
             tmp_path / f"{i}.png"

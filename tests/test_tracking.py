@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from train_helpers import make_image_folder, tiny_overrides
+from train_helpers import make_image_folder, make_training_output, tiny_overrides
 
 from dinov2.train.train import main as train_main
 from dinov2.utils.tracking import WANDB_ID_FILE, Tracker, flatten_scalars, tracking_options
@@ -271,28 +271,8 @@ def test_classifier_epochs_go_to_tensorboard_and_a_resume_continues_them(tmp_pat
 @pytest.fixture(scope="module")
 def eval_workspace(tmp_path_factory):
     """A tiny training output directory (config + teacher export) and three ImageFolder splits."""
-    import torch
-
-    from dinov2.hub.weights import save_state_dict
-    from dinov2.models import build_model_from_cfg
-    from dinov2.utils.config import load_config, save_config
-
     root = tmp_path_factory.mktemp("eval_tracking")
-    cfg = load_config(
-        None,
-        [
-            "student.arch=vit_small",
-            "student.embed_dim=32",
-            "student.depth=2",
-            "student.num_heads=2",
-            "student.patch_size=4",
-            "crops.global_crops_size=16",
-        ],
-    )
-    save_config(cfg, root / "run")
-    torch.manual_seed(0)
-    teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
-    save_state_dict(teacher.state_dict(), root / "run" / "exports" / "teacher_backbone_latest.pth")
+    make_training_output(root / "run")
     specs = {}
     for split in ("train", "val", "test"):
         specs[split] = (

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_helpers import make_training_output
 
 from dinov2_tools import label_efficiency as le
 from dinov2_tools.trivial_baselines import (
@@ -124,26 +125,8 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path):
 @pytest.fixture(scope="module")
 def tiny_run(tmp_path_factory):
     """A tiny training output (config + export) and colour-coded train / test ImageFolders."""
-    from dinov2.hub.weights import save_state_dict
-    from dinov2.models import build_model_from_cfg
-    from dinov2.utils.config import load_config, save_config
-
     root = tmp_path_factory.mktemp("label_efficiency")
-    cfg = load_config(
-        None,
-        [
-            "student.arch=vit_small",
-            "student.embed_dim=32",
-            "student.depth=2",
-            "student.num_heads=2",
-            "student.patch_size=4",
-            "crops.global_crops_size=16",
-        ],
-    )
-    save_config(cfg, root / "run")
-    torch.manual_seed(0)
-    teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
-    save_state_dict(teacher.state_dict(), root / "run" / "exports" / "teacher_backbone_latest.pth")
+    make_training_output(root / "run")
     rng = np.random.default_rng(0)
     for split, n in (("train", 6), ("test", 4)):
         for label, colour in enumerate([(200, 40, 40), (40, 40, 200), (40, 200, 40)]):

@@ -48,3 +48,34 @@ def make_image_folder(root, n_classes: int = 3, per_class: int = 8, size: int = 
 
 def tiny_overrides(data_root, *extra):
     return [f"train.dataset_path=ImageFolder:root={data_root}:cache=false", *TINY_OVERRIDES, *extra]
+
+
+# The smallest backbone evaluation, classifiers and tools are tested with (no heads needed).
+TINY_BACKBONE = [
+    "student.arch=vit_small",
+    "student.embed_dim=32",
+    "student.depth=2",
+    "student.num_heads=2",
+    "student.patch_size=4",
+    "crops.global_crops_size=16",
+]
+
+
+def make_training_output(directory, overrides=TINY_BACKBONE, seed: int = 0):
+    """A training output directory as evaluation reads it: ``config.yaml`` and a teacher export
+    (``exports/teacher_backbone_latest.pth``) of a randomly initialised backbone."""
+    from pathlib import Path
+
+    import torch
+
+    from dinov2.hub.weights import save_state_dict
+    from dinov2.models import build_model_from_cfg
+    from dinov2.utils.config import load_config, save_config
+
+    directory = Path(directory)
+    cfg = load_config(None, list(overrides))
+    save_config(cfg, directory)
+    torch.manual_seed(seed)
+    teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
+    save_state_dict(teacher.state_dict(), directory / "exports" / "teacher_backbone_latest.pth")
+    return directory
