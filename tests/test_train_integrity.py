@@ -61,8 +61,8 @@ def poison(trainer, bad_iterations, blow_up=False):
     scales the student's weights by 1e6 first (finite, but nothing a healthy run would save)."""
     original = trainer.model.forward_backward
 
-    def forward_backward(data, teacher_temp, scaler=None):
-        losses = original(data, teacher_temp, scaler)
+    def forward_backward(data, teacher_temp, scaler=None, **options):
+        losses = original(data, teacher_temp, scaler, **options)
         if trainer.iteration + 1 in bad_iterations:
             if blow_up and trainer.iteration + 1 == min(bad_iterations):
                 with torch.no_grad():
