@@ -48,6 +48,7 @@ setup(
         "dev": [
             "pytest>=7.4",
             "pytest-timeout>=2.2",
+            "pytest-xdist>=3.5",  # scripts/run_tests.sh runs the suite in 2 processes (2 cores)
             "httpx>=0.27",
             "peft>=0.10",
             "fastapi>=0.165",

@@ -10,4 +10,11 @@ if command -v npm >/dev/null 2>&1; then
   "$venv/bin/python" "$repo/scripts/fetch_quickdraw.py" >/dev/null
 fi
 cd "$repo"
-exec "$venv/bin/python" -m pytest -q "$@"
+# Two worker processes (pytest-xdist), one test file each at a time: the tests use one thread, and
+# the longest ones (SLURM requeues, multi-rank runs) spend much of their time waiting on other
+# processes. DINOV2_TEST_WORKERS=0 runs everything in this process.
+workers=${DINOV2_TEST_WORKERS:-2}
+if [ "$workers" = 0 ]; then
+  exec "$venv/bin/python" -m pytest -q "$@"
+fi
+exec "$venv/bin/python" -m pytest -q -n "$workers" --dist loadfile --durations=15 "$@"
