@@ -237,7 +237,11 @@ def test_pipe_commands_and_no_shell_for_urls_or_shard_lists(shard_dir, server, t
     shard = shard_dir / "r-000000.tar"
     with caplog.at_level("WARNING", logger="dinov2"):
         assert _all_numbers(f"WebDataset:urls=pipe:sh -c '{flaky}' {shard}:retry_wait=0") == expected[:5]
-    assert "exit 3" in caplog.text and "at byte 3000; retry 1 of 3" in caplog.text
+    # The reader notices the exit status at whatever byte it has consumed by then (3000 on a quiet
+    # machine, earlier when the command exits before the reader drains the pipe): that byte, not
+    # 3000, is where the retry resumes, and the samples above are the same either way.
+    reached = re.search(r"exit 3 .* at byte (\d+); retry 1 of 3", caplog.text)
+    assert reached and 0 < int(reached.group(1)) <= 3000
     with pytest.raises(ShardReadError, match=r"cat .*missing-000000.tar.*exit 1"):
         _all_numbers(f"WebDataset:urls=pipe:cat {tmp_path}/missing-000000.tar:retries=1:retry_wait=0")
     # Shell syntax in a URL is a file name to the server, never a command.
