@@ -37,6 +37,17 @@ class EvalContext:
         b = self.backbone
         return make_classification_eval_transform(self.resize_size, b.image_size, mean=b.mean, std=b.std)
 
+    def extraction_options(self, data: DictConfig) -> dict:
+        """Keyword arguments of :func:`dinov2.eval.features.extract_features` from the ``data``
+        section: the same batching, workers, device, task and autocast for every method."""
+        return dict(
+            batch_size=data.batch_size,
+            num_workers=data.num_workers,
+            device=self.device,
+            task=data.task,
+            autocast_dtype=self.autocast_dtype,
+        )
+
 
 def configure_logging() -> None:
     level = logging.INFO if _dist.is_main_process() else logging.WARNING

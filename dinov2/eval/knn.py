@@ -298,13 +298,7 @@ def run_knn(cfg: DictConfig) -> dict:
     transform = ctx.transform()
     train = load_dataset(data.train, transform, "train")
     class_names = class_names_of(train, data.task)
-    common = dict(
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        device=ctx.device,
-        task=data.task,
-        autocast_dtype=ctx.autocast_dtype,
-    )
+    common = ctx.extraction_options(data)
     model = ctx.backbone.model
     bank = extract_features(model, train, desc="train (bank) features", **common).labelled()
     bank_size = int(_dist.all_reduce_sum(torch.tensor([len(bank)])).item())

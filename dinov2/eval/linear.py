@@ -485,13 +485,7 @@ def run_linear(cfg: DictConfig) -> dict:
             "so it needs a map-style dataset (ImageFolder, CSV, Industrial, QuickDraw, ImageNet)"
         )
     class_names = class_names_of(train, data.task)
-    common = dict(
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        device=ctx.device,
-        task=data.task,
-        autocast_dtype=ctx.autocast_dtype,
-    )
+    common = ctx.extraction_options(data)
 
     all_train = np.arange(len(train))
     known = _labels_of(train, data.task)

@@ -155,13 +155,7 @@ def run_log_regression(cfg: DictConfig) -> Optional[dict]:
     data, options = cfg.data, cfg.log_regression
     transform = ctx.transform()
     model = ctx.backbone.model
-    common = dict(
-        batch_size=data.batch_size,
-        num_workers=data.num_workers,
-        device=ctx.device,
-        task=data.task,
-        autocast_dtype=ctx.autocast_dtype,
-    )
+    common = ctx.extraction_options(data)
     train_dataset = load_dataset(data.train, transform, "train")
     class_names = class_names_of(train_dataset, data.task)
     train = _features(model, train_dataset, options.features, "train features", **common)
