@@ -124,6 +124,18 @@ def test_bad_eval_values_exit_with_the_message_from_the_command_line():
         knn.main(["--pretrained-weights", RUN, "--val-dataset", "V"])
 
 
+def test_training_and_classifier_commands_exit_with_the_config_message():
+    """A mistyped key on the training or classifier command line ends with the loader's message
+    (the key and its nearest valid name), not a traceback."""
+    from dinov2.classify.train import main as classify_main
+    from dinov2.train.train import main as train_main
+
+    with pytest.raises(SystemExit, match=r"dinov2 training: .*unknown config key 'optim\.lrr' \(did you mean"):
+        train_main(["optim.lrr=1"])
+    with pytest.raises(SystemExit, match=r"dinov2 classifier training: .*unknown config key 'optim\.lrr'"):
+        classify_main(CLASSIFY_REQUIRED + ["optim.lrr=1"])
+
+
 @pytest.mark.parametrize(
     "override, message",
     [

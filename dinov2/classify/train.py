@@ -40,6 +40,8 @@ import logging
 import sys
 from typing import Optional, Sequence
 
+from dinov2.utils.config import ConfigError
+
 from .config import load_classify_config
 from .trainer import train_classifier
 
@@ -61,7 +63,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    cfg = load_classify_config(args.config_file, args.overrides)
+    try:
+        cfg = load_classify_config(args.config_file, args.overrides)
+    except ConfigError as error:  # a mistake in the file or an override: its message, not a traceback
+        raise SystemExit(f"dinov2 classifier training: {error}") from None
     summary = train_classifier(cfg)
     print(json.dumps(summary, indent=2))
     return 0

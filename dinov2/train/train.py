@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from dinov2 import distributed
-from dinov2.utils.config import load_config
+from dinov2.utils.config import ConfigError, load_config
 
 logger = logging.getLogger("dinov2")
 
@@ -59,7 +59,10 @@ def setup_logging(output_dir: Optional[Path], is_main: bool) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_args_parser().parse_args(argv)
     overrides = [opt for opt in args.opts if opt != "--"]
-    cfg = load_config(args.config_file or None, overrides)
+    try:
+        cfg = load_config(args.config_file or None, overrides)
+    except ConfigError as error:  # a mistake in the file or an override: its message, not a traceback
+        raise SystemExit(f"dinov2 training: {error}") from None
     output_dir = Path(args.output_dir or cfg.train.output_dir)
     distributed.enable(cfg.distributed.backend)
     setup_logging(output_dir, distributed.is_main_process())
