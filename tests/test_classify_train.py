@@ -75,6 +75,19 @@ def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
     assert resumed_lines[:2] == lines[:2]
 
 
+def test_validation_period_skips_epochs_but_always_validates_the_last(tmp_path, shapes):
+    extra = ["optim.epochs=5", "data.val_period_epochs=2", "checkpointing.period_epochs=5"]
+    summary = train_classifier(_cfg(tmp_path, shapes, *extra))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["epoch"] for line in lines] == [1, 2, 3, 4, 5]
+    assert [line["epoch"] for line in lines if "val" in line] == [2, 4, 5]
+    assert summary["final"] == lines[-1]["val"]
+    assert summary["best_epoch"] in (2, 4, 5)
+    assert [path.name for path in sorted((tmp_path / "checkpoints").glob("*.pth"))] == ["epoch_0005.pth"]
+    with pytest.raises(ConfigError, match="data.val_period_epochs"):
+        _cfg(tmp_path / "bad", shapes, "data.val_period_epochs=0")
+
+
 def test_probe_keeps_backbone_and_partial_unfreezes_last_blocks(tmp_path, shapes):
     for cache in ("false", "true"):
         out = tmp_path / f"probe_{cache}"

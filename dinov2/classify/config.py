@@ -99,6 +99,7 @@ RULES = {
     "lpft.dropout": _SHARE,
     "lpft.lr": _NON_NEGATIVE,
     "lpft.head_lr": _NON_NEGATIVE,
+    "data.val_period_epochs": Range(1),
     "checkpointing.period_epochs": Range(1),
     "logging.log_period_iterations": _NON_NEGATIVE,
     "logging.wandb.mode": OneOf(WANDB_MODES),

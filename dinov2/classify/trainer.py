@@ -224,7 +224,8 @@ class ClassifierTrainer:
             epoch_report = train_one_epoch(
                 self.model, batches, epoch, self.steps_per_epoch(), stage, optimizer, schedule, scaler, self.device, cfg
             )
-            if self.val_set is not None:
+            last_epoch = epoch + 1 == cfg.optim.epochs
+            if self.val_set is not None and (last_epoch or (epoch + 1) % cfg.data.val_period_epochs == 0):
                 val = evaluate(self.model, self._loader(self.val_set, train=False), self.device, cfg.optim.amp)
                 epoch_report["val"] = val
                 if val["mean_top1"] is not None and (best is None or val["mean_top1"] > best):
@@ -232,7 +233,7 @@ class ClassifierTrainer:
                     self.export(self.output_dir / "model_best.pth")
             epoch_report["trainable_params"] = stage_params[stage.name]
             self.metrics.log(epoch_report)
-            if epoch + 1 == cfg.optim.epochs or (epoch + 1) % cfg.checkpointing.period_epochs == 0:
+            if last_epoch or (epoch + 1) % cfg.checkpointing.period_epochs == 0:
                 resume_state = {
                     "epoch": epoch + 1,
                     "stage": stage.name,
