@@ -48,14 +48,38 @@ class ModelOptimizerState:
     N ranks loads on M ranks or in a single non-FSDP process.
     """
 
-    def __init__(self, model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None):
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+        owned_modules: Optional[Iterable[str]] = None,
+        param_group_indices: Optional[Iterable[int]] = None,
+    ):
+        """Ranks that hold different parts of one checkpoint (distillation students on rank
+        subsets) say which parts are theirs:
+
+        * ``owned_modules``: the names (prefixes) of the submodules this rank holds; None: the
+          whole checkpoint model is this rank's;
+        * ``param_group_indices``: the checkpoint index of each of this rank's optimizer
+          parameter groups, in order. ``get_state_dict`` numbers parameter groups from 0 on every
+          rank, so two ranks' different groups would share a key; with the indices every group
+          keeps the one it has when a single process holds all the parts.
+        """
         self.model = model
         self.optimizer = optimizer
+        self.owned_modules = None if owned_modules is None else list(owned_modules)
+        self.param_group_indices = None if param_group_indices is None else [int(i) for i in param_group_indices]
 
     def state_dict(self) -> Dict[str, Any]:
         if self.optimizer is None:
             return {"model": get_model_state_dict(self.model)}
         model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        if self.param_group_indices is not None:
+            groups = optim_state["param_groups"]
+            if len(groups) != len(self.param_group_indices):
+                raise RuntimeError(f"{len(groups)} parameter groups but {len(self.param_group_indices)} indices")
+            # Flattened, {"3": group} gives the same keys as a list's element 3 (param_groups.3.*).
+            optim_state["param_groups"] = {str(i): group for i, group in zip(self.param_group_indices, groups)}
         return {"model": model_state, "optimizer": optim_state}
 
     def template_for_load(self, available_keys: Iterable[str], prefix: str, iteration: int) -> Dict[str, Any]:
@@ -84,6 +108,13 @@ class ModelOptimizerState:
         """Checkpoint keys under these prefixes (with what they are) must all be loaded: one that
         the template lacks (a block of a deeper model, state of a parameter this model does not
         have) is a mismatch, not silently dropped. Without an optimizer its state is not read."""
+        if self.owned_modules is not None:
+            owned = {}
+            for name in self.owned_modules:
+                owned[f"{prefix}.model.{name}."] = f"model entries of {name} this model does not have"
+                if self.optimizer is not None:
+                    owned[f"{prefix}.optimizer.state.{name}."] = f"optimizer entries of {name} this optimizer lacks"
+            return owned
         owned = {f"{prefix}.model.": "model entries this model does not have"}
         if self.optimizer is not None:
             owned[f"{prefix}.optimizer."] = "optimizer entries this model and optimizer do not have"
@@ -94,6 +125,10 @@ class ModelOptimizerState:
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
         else:
             set_model_state_dict(self.model, state["model"], options=StateDictOptions(strict=True))
+            if self.param_group_indices is not None:
+                state["optimizer"]["param_groups"] = [
+                    state["optimizer"]["param_groups"][str(i)] for i in self.param_group_indices
+                ]
             # Not strict: parameters without optimizer state in the file were left out on purpose
             # by template_for_load (they had no gradient yet when it was saved).
             set_optimizer_state_dict(

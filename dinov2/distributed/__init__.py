@@ -230,30 +230,43 @@ def barrier() -> None:
         dist.barrier()
 
 
-def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks, in place; returns the tensor (unchanged in a single process)."""
+def all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the ranks of ``group`` (None: all), in place; returns the tensor (unchanged in a
+    single process)."""
     if is_enabled():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
     return tensor
 
 
-def differentiable_all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum over ranks as a new tensor through which gradients flow back to every rank (the
-    gradient of each rank's input is the sum of all ranks' output gradients); the tensor itself
-    in a single process. For statistics of the global batch, such as GlobalBatchNorm1d's."""
+def differentiable_all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Sum over the ranks of ``group`` (None: all) as a new tensor through which gradients flow
+    back to every rank (the gradient of each rank's input is the sum of all ranks' output
+    gradients); the tensor itself in a single process. For statistics of the global batch, such
+    as GlobalBatchNorm1d's."""
     if not is_enabled():
         return tensor
     from torch.distributed.nn.functional import all_reduce  # the autograd-aware collective
 
-    return all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return all_reduce(tensor, op=dist.ReduceOp.SUM, group=dist.group.WORLD if group is None else group)
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Mean over ranks, in place; returns the tensor (unchanged in a single process)."""
+def all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Mean over the ranks of ``group`` (None: all), in place; returns the tensor (unchanged in
+    a single process)."""
     if is_enabled():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor /= get_world_size()
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
+        tensor /= dist.get_world_size(group)
     return tensor
+
+
+def all_gather_object(obj) -> list:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process):
+    for small picklable values whose layout differs between ranks."""
+    if not is_enabled():
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
@@ -265,12 +278,12 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     return bool(value.item() > 0)
 
 
-def broadcast_object(obj, src: int = 0):
-    """``obj`` from rank ``src`` on every rank."""
+def broadcast_object(obj, src: int = 0, group=None):
+    """``obj`` from rank ``src`` (a global rank) on every rank of ``group`` (None: all)."""
     if not is_enabled():
         return obj
     holder = [obj]
-    dist.broadcast_object_list(holder, src=src)
+    dist.broadcast_object_list(holder, src=src, group=group)
     return holder[0]
 
 
@@ -283,6 +296,7 @@ def free_port() -> int:
 
 __all__ = [
     "DistributedEnvironment",
+    "all_gather_object",
     "all_reduce_mean",
     "all_reduce_sum",
     "any_rank",

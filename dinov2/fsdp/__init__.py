@@ -38,6 +38,7 @@ __all__ = [
     "shard_backbone",
     "shard_ssl_meta_arch",
     "should_shard",
+    "subset_mesh",
 ]
 
 
@@ -62,19 +63,35 @@ def should_shard(cfg: DictConfig) -> bool:
     return bool(cfg.distributed.fsdp) and distributed.get_world_size() > 1
 
 
-def shard_backbone(backbone: nn.Module, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True) -> nn.Module:
+def shard_backbone(
+    backbone: nn.Module, policy: MixedPrecisionPolicy, reshard_after_forward: bool = True, mesh=None
+) -> nn.Module:
+    """``mesh``: the DeviceMesh to shard over (None: all ranks)."""
     for block in backbone.blocks:
-        fully_shard(block, mp_policy=policy, reshard_after_forward=reshard_after_forward)
-    fully_shard(backbone, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+        fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
+    fully_shard(backbone, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard_after_forward)
     return backbone
 
 
-def shard_ssl_meta_arch(model: nn.Module, cfg: DictConfig) -> nn.Module:
+def subset_mesh(ranks, device: torch.device):
+    """A 1-D DeviceMesh over ``ranks`` (global ranks) of the default process group.
+
+    Every rank must call it, members or not, in the same order: ``DeviceMesh`` creates the mesh's
+    process group with ``torch.distributed.new_group``, which is collective over all ranks. A
+    non-member gets a mesh whose ``get_coordinate()`` is None; it must not shard onto it.
+    """
+    from torch.distributed.device_mesh import DeviceMesh
+
+    return DeviceMesh(device.type, sorted(int(rank) for rank in ranks), mesh_dim_names=("dp",))
+
+
+def shard_ssl_meta_arch(model: nn.Module, cfg: DictConfig, mesh=None) -> nn.Module:
     """Shard ``model.student`` and ``model.teacher`` (ModuleDicts of backbone + heads) in place.
 
     The student uses ``compute_precision.param_dtype`` / ``reduce_dtype``; the teacher, which has
     no gradients, runs in ``compute_precision.teacher_dtype``. Loss modules (centre buffers)
     stay replicated. Call after the model is on its device and before building the optimizer.
+    ``mesh``: the DeviceMesh of the ranks that train this model (None: all ranks).
     """
     # The backbone returns views of one token tensor (CLS, registers, patches); FSDP2 warns that
     # an in-place op on such a view would skip its hook. SSLMetaArch never modifies them in place.
@@ -86,15 +103,15 @@ def shard_ssl_meta_arch(model: nn.Module, cfg: DictConfig) -> nn.Module:
     for modules, policy in ((model.student, student_policy), (model.teacher, teacher_policy)):
         for module in modules.values():
             if hasattr(module, "blocks"):
-                shard_backbone(module, policy, reshard)
+                shard_backbone(module, policy, reshard, mesh=mesh)
             else:
-                fully_shard(module, mp_policy=policy, reshard_after_forward=reshard)
+                fully_shard(module, mesh=mesh, mp_policy=policy, reshard_after_forward=reshard)
     logger.info(
         "FSDP2: student %s/%s, teacher %s, over %d ranks",
         precision.param_dtype,
         precision.reduce_dtype,
         precision.teacher_dtype,
-        distributed.get_world_size(),
+        distributed.get_world_size() if mesh is None else mesh.size(),
     )
     return model
 
@@ -118,12 +135,28 @@ def clip_grad_norm_(parameters, max_norm: float) -> torch.Tensor:
     return full() if full is not None else norm
 
 
-def full_state_dict(module: nn.Module, cpu_offload: bool = True) -> Dict[str, torch.Tensor]:
-    """Unsharded state dict of ``module``; every rank must call it.
+def full_state_dict(module: nn.Module, cpu_offload: bool = True, group=None) -> Dict[str, torch.Tensor]:
+    """Unsharded state dict of ``module``; every rank must call it (every rank of ``group``).
 
     With ``cpu_offload`` (the default) only rank 0 receives the tensors (on the CPU); the other
     ranks get an empty dict. Works for plain and FSDP2 modules; keys are the module's own
     parameter names (FSDP2 adds no prefix), i.e. the official format for a backbone.
+
+    ``group``: the ranks ``module`` is sharded over when that is not all of them (a distillation
+    student on a subset of ranks); its first rank then receives the tensors on the CPU.
+    ``get_model_state_dict`` offloads to global rank 0 only, which may not hold the module.
     """
-    options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
-    return get_model_state_dict(module, options=options)
+    if group is None:
+        options = StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
+        return get_model_state_dict(module, options=options)
+    import torch.distributed as dist
+
+    receiver = min(dist.get_process_group_ranks(group))
+    state: Dict[str, torch.Tensor] = {}
+    for name, value in module.state_dict().items():
+        full = value.full_tensor() if hasattr(value, "full_tensor") else value  # one tensor at a time
+        if not cpu_offload:
+            state[name] = full
+        elif dist.get_rank() == receiver:
+            state[name] = full.detach().cpu()
+    return state

@@ -27,10 +27,11 @@ def distributed_is_active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
-def _all_reduce_(tensor: torch.Tensor, op=None) -> torch.Tensor:
-    """In-place all-reduce (sum by default) when a process group exists; no-op otherwise."""
+def _all_reduce_(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) over ``group`` (None: all ranks) when a process group
+    exists; no-op otherwise."""
     if distributed_is_active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
     return tensor
 
 
@@ -45,6 +46,7 @@ def sinkhorn_knopp(
     temp: float,
     n_iterations: int = 3,
     n_samples: int | torch.Tensor | None = None,
+    group=None,
 ) -> torch.Tensor:
     """Sinkhorn-Knopp teacher targets over the global batch.
 
@@ -54,6 +56,7 @@ def sinkhorn_knopp(
         n_iterations: rounds of (prototype normalisation, sample normalisation).
         n_samples: this rank's number of valid rows (defaults to ``B_local``); the global batch
             size is its sum over ranks. iBOT passes its number of masked patches here.
+        group: the ranks whose rows form the global batch (None: all ranks).
 
     Returns:
         ``(B_local, K)`` float32 targets. Each row (sample) sums to 1; summed over the global
@@ -70,23 +73,23 @@ def sinkhorn_knopp(
     device = logits.device
     n_local = logits.shape[0] if n_samples is None else n_samples
     global_batch = torch.as_tensor(n_local, device=device, dtype=torch.float32).reshape(1).clone()
-    _all_reduce_(global_batch)
+    _all_reduce_(global_batch, group=group)
     # No host sync (.item()) anywhere: with an empty global batch every tensor below is empty
     # and the result is an empty (0, K) tensor; ranks with no rows still join every collective.
     n_prototypes = logits.shape[1]
 
     local_max = logits.max() if logits.numel() > 0 else logits.new_tensor(float("-inf"))
     global_max = local_max.reshape(1).clone()
-    _all_reduce_(global_max, op=dist.ReduceOp.MAX if distributed_is_active() else None)
+    _all_reduce_(global_max, op=dist.ReduceOp.MAX if distributed_is_active() else None, group=group)
 
     q = torch.exp((logits - global_max) / temp).t()  # (K, B_local)
     total = q.sum().reshape(1)
-    _all_reduce_(total)
+    _all_reduce_(total, group=group)
     q /= total
     for _ in range(n_iterations):
         # Every prototype gets a total mass of 1/K over the global batch ...
         per_prototype = q.sum(dim=1, keepdim=True)
-        _all_reduce_(per_prototype)
+        _all_reduce_(per_prototype, group=group)
         q /= per_prototype
         q /= n_prototypes
         # ... then every sample gets a mass of 1/B (columns are local, no reduction needed).
@@ -122,6 +125,9 @@ class TeacherCentering(nn.Module):
         self.out_dim = out_dim
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+        # The ranks whose batches form the global batch (None: all). A distillation student
+        # trained on a subset of ranks sets its own group here.
+        self.process_group = None
 
     def _check_logits(self, logits: torch.Tensor) -> None:
         if logits.shape[-1] != self.out_dim:
@@ -145,7 +151,9 @@ class TeacherCentering(nn.Module):
     ) -> torch.Tensor:
         """Sinkhorn-Knopp targets for ``(B, K)`` logits; see :func:`sinkhorn_knopp`."""
         self._check_logits(teacher_logits)
-        return sinkhorn_knopp(teacher_logits, teacher_temp, n_iterations=n_iterations, n_samples=n_samples)
+        return sinkhorn_knopp(
+            teacher_logits, teacher_temp, n_iterations=n_iterations, n_samples=n_samples, group=self.process_group
+        )
 
     @torch.no_grad()
     def update_center(self, teacher_logits: torch.Tensor) -> None:
@@ -158,7 +166,7 @@ class TeacherCentering(nn.Module):
         self._check_logits(teacher_logits)
         rows = teacher_logits.reshape(-1, self.out_dim).float()
         stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
-        _all_reduce_(stats)
+        _all_reduce_(stats, group=self.process_group)
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp(min=1)).to(self.center.dtype)
         updated = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)

@@ -21,19 +21,19 @@ class _AllGatherWithGrad(torch.autograd.Function):
     ``all_reduce`` work on gloo and NCCL alike."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
-        world_size = dist.get_world_size()
+    def forward(ctx, x: torch.Tensor, group=None) -> torch.Tensor:
+        world_size = dist.get_world_size(group)
         parts = [torch.empty_like(x) for _ in range(world_size)]
-        dist.all_gather(parts, x.contiguous())
-        ctx.rank, ctx.local_size = dist.get_rank(), x.shape[0]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        ctx.rank, ctx.local_size, ctx.group = dist.get_rank(group), x.shape[0], group
         return torch.cat(parts, dim=0)
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+    def backward(ctx, grad: torch.Tensor):
         grad = grad.contiguous()
-        dist.all_reduce(grad)
+        dist.all_reduce(grad, group=ctx.group)
         start = ctx.rank * ctx.local_size
-        return grad[start : start + ctx.local_size]
+        return grad[start : start + ctx.local_size], None
 
 
 class KoLeoLoss(nn.Module):
@@ -69,6 +69,9 @@ class KoLeoLoss(nn.Module):
             raise ValueError(f"eps must be positive, got {eps}")
         self.eps = eps
         self.distributed = distributed
+        # The ranks whose features are searched (None: all). A distillation student trained on a
+        # subset of ranks sets its own group here.
+        self.process_group = None
 
     def forward(self, student_features: torch.Tensor) -> torch.Tensor:
         """Args: ``student_features`` ``(B, D)`` (e.g. the student's CLS tokens of one crop).
@@ -78,16 +81,17 @@ class KoLeoLoss(nn.Module):
         x = F.normalize(student_features.float(), p=2, dim=-1, eps=1e-8)
         candidates, self_offset = x, 0
         if self.distributed and distributed_is_active():
-            sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size())]
-            dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device))
+            group = self.process_group
+            sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
             sizes = [int(s) for s in sizes]
             # all_gather needs equal shapes: pad every rank to the largest batch, then drop the
             # padding rows so they can never be picked as neighbours.
             largest = max(sizes)
             padded = F.pad(x, (0, 0, 0, largest - x.shape[0]))
-            gathered = _AllGatherWithGrad.apply(padded)
+            gathered = _AllGatherWithGrad.apply(padded, group)
             candidates = torch.cat([gathered[r * largest : r * largest + n] for r, n in enumerate(sizes)])
-            self_offset = sum(sizes[: dist.get_rank()])
+            self_offset = sum(sizes[: dist.get_rank(group)])
 
         n_local, n_all = x.shape[0], candidates.shape[0]
         if n_all < 2 or n_local == 0:

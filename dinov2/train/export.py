@@ -13,6 +13,8 @@ import shutil
 from pathlib import Path
 from typing import Optional
 
+import torch
+import torch.distributed
 from torch import nn
 
 from dinov2 import distributed
@@ -29,18 +31,21 @@ def export_path(output_dir, iteration: int) -> Path:
     return Path(output_dir) / "exports" / f"teacher_backbone_{iteration:08d}.pth"
 
 
-def export_teacher_backbone(model: nn.Module, path, latest: bool = True) -> Path:
+def export_teacher_backbone(model: nn.Module, path, latest: bool = True, group=None) -> Path:
     """Write the teacher backbone of an ``SSLMetaArch`` to ``path`` (all ranks call, rank 0 writes).
 
     Under FSDP2 the shards are gathered to rank 0's CPU (``dinov2.fsdp.full_state_dict``).
+    ``group``: the ranks that hold the model when not all do (a distillation student on a subset
+    of ranks); they call, and the first of them writes.
 
     With ``latest`` also refreshes ``teacher_backbone_latest.pth`` beside it (atomic copy).
-    A write error on rank 0 is raised on every rank (the others would wait for it otherwise).
+    A write error on the writing rank is raised on every rank (the others would wait for it otherwise).
     """
     path = Path(path)
-    state = full_state_dict(model.teacher["backbone"])
+    state = full_state_dict(model.teacher["backbone"], group=group)
+    writer = 0 if group is None else min(torch.distributed.get_process_group_ranks(group))
     failure: Optional[Exception] = None
-    if distributed.is_main_process():
+    if distributed.get_rank() == writer:
         try:
             save_state_dict(state, path)
             if latest:
@@ -48,9 +53,9 @@ def export_teacher_backbone(model: nn.Module, path, latest: bool = True) -> Path
                     shutil.copyfile(path, tmp)
         except Exception as error:
             failure = error
-    message = distributed.broadcast_object(None if failure is None else str(failure))
+    message = distributed.broadcast_object(None if failure is None else str(failure), src=writer, group=group)
     if failure is not None:
         raise failure
     if message is not None:
-        raise RuntimeError(f"rank 0 could not write the teacher export {path}: {message}")
+        raise RuntimeError(f"rank {writer} could not write the teacher export {path}: {message}")
     return path

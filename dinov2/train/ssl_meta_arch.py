@@ -25,6 +25,7 @@ are not part of this module's ``state_dict``) and passes to :meth:`SSLMetaArch.f
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from typing import Dict, List, Optional, Tuple
 
@@ -59,10 +60,23 @@ def _precision(name: str, key: str) -> torch.dtype:
     return PRECISIONS[name]
 
 
+def _batch_all_reduce(process_group=None):
+    """The sum over the ranks sharing the batch that GlobalBatchNorm1d takes (None: one process)."""
+    if not distributed.is_enabled():
+        return None
+    if process_group is None:
+        return distributed.differentiable_all_reduce_sum
+    return functools.partial(distributed.differentiable_all_reduce_sum, group=process_group)
+
+
 class SSLMetaArch(nn.Module):
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, process_group=None):
+        """``process_group``: the ranks whose batches this model trains on (its heads' BatchNorm
+        statistics, centring, Sinkhorn-Knopp and KoLeo reduce over them); None: all ranks. A
+        distillation student trained on a subset of ranks passes its own."""
         super().__init__()
         self.cfg = cfg
+        self.process_group = process_group
         if cfg.train.centering not in CENTERINGS:
             raise ValueError(f"train.centering must be one of {CENTERINGS}, got {cfg.train.centering!r}")
         self.centering = cfg.train.centering
@@ -120,6 +134,8 @@ class SSLMetaArch(nn.Module):
         # Neighbours over the global batch, so a multi-rank run computes the same KoLeo term as
         # one process with the whole batch (dino.koleo_distributed=false: per rank, as upstream).
         self.koleo_loss = KoLeoLoss(distributed=bool(cfg.dino.koleo_distributed))
+        for loss in (self.dino_loss, self.ibot_patch_loss, self.koleo_loss):
+            loss.process_group = process_group
         self.gram_loss_weight = float(cfg.gram.loss_weight) if cfg.gram.use_loss else 0.0
         self.gram_loss = GramLoss(
             remove_neg=bool(cfg.gram.remove_neg), remove_only_teacher_neg=bool(cfg.gram.remove_only_teacher_neg)
@@ -127,7 +143,7 @@ class SSLMetaArch(nn.Module):
         self._center_backup: Optional[Dict[str, torch.Tensor]] = None
 
     @staticmethod
-    def _make_head(head_cfg: DictConfig, embed_dim: int) -> DINOHead:
+    def _make_head(head_cfg: DictConfig, embed_dim: int, process_group=None) -> DINOHead:
         return DINOHead(
             in_dim=embed_dim,
             out_dim=head_cfg.head_n_prototypes,
@@ -137,7 +153,7 @@ class SSLMetaArch(nn.Module):
             use_bn=bool(head_cfg.head_use_bn),
             norm_last_layer=bool(head_cfg.head_norm_last_layer),
             # BatchNorm statistics over every rank's batch (the model is built after distributed.enable()).
-            bn_all_reduce=distributed.differentiable_all_reduce_sum if distributed.is_enabled() else None,
+            bn_all_reduce=_batch_all_reduce(process_group),
         )
 
     # ---------------------------------------------------------------- helpers
