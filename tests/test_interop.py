@@ -272,3 +272,126 @@ def test_transformers_folder_is_a_backbone_source_for_evaluation_and_warm_start(
     student = DinoVisionTransformer(**{**TINY, **VARIANTS["registers"]})
     load_warm_start_weights(student, tmp_path / "hf")
     assert all(torch.equal(a, b) for a, b in zip(features(student.eval(), images), expected))
+
+
+# ------------------------------------------------------------------------------ DINOv3 backbones
+TINY_V3 = dict(img_size=64, patch_size=16, embed_dim=64, depth=2, num_heads=2, num_storage_tokens=2)
+VARIANTS_V3 = {
+    "mlp": {},
+    "swiglu": dict(ffn_layer="swiglu", mlp_ratio=6.0),
+    # No storage tokens, no LayerScale, no qkv bias.
+    "bare": dict(num_storage_tokens=0, init_values=None, qkv_bias=False),
+}
+# A key bias that is not masked: transformers has one (key_bias), timm has not.
+KEY_BIAS_V3 = dict(mask_k_bias=False)
+
+
+def tiny_vit_v3(seed=0, **options):
+    from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
+
+    torch.manual_seed(seed)
+    model = DinoV3VisionTransformer(**{**TINY_V3, **options}).eval()
+    with torch.no_grad():
+        # Far from the initial values, so that a LayerScale, token or bias left behind shows.
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("ls1", "ls2", "cls_token", "storage_tokens", "qkv.bias", "mask_token")):
+                param.normal_(0.0, 0.5)
+    return model
+
+
+def all_tokens_v3(model, images):
+    """[CLS, storage tokens, patches] after the final norm, as transformers' last_hidden_state."""
+    with torch.no_grad():
+        out = model.forward_features(images)
+    return torch.cat((out["x_norm_clstoken"][:, None], out["x_norm_regtokens"], out["x_norm_patchtokens"]), dim=1)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS_V3) + ["key_bias"])
+def test_dinov3_transformers_folder_loads_with_the_same_features_and_reads_back(variant, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    if not hasattr(transformers, "DINOv3ViTModel"):
+        pytest.skip("this transformers has no DINOv3ViTModel")
+    from safetensors.torch import save_file
+
+    from dinov2.hub.sources import load_backbone
+
+    model = tiny_vit_v3(**VARIANTS_V3.get(variant, KEY_BIAS_V3))
+    interop.export_transformers(model, tmp_path / "hf")
+    assert (tmp_path / "hf" / "preprocessor_config.json").is_file()
+    hf_model, info = transformers.AutoModel.from_pretrained(tmp_path / "hf", output_loading_info=True)
+    assert type(hf_model).__name__ == "DINOv3ViTModel"
+    assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+    images = torch.randn(2, 3, 48, 80)  # non-square and not the nominal size: RoPE takes any
+    expected = all_tokens_v3(model, images)
+    with torch.no_grad():
+        theirs = hf_model.eval()(pixel_values=images).last_hidden_state
+    assert theirs.shape == expected.shape and (theirs - expected).abs().max().item() <= 1e-5
+    # Back as a backbone (evaluation, classifiers, warm start and distillation read it through
+    # load_backbone), from our published-name layout and from transformers 5.x's own state dict.
+    native = tmp_path / "native"
+    native.mkdir()
+    (native / "config.json").write_text((tmp_path / "hf" / "config.json").read_text())
+    save_file({k: v.contiguous() for k, v in hf_model.state_dict().items()}, str(native / "model.safetensors"))
+    for folder in (tmp_path / "hf", native):
+        back, spec = load_backbone(str(folder))
+        assert spec["kind"] == "dinov3"
+        assert torch.equal(all_tokens_v3(back.eval(), images), expected)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS_V3))
+def test_dinov3_timm_state_dict_loads_strictly_with_the_same_features(variant, tmp_path):
+    timm = pytest.importorskip("timm")
+    model = tiny_vit_v3(**VARIANTS_V3[variant])
+    name, args = interop.timm_model_args(model)
+    assert name.endswith("_dinov3_qkvb" if variant != "bare" else "_dinov3")
+    timm_model = timm.create_model(name, pretrained=False, num_classes=0, **args).eval()
+    timm_model.load_state_dict(interop.timm_state_dict(model), strict=True)
+    interop.export_timm(model, tmp_path / "timm")
+    from_folder = timm.create_model(f"local-dir:{tmp_path / 'timm'}", pretrained=True).eval()
+    images = torch.randn(2, 3, 48, 80)
+    expected = all_tokens_v3(model, images)
+    for candidate in (timm_model, from_folder):
+        with torch.no_grad():
+            tokens = candidate.forward_features(images)
+        assert tokens.shape == expected.shape and (tokens - expected).abs().max().item() <= 1e-5
+
+
+def test_dinov3_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    model = tiny_vit_v3(**VARIANTS_V3["swiglu"])
+    path = interop.export_onnx(model, tmp_path / "backbone.onnx", image_size=(32, 48))  # RoPE tables for 2x3
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 3):
+        images = torch.randn(batch, 3, 32, 48)
+        cls, patches = session.run(None, {"images": images.numpy()})
+        assert_close(features(model, images), (torch.from_numpy(cls), torch.from_numpy(patches)), 1e-4)
+    report = interop.compare_onnx(model, path, batch_size=2, repeats=1)
+    assert report["max_abs_diff"] <= 1e-4 and (report["height"], report["width"]) == (32, 48)
+
+
+def test_dinov3_exports_refuse_what_the_targets_cannot_express(tmp_path):
+    refused = {
+        "untie_cls_and_patch_norms": dict(untie_cls_and_patch_norms=True),
+        "rope_normalize_coords": dict(rope_normalize_coords="min"),
+        "rope_min_period": dict(rope_base=None, rope_min_period=0.5, rope_max_period=50.0),
+    }
+    for option, settings in refused.items():
+        model = tiny_vit_v3(**settings)
+        for fmt in ("hf", "timm"):
+            with pytest.raises(interop.InteropError, match=option):
+                interop.export_backbone(model, tmp_path / option / fmt, fmt)
+            assert not (tmp_path / option / fmt).exists()  # refused before anything is written
+    # A periods buffer of no rope_base (e.g. edited or trained otherwise) would be recomputed wrongly.
+    model = tiny_vit_v3()
+    with torch.no_grad():
+        model.rope_embed.periods.mul_(1.5)
+    with pytest.raises(interop.InteropError, match="rope_embed.periods"):
+        interop.transformers_config(model)
+    with pytest.raises(interop.InteropError, match="norm_eps"):
+        interop.timm_model_args(tiny_vit_v3(norm_eps=1e-6))
+    with pytest.raises(interop.InteropError, match="mask_k_bias"):
+        interop.timm_model_args(tiny_vit_v3(**KEY_BIAS_V3))
+    # The training-only local CLS norm is left out: inference never uses it.
+    model = tiny_vit_v3(untie_global_and_local_cls_norm=True)
+    assert not any("local_cls_norm" in key for key in interop.transformers_state_dict(model))

@@ -1,4 +1,8 @@
-"""A DINOv2 backbone in other libraries' formats, and a transformers folder back as a backbone.
+"""A DINOv2 or DINOv3 backbone in other libraries' formats, and a transformers folder back as a backbone.
+
+DINOv3 backbones (:class:`DinoV3VisionTransformer`) are dispatched to :mod:`dinov2.hub.interop_dinov3`
+(``DINOv3ViTModel``, timm's DINOv3 ``Eva``, RoPE tables fixed in the ONNX graph); what follows
+describes the DINOv2 layouts.
 
 * :func:`export_transformers` - a Hugging Face folder (``config.json``, ``model.safetensors``,
   ``preprocessor_config.json``) that ``transformers.AutoModel.from_pretrained(folder)`` loads as ``Dinov2Model`` (or
@@ -36,6 +40,7 @@ from torch import nn
 from dinov2.data.transforms import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN
 from dinov2.data.transforms import IMAGENET_DEFAULT_STD as IMAGENET_STD
 from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
 from dinov2.utils.io import atomic_path, atomic_write_text
 
 from .sources import vit_kwargs_of
@@ -50,13 +55,19 @@ _TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1536: "giant"}
 
 
 class InteropError(ValueError):
-    """A model that a target format cannot represent, or a folder that is not a DINOv2 model."""
+    """A model that a target format cannot represent, or a folder that is not a DINOv2 / DINOv3 model."""
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _is_dinov3(model: nn.Module) -> bool:
+    return isinstance(model, DinoV3VisionTransformer)
+
+
 def _architecture(model: DinoVisionTransformer) -> Dict[str, Any]:
     if not isinstance(model, DinoVisionTransformer):
-        raise InteropError(f"only DinoVisionTransformer backbones can be exported, got {type(model).__name__}")
+        raise InteropError(
+            f"only DinoVisionTransformer and DinoV3VisionTransformer backbones can be exported, got {type(model).__name__}"
+        )
     return vit_kwargs_of(model)
 
 
@@ -88,7 +99,12 @@ def _prepare_folder(folder: PathLike) -> Path:
 
 # --------------------------------------------------------------------------- transformers
 def transformers_config(model: DinoVisionTransformer) -> Dict[str, Any]:
-    """The ``config.json`` of ``model`` as a transformers ``Dinov2Config`` (or the registers one)."""
+    """The ``config.json`` of ``model`` as a transformers ``Dinov2Config`` (or the registers one;
+    ``DINOv3ViTConfig`` for a DINOv3 backbone)."""
+    if _is_dinov3(model):
+        from . import interop_dinov3  # builds on this module
+
+        return interop_dinov3.transformers_config(model)
     arch = _architecture(model)
     unsupported = [name for name in ("proj_bias", "ffn_bias") if not arch[name]]
     if unsupported:
@@ -161,7 +177,11 @@ def _transformers_name(key: str) -> Optional[str]:
 
 
 def transformers_state_dict(model: DinoVisionTransformer) -> Dict[str, torch.Tensor]:
-    """``model``'s weights under the key names of the published transformers DINOv2 folders."""
+    """``model``'s weights under the key names of the published transformers DINOv2 (or DINOv3) folders."""
+    if _is_dinov3(model):
+        from . import interop_dinov3
+
+        return interop_dinov3.transformers_state_dict(model)
     out = {}
     for key, value in model.state_dict().items():
         qkv = _QKV.fullmatch(key)
@@ -232,7 +252,8 @@ _TRANSFORMERS_V5_NAMES = (
 )
 
 
-def _read_transformers_weights(folder: Path) -> Dict[str, torch.Tensor]:
+def _read_transformers_files(folder: Path) -> Dict[str, torch.Tensor]:
+    """The tensors of a transformers folder as stored (safetensors, or a weights-only pickle)."""
     if (folder / WEIGHTS_FILE).is_file():
         state = load_safetensors_file(folder / WEIGHTS_FILE)
     elif (folder / "pytorch_model.bin").is_file():
@@ -243,6 +264,11 @@ def _read_transformers_weights(folder: Path) -> Dict[str, torch.Tensor]:
         raise InteropError(
             f"{folder} holds neither {WEIGHTS_FILE} nor pytorch_model.bin (sharded folders are not read)"
         )
+    return state
+
+
+def _read_transformers_weights(folder: Path) -> Dict[str, torch.Tensor]:
+    state = _read_transformers_files(folder)
     # A Dinov2ForImageClassification folder keeps the backbone under "dinov2."; its head is dropped.
     if any(k.startswith("dinov2.") for k in state):
         state = {k[len("dinov2.") :]: v for k, v in state.items() if k.startswith("dinov2.")}
@@ -293,7 +319,8 @@ def transformers_normalization(folder: PathLike) -> Tuple[Tuple[float, ...], Tup
 
 
 def load_transformers_backbone(folder: PathLike, **vit_options) -> DinoVisionTransformer:
-    """A :class:`DinoVisionTransformer` with the weights of a transformers DINOv2 folder.
+    """A :class:`DinoVisionTransformer` with the weights of a transformers DINOv2 folder (a
+    :class:`DinoV3VisionTransformer` for a ``DINOv3ViTModel`` folder, ``model_type`` ``dinov3_vit``).
 
     Reads ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``, weights-only) of a
     ``Dinov2Model``, ``Dinov2WithRegistersModel`` or ``Dinov2ForImageClassification`` folder;
@@ -311,8 +338,14 @@ def load_transformers_backbone(folder: PathLike, **vit_options) -> DinoVisionTra
     except json.JSONDecodeError as error:
         raise InteropError(f"{config_path} is not valid JSON: {error}") from error
     model_type = config.get("model_type")
+    if model_type == "dinov3_vit":
+        from . import interop_dinov3
+
+        return interop_dinov3.load_transformers_backbone(folder, config, _read_transformers_files(folder), **vit_options)
     if model_type not in ("dinov2", "dinov2_with_registers"):
-        raise InteropError(f"{config_path}: model_type {model_type!r} is not 'dinov2' or 'dinov2_with_registers'")
+        raise InteropError(
+            f"{config_path}: model_type {model_type!r} is not 'dinov2', 'dinov2_with_registers' or 'dinov3_vit'"
+        )
     if float(config.get("layer_norm_eps", 1e-6)) != 1e-6:
         raise InteropError(f"{config_path}: layer_norm_eps {config['layer_norm_eps']} is not the 1e-6 this ViT uses")
     swiglu = bool(config.get("use_swiglu_ffn", False))
@@ -359,7 +392,12 @@ def load_transformers_backbone(folder: PathLike, **vit_options) -> DinoVisionTra
 
 # ----------------------------------------------------------------------------------- timm
 def timm_model_args(model: DinoVisionTransformer) -> Tuple[str, Dict[str, Any]]:
-    """(timm architecture name, ``create_model`` keyword arguments) of ``model``'s shape."""
+    """(timm architecture name, ``create_model`` keyword arguments) of ``model``'s shape (a DINOv3
+    backbone: one of timm's DINOv3 ``Eva`` models)."""
+    if _is_dinov3(model):
+        from . import interop_dinov3
+
+        return interop_dinov3.timm_model_args(model)
     arch = _architecture(model)
     if arch["proj_bias"] != arch["ffn_bias"]:
         raise InteropError("timm's ViT has one proj_bias switch for attention and MLP outputs; this model differs")
@@ -391,7 +429,11 @@ def timm_model_args(model: DinoVisionTransformer) -> Tuple[str, Dict[str, Any]]:
 
 
 def timm_state_dict(model: DinoVisionTransformer) -> Dict[str, torch.Tensor]:
-    """``model``'s weights as timm's VisionTransformer names them (no mask token: timm has none)."""
+    """``model``'s weights as timm's VisionTransformer (DINOv3: Eva) names them (no mask token: timm has none)."""
+    if _is_dinov3(model):
+        from . import interop_dinov3
+
+        return interop_dinov3.timm_state_dict(model)
     out = {}
     for key, value in model.state_dict().items():
         if key == "mask_token":
@@ -419,14 +461,15 @@ def export_timm(
     """
     name, args = timm_model_args(model)
     size = args["img_size"]
+    height, width = (size, size) if isinstance(size, int) else size
     config = {
         "architecture": name,
         "num_classes": 0,
         "num_features": args["embed_dim"],
         "model_args": args,
         "pretrained_cfg": {
-            "input_size": [args["in_chans"], size, size],
-            "fixed_input_size": True,
+            "input_size": [args["in_chans"], height, width],
+            "fixed_input_size": not _is_dinov3(model),  # RoPE takes any size
             "interpolation": "bicubic",
             "crop_pct": 1.0,
             "crop_mode": "center",
@@ -476,6 +519,16 @@ class FixedSizeFeatures(nn.Module):
         return x[:, 0], x[:, 1 + b.num_register_tokens :]
 
 
+def fixed_size_features(model: nn.Module, height: int, width: int) -> nn.Module:
+    """The ``images -> (cls_token, patch_tokens)`` module that ONNX export traces, for either generation."""
+    if _is_dinov3(model):
+        from . import interop_dinov3
+
+        return interop_dinov3.FixedSizeFeaturesV3(model, height, width)
+    _architecture(model)
+    return FixedSizeFeatures(model, height, width)
+
+
 # Above this the weights go to an external data file beside the graph (protobuf caps a file at 2 GiB).
 _ONNX_INLINE_LIMIT = 1 << 30
 
@@ -521,6 +574,9 @@ def export_module_onnx(module: nn.Module, example: torch.Tensor, path: PathLike,
 
 
 def _image_size(model: DinoVisionTransformer, image_size) -> Tuple[int, int]:
+    if image_size is None and _is_dinov3(model):
+        height, width = model.patch_embed.img_size  # the nominal size; RoPE has no table to read it from
+        return int(height), int(width)
     if image_size is None:
         side = int(round(math.sqrt(model.pos_embed.shape[1] - 1))) * model.patch_size
         return side, side
@@ -538,9 +594,10 @@ def export_onnx(
     ``image_size`` (an int or (height, width)) is fixed in the graph; the default is the size the
     model was built for. The batch dimension is dynamic.
     """
-    _architecture(model)
+    if not _is_dinov3(model):
+        _architecture(model)  # refuses any other module before its size is read
     height, width = _image_size(model, image_size)
-    wrapper = FixedSizeFeatures(model, height, width)
+    wrapper = fixed_size_features(model, height, width)
     example = torch.zeros(2, model.patch_embed.proj.in_channels, height, width)
     return export_module_onnx(wrapper, example, path, ("cls_token", "patch_tokens"))
 
@@ -566,7 +623,7 @@ def compare_onnx(
     session = onnx_session(path, threads=threads)
     shape = session.get_inputs()[0].shape
     channels, height, width = int(shape[1]), int(shape[2]), int(shape[3])
-    wrapper = FixedSizeFeatures(model.eval(), height, width)
+    wrapper = fixed_size_features(model.eval(), height, width)
     images = torch.randn(batch_size, channels, height, width, generator=torch.Generator().manual_seed(0))
     feed = {"images": images.numpy()}
 
@@ -630,7 +687,7 @@ def build_parser():
     import argparse
 
     parser = argparse.ArgumentParser(
-        description="Write a DINOv2 backbone as a transformers folder, a timm folder or an ONNX file."
+        description="Write a DINOv2 or DINOv3 backbone as a transformers folder, a timm folder or an ONNX file."
     )
     parser.add_argument(
         "source", help="a weights file (.pth/.safetensors), a training output directory, or hub:<entry>"
