@@ -116,3 +116,36 @@ def test_trainable_fraction_counts():
     heads = sum(p.numel() for p in model.heads.parameters())
     assert counts["trainable"] == heads
     assert counts["fraction"] == pytest.approx(heads / sum(p.numel() for p in model.parameters()))
+
+
+@pytest.mark.parametrize("generation", ["dinov2", "dinov3"])
+def test_mlp_adapters_reach_every_feed_forward_linear(generation):
+    """``mlp=True`` adapts each linear layer of every block's feed-forward, whatever its names:
+    DINOv2's Mlp (fc1, fc2) and fused SwiGLU (w12, w3), DINOv3's SwiGLU (w1, w2, w3)."""
+    from dinov2.models.vision_transformer import DinoVisionTransformer
+    from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
+
+    tiny = dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, img_size=16)
+    if generation == "dinov2":
+        builds = [(DinoVisionTransformer(**tiny), ("fc1", "fc2"))]
+        builds.append((DinoVisionTransformer(**tiny, ffn_layer="swiglufused"), ("w12", "w3")))
+    else:
+        builds = [(DinoV3VisionTransformer(**tiny), ("fc1", "fc2"))]
+        builds.append((DinoV3VisionTransformer(**tiny, ffn_layer="swiglu", mlp_ratio=6.0), ("w1", "w2", "w3")))
+    for backbone, mlp_names in builds:
+        backbone.eval()
+        add_lora(backbone, lora_settings(r=2, mlp=True))
+        adapted = {n.split(".lora_A")[0] for n, _ in backbone.named_parameters() if "lora_A" in n}
+        expected = {f"blocks.{i}.attn.{n}" for i in range(2) for n in ("qkv", "proj")}
+        expected |= {f"blocks.{i}.mlp.{n}" for i in range(2) for n in mlp_names}
+        assert adapted == expected
+        for name, param in backbone.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.1)
+        images = torch.randn(2, 3, 16, 24)
+        with torch.no_grad():
+            before = backbone.forward_features(images)["x_norm_patchtokens"]
+            merged = merge_lora(copy.deepcopy(backbone))
+            after = merged.forward_features(images)["x_norm_patchtokens"]
+        assert not has_lora(merged)
+        torch.testing.assert_close(after, before, atol=1e-5, rtol=1e-5)

@@ -12,7 +12,10 @@ from typing import Any, Dict, Mapping
 from torch import nn
 
 ATTENTION_TARGETS = ("qkv", "proj")
-MLP_TARGETS = ("fc1", "fc2", "w12", "w3")
+# The feed-forward linears of every backbone built here: Mlp (fc1, fc2), DINOv2's SwiGLU (w12
+# fused, w3) and DINOv3's SwiGLUFFNAligned (w1, w2, w3). Names match whole (peft's fullmatch),
+# so w1 is not w12.
+MLP_TARGETS = ("fc1", "fc2", "w12", "w1", "w2", "w3")
 
 
 def lora_settings(r: int = 8, alpha: float = 16.0, dropout: float = 0.0, mlp: bool = False) -> Dict[str, Any]:
