@@ -12,7 +12,7 @@ from train_helpers import make_image_folder, tiny_overrides
 
 from dinov2.checkpoint.manager import checkpoint_keys, file_sha256
 from dinov2.hub.sources import load_backbone
-from dinov2.train.distill_meta_arch import TeacherChangedError, student_configs
+from dinov2.train.distill_meta_arch import TeacherChangedError, student_configs, student_ranks
 from dinov2.train.train import main
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
@@ -223,3 +223,99 @@ def test_bad_student_entries_and_a_mismatched_patch_size_are_named(tmp_path, dat
     cfg = load_config(None, distill_overrides(data_root, teacher_run, "student.patch_size=8"))
     with pytest.raises(ValueError, match="student.patch_size 8 differs from the teacher's patch size 4"):
         SSLTrainer(cfg, output_dir=tmp_path / "bad")
+
+
+SUBSET_STUDENTS = (
+    "distillation.students=[{name: wide, student: {embed_dim: 32}, ranks: [0]},"
+    " {name: narrow, student: {embed_dim: 16}, ranks: [1]}]"
+)
+
+
+def test_students_on_rank_subsets_share_each_ranks_teacher_forward_and_resume_exactly(tmp_path, data_root, teacher_run):
+    """Two students, one on each of 2 gloo ranks, in one launch (tests/distill_subset_worker.py):
+    an uninterrupted 4-iteration run, and the same run stopped after 2 and resumed. BatchNorm heads
+    and distributed KoLeo: their collectives must run over each student's own rank, or the step
+    would wait for a rank that does not train that student."""
+    overrides = distill_overrides(
+        data_root,
+        teacher_run,
+        SUBSET_STUDENTS,
+        "dino.head_use_bn=true",
+        "dino.koleo_distributed=true",
+        "checkpointing.period_iterations=2",
+        "evaluation.knn_period_iterations=2",
+        "evaluation.knn_max_samples=8",
+        "evaluation.knn_k=3",
+    )
+    worker = str(REPO / "tests" / "distill_subset_worker.py")
+    command = torchrun_command(2, worker, [str(tmp_path), *overrides], free_port())
+    log = tmp_path / "log.txt"
+    with open(log, "w") as handle:
+        result = subprocess.run(
+            command, cwd=REPO, env=subprocess_env(), stdout=handle, stderr=subprocess.STDOUT, timeout=300
+        )
+    assert result.returncode == 0, log.read_text()[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [report["students"] for report in reports] == [["wide"], ["narrow"]]
+    assert [report["teacher_forwards"] for report in reports] == [4, 4]  # once per rank and step
+    assert [report["resumed_from"] for report in reports] == ["ckpt_00000002"] * 2
+
+    # Rank 0 logs both students' figures, each reduced over its own rank.
+    full, resumed = read_lines(tmp_path / "full"), read_lines(tmp_path / "resumed")
+    assert [line["iteration"] for line in full] == [line["iteration"] for line in resumed] == [1, 2, 3, 4]
+    terms = ("wide/total_loss", "narrow/total_loss", "wide/koleo_loss", "narrow/ibot_loss", "grad_norm")
+    for line in full:
+        assert all(line[term] == line[term] for term in terms)  # present and finite
+        assert line["wide/total_loss"] != line["narrow/total_loss"]
+    assert 0.0 <= full[-1]["wide/knn_top1"] <= 1.0 and 0.0 <= full[-1]["narrow/knn_top1"] <= 1.0
+    # The resumed run continues exactly where the uninterrupted one was.
+    for uninterrupted, continued in zip(full, resumed):
+        for term in terms + ("wide/lr", "narrow/lr"):
+            assert continued[term] == uninterrupted[term], (uninterrupted["iteration"], term)
+
+    # Each student's export, written by its own rank (rank 1 for narrow), with its config beside it.
+    for name, width in (("wide", 32), ("narrow", 16)):
+        exported, _ = load_backbone(str(tmp_path / "full" / "students" / name))
+        assert exported.embed_dim == width
+    keys = checkpoint_keys(tmp_path / "full" / "checkpoints" / "ckpt_00000004")
+    for name in ("wide", "narrow"):
+        assert any(key.startswith(f"train.model.students.{name}.") for key in keys)
+        assert any(key.startswith(f"train.optimizer.state.students.{name}.") for key in keys)
+
+    # Resharded onto another world size: one process trains both students from the 2-rank checkpoint.
+    together = distill_overrides(
+        data_root,
+        teacher_run,
+        "distillation.students=[{name: wide, student: {embed_dim: 32}}, {name: narrow, student: {embed_dim: 16}}]",
+        "dino.head_use_bn=true",
+        "train.max_iterations=5",
+    )
+    trainer = SSLTrainer(load_config(None, together), output_dir=tmp_path / "full")
+    assert trainer.resume() and trainer.iteration == 4
+    for name in ("wide", "narrow"):
+        export = torch.load(
+            tmp_path / "full" / "students" / name / "exports" / "teacher_backbone_00000004.pth", weights_only=True
+        )
+        restored = trainer.model.students[name].teacher["backbone"].state_dict()
+        assert all(torch.equal(export[key], restored[key]) for key in export), name
+    for unit in trainer.units:  # both optimizers' moments came back (from rank 0's and rank 1's shards)
+        assert unit.optimizer.state and all("exp_avg" in state for state in unit.optimizer.state.values())
+    assert trainer.train()["iteration"] == 5
+
+
+def test_bad_student_ranks_are_named(data_root, teacher_run):
+    def placement(entries, world_size):
+        cfg = load_config(None, distill_overrides(data_root, teacher_run, f"distillation.students={entries}"))
+        return student_ranks(cfg, world_size)
+
+    assert placement("[{name: a, ranks: [1]}, {name: b}]", 2) == {"a": (1,), "b": (0, 1)}
+    assert placement("[{name: a, ranks: [0]}, {name: b, ranks: []}]", 1) == {"a": (0,), "b": (0,)}
+    for entries, world_size, message in (
+        ("[{name: a, ranks: [0, 2]}, {name: b}]", 2, r"students\[0\]\.ranks \[0, 2\]: rank\(s\) \[2\] do not exist"),
+        ("[{name: a, ranks: [0]}, {name: b, ranks: [0]}]", 2, r"rank\(s\) \[1\] of 2 train no student"),
+        ("[{name: a, ranks: [1, 1]}, {name: b}]", 2, r"students\[0\]\.ranks lists rank\(s\) \[1\] more than once"),
+        ("[{name: a}, {name: b, ranks: [-1]}]", 2, r"students\[1\]\.ranks: rank numbers are >= 0"),
+        ("[{name: a, ranks: 0}, {name: b}]", 2, r"students\[0\]\.ranks must be a list of rank numbers"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            placement(entries, world_size)

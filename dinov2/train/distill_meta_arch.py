@@ -25,7 +25,13 @@ hold. See docs/distillation.md.
 
 Several students (``distillation.students``) share one frozen-teacher forward per batch; each has
 its own optimizer and schedules (built by the trainer from the student's config) and its own
-exports under ``<output>/students/<name>/``. All ranks train all students.
+exports under ``<output>/students/<name>/``. By default all ranks train all students; a student
+entry's ``ranks`` places it on a subset of the ranks (:func:`student_ranks`). Each rank then
+computes the frozen-teacher forward of its own batch once and trains only its students; a
+student's data-parallel group is its ranks: it is FSDP2-sharded over a DeviceMesh of them, and
+every collective of its step (gradient reduction and norm, its heads' BatchNorm statistics,
+centring, Sinkhorn-Knopp, KoLeo) runs over that group, so its batch is ``len(ranks) x
+train.batch_size_per_gpu`` images.
 """
 
 from __future__ import annotations
@@ -40,10 +46,11 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from dinov2 import distributed
 from dinov2.checkpoint.consolidate import read_teacher_state, resolve_checkpoint
 from dinov2.checkpoint.manager import MARKER, CheckpointManager, file_sha256
 from dinov2.checkpoint.metadata import METADATA_FILE
-from dinov2.fsdp import mixed_precision_policy, shard_backbone, shard_ssl_meta_arch
+from dinov2.fsdp import mixed_precision_policy, shard_backbone, shard_ssl_meta_arch, subset_mesh
 from dinov2.train.ssl_meta_arch import SSLMetaArch, _precision
 
 logger = logging.getLogger("dinov2")
@@ -56,12 +63,13 @@ __all__ = [
     "TeacherReference",
     "load_frozen_teacher",
     "student_configs",
+    "student_ranks",
     "SINGLE_STUDENT_NAME",
 ]
 
 # The name of the one student of a run without ``distillation.students``.
 SINGLE_STUDENT_NAME = "main"
-_STUDENT_ENTRY_KEYS = ("name", "student", "optim")
+_STUDENT_ENTRY_KEYS = ("name", "student", "optim", "ranks")
 
 
 class TeacherChangedError(RuntimeError):
@@ -271,7 +279,7 @@ def student_configs(cfg: DictConfig) -> List[Tuple[str, DictConfig]]:
     for index, entry in enumerate(entries):
         where = f"distillation.students[{index}]"
         if not isinstance(entry, Mapping) and not OmegaConf.is_dict(entry):
-            raise ValueError(f"{where} must be a mapping {{name, student, optim}}, got {entry!r}")
+            raise ValueError(f"{where} must be a mapping {{name, student, optim, ranks}}, got {entry!r}")
         entry = OmegaConf.to_container(entry) if OmegaConf.is_config(entry) else dict(entry)
         unknown = sorted(set(entry) - set(_STUDENT_ENTRY_KEYS))
         if unknown:
@@ -284,6 +292,7 @@ def student_configs(cfg: DictConfig) -> List[Tuple[str, DictConfig]]:
         if name in seen:
             raise ValueError(f"{where}.name {name!r} is used twice")
         seen.add(name)
+        _entry_ranks(entry, where)
         update: Dict[str, Any] = {}
         for section in ("student", "optim"):
             values = entry.get(section) or {}
@@ -297,6 +306,51 @@ def student_configs(cfg: DictConfig) -> List[Tuple[str, DictConfig]]:
     return result
 
 
+def _entry_ranks(entry: Mapping[str, Any], where: str) -> Tuple[int, ...]:
+    """The ``ranks`` of a student entry as given (``()``: all ranks), checked for type and duplicates."""
+    ranks = entry.get("ranks")
+    ranks = [] if ranks is None else ranks
+    if not isinstance(ranks, (list, tuple)) or not all(isinstance(r, int) and not isinstance(r, bool) for r in ranks):
+        raise ValueError(f"{where}.ranks must be a list of rank numbers (e.g. [0, 1]; [] for all ranks), got {ranks!r}")
+    duplicates = sorted({r for r in ranks if list(ranks).count(r) > 1})
+    if duplicates:
+        raise ValueError(f"{where}.ranks lists rank(s) {duplicates} more than once: {list(ranks)}")
+    negative = [r for r in ranks if r < 0]
+    if negative:
+        raise ValueError(f"{where}.ranks: rank numbers are >= 0, got {negative}")
+    return tuple(sorted(ranks))
+
+
+def student_ranks(cfg: DictConfig, world_size: int) -> Dict[str, Tuple[int, ...]]:
+    """The ranks that train each student (in ``student_configs`` order), for ``world_size`` ranks.
+
+    A ``distillation.students`` entry without ``ranks`` (or with ``[]``) is trained by every rank.
+    Refused: a rank that does not exist in this world size, and a rank that would train no
+    student (it would only compute teacher forwards).
+    """
+    names = [name for name, _ in student_configs(cfg)]
+    entries = list(cfg.distillation.students or [])
+    everyone = tuple(range(world_size))
+    placement: Dict[str, Tuple[int, ...]] = {}
+    for index, name in enumerate(names):
+        where = f"distillation.students[{index}]"
+        given = _entry_ranks(OmegaConf.to_container(entries[index]), where) if entries else ()
+        beyond = [r for r in given if r >= world_size]
+        if beyond:
+            raise ValueError(
+                f"{where}.ranks {list(given)}: rank(s) {beyond} do not exist in a run of {world_size} rank(s) "
+                f"(ranks 0..{world_size - 1}); fix the list or launch more processes"
+            )
+        placement[name] = given or everyone
+    idle = sorted(set(everyone) - {r for ranks in placement.values() for r in ranks})
+    if idle:
+        raise ValueError(
+            f"distillation.students: rank(s) {idle} of {world_size} train no student (each rank computes teacher "
+            "forwards for its own students only); add them to a student's ranks, or launch fewer processes"
+        )
+    return placement
+
+
 class DistillStudent(SSLMetaArch):
     """One student: an :class:`SSLMetaArch` of its own shape whose targets come from the frozen
     teacher's outputs of the step (:class:`TeacherOutputs`) instead of its EMA's forward.
@@ -307,10 +361,10 @@ class DistillStudent(SSLMetaArch):
     this module's state).
     """
 
-    def __init__(self, cfg: DictConfig, teacher: FrozenTeacher):
+    def __init__(self, cfg: DictConfig, teacher: FrozenTeacher, process_group=None):
         # Read by _make_head during SSLMetaArch.__init__: learned heads take the teacher's width.
         self._head_in_dim = None if teacher.has_heads else teacher.embed_dim
-        super().__init__(cfg)
+        super().__init__(cfg, process_group=process_group)
         if self.student["backbone"].patch_size != teacher.patch_size:
             raise ValueError(
                 f"student.patch_size {self.student['backbone'].patch_size} differs from the teacher's patch size "
@@ -339,7 +393,7 @@ class DistillStudent(SSLMetaArch):
         self._step_outputs: Optional[TeacherOutputs] = None
 
     def _make_head(self, head_cfg: DictConfig, embed_dim: int):
-        return SSLMetaArch._make_head(head_cfg, self._head_in_dim or embed_dim)
+        return SSLMetaArch._make_head(head_cfg, self._head_in_dim or embed_dim, self.process_group)
 
     def _head_logits(self, modules, cls_groups, masked_tokens):
         if modules is self.student and "adapter" in modules:
@@ -378,6 +432,11 @@ class DistillMetaArch(nn.Module):
 
     ``state_dict()`` (so checkpoints) holds ``students.<name>.*`` only; the frozen teacher follows
     the module's device and dtype moves (``_apply``) without being registered.
+
+    With rank subsets (:attr:`rank_subsets`) ``students`` holds only this rank's students;
+    :attr:`student_cfgs` and :attr:`student_ranks` describe all of them, and
+    :attr:`student_groups` / :attr:`student_meshes` hold this rank's students' process groups and
+    DeviceMeshes (empty without subsets: every collective then spans all ranks, as before).
     """
 
     def __init__(self, cfg: DictConfig):
@@ -391,7 +450,41 @@ class DistillMetaArch(nn.Module):
         self.teacher_reference = reference
         self.teacher_dtype = _precision(cfg.compute_precision.teacher_dtype, "teacher_dtype")
         self.student_cfgs: Dict[str, DictConfig] = dict(student_configs(cfg))
-        self.students = nn.ModuleDict({name: DistillStudent(scfg, teacher) for name, scfg in self.student_cfgs.items()})
+        world_size, rank = distributed.get_world_size(), distributed.get_rank()
+        self.student_ranks: Dict[str, Tuple[int, ...]] = student_ranks(cfg, world_size)
+        self.rank_subsets = any(len(ranks) < world_size for ranks in self.student_ranks.values())
+        self.student_meshes: Dict[str, Any] = {}
+        self.student_groups: Dict[str, Any] = {}
+        if not self.rank_subsets:
+            self.students = nn.ModuleDict(
+                {name: DistillStudent(scfg, teacher) for name, scfg in self.student_cfgs.items()}
+            )
+            return
+        if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
+            raise ValueError(
+                "distillation.students with ranks: the fp16 GradScaler keeps one loss scale for all ranks, which "
+                "students on different ranks cannot share; use compute_precision.param_dtype=bf16 or fp32"
+            )
+        device = distributed.get_device()
+        students = {}
+        for index, (name, scfg) in enumerate(self.student_cfgs.items()):
+            ranks = self.student_ranks[name]
+            mesh = subset_mesh(ranks, device)  # collective: every rank creates every student's group
+            if rank not in ranks:
+                continue
+            self.student_meshes[name], self.student_groups[name] = mesh, mesh.get_group()
+            # Each student from its own seed: its initial weights do not depend on which other
+            # students this rank builds, so all of its ranks start it identically.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(cfg.train.seed) + 1000 * (index + 1))
+                students[name] = DistillStudent(scfg, teacher, process_group=self.student_groups[name])
+        self.students = nn.ModuleDict(students)
+        logger.info(
+            "distillation students on rank subsets: %s; rank %d trains %s",
+            ", ".join(f"{name} on {list(ranks)}" for name, ranks in self.student_ranks.items()),
+            rank,
+            ", ".join(students),
+        )
 
     @property
     def frozen_teacher(self) -> FrozenTeacher:
@@ -412,7 +505,7 @@ class DistillMetaArch(nn.Module):
 
     @property
     def primary(self) -> DistillStudent:
-        """The first student: its backbone shapes the data pipeline (patch size)."""
+        """The first student (of this rank's): its backbone shapes the data pipeline (patch size)."""
         return next(iter(self.students.values()))
 
     @property
@@ -432,8 +525,8 @@ class DistillMetaArch(nn.Module):
 
     def shard(self, cfg: DictConfig) -> None:
         """FSDP2: each student as pretraining shards its model; the frozen teacher like an EMA teacher."""
-        for student in self.students.values():
-            shard_ssl_meta_arch(student, cfg)
+        for name, student in self.students.items():
+            shard_ssl_meta_arch(student, cfg, mesh=self.student_meshes.get(name))
         precision = cfg.compute_precision
         policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
         from torch.distributed.fsdp import fully_shard
@@ -455,7 +548,8 @@ class DistillMetaArch(nn.Module):
 
         Returns:
             With one student, the loss terms of :meth:`SSLMetaArch.forward_backward`; with several,
-            the same terms as ``<name>/<term>``.
+            the same terms as ``<name>/<term>`` (with rank subsets: of this rank's students, each
+            the mean over this rank's batch only).
         """
         temps = dict(teacher_temp) if isinstance(teacher_temp, Mapping) else dict.fromkeys(self.students, teacher_temp)
         n_masked = int(data["n_masked_patches"])
@@ -463,7 +557,7 @@ class DistillMetaArch(nn.Module):
             data["collated_global_crops"], data["mask_indices_list"][:n_masked], self.teacher_dtype
         )
         losses: Dict[str, torch.Tensor] = {}
-        single = len(self.students) == 1
+        single = len(self.student_cfgs) == 1
         for name, temp in temps.items():
             terms = self.students[name].forward_with(outputs, data, float(temp), scaler=scaler)
             losses.update(terms if single else {f"{name}/{term}": value for term, value in terms.items()})

@@ -91,13 +91,14 @@ def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     }
 
 
-def _all_reduce_gradients(module: torch.nn.Module) -> None:
-    """Average gradients over ranks (multi-rank runs without FSDP: a replicated student)."""
+def _all_reduce_gradients(module: torch.nn.Module, group=None) -> None:
+    """Average gradients over the ranks of ``group`` (None: all; multi-rank runs without FSDP: a
+    replicated student)."""
     grads = [p.grad for p in module.parameters() if p.grad is not None]
     if not grads:
         return
     flat = torch.cat([g.reshape(-1) for g in grads])
-    distributed.all_reduce_mean(flat)
+    distributed.all_reduce_mean(flat, group=group)
     offset = 0
     for grad in grads:
         grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
@@ -183,9 +184,20 @@ class SSLTrainer:
         seed_all(self.seed, self.rank, 0)
         self.fsdp = self._shard_model()
         self.units = self._trained_students()
+        # Distillation students on rank subsets (distillation.students[].ranks): this rank trains
+        # self.units only; every student's schedules are known everywhere, so that the loop length
+        # and the logged figures are the same on every rank.
+        self.rank_subsets = self.distill and self.model.rank_subsets
+        self.student_schedules = (
+            self._all_student_schedules() if self.rank_subsets else {unit.name: unit.schedules for unit in self.units}
+        )
+        self.several_students = len(self.student_schedules) > 1
+        self._param_group_indices = self._checkpoint_param_group_indices() if self.rank_subsets else None
         # The first student's optimizer and schedules (pretraining's only ones).
         self.optimizer, self.schedules = self.units[0].optimizer, self.units[0].schedules
-        self.max_iterations = int(cfg.train.max_iterations or max(unit.schedules.total_iters for unit in self.units))
+        self.max_iterations = int(
+            cfg.train.max_iterations or max(schedules.total_iters for schedules in self.student_schedules.values())
+        )
         _warn_if_bf16_is_emulated(cfg.compute_precision.param_dtype, self.device)
         self.scaler = None
         if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
@@ -230,33 +242,57 @@ class SSLTrainer:
         self.protected_checkpoint: Optional[int] = None
 
     # ------------------------------------------------------------------ set-up
+    def _student_dir(self, name: str) -> Path:
+        """Where a distillation student's exports (and, beside others, its config.yaml) go."""
+        several = len(self.model.student_cfgs) > 1
+        return self.output_dir / "students" / name if several else self.output_dir
+
+    def _student_lr(self, name: str) -> float:
+        """A distillation student's peak learning rate, scaled by its own batch: its ranks x
+        ``train.batch_size_per_gpu`` (every rank's without rank subsets)."""
+        student_cfg = self.model.student_cfgs[name]
+        batch = int(self.cfg.train.batch_size_per_gpu) * len(self.model.student_ranks[name])
+        return scaled_learning_rate(float(student_cfg.optim.base_lr), batch, student_cfg.optim.scaling_rule)
+
+    def _all_student_schedules(self) -> Dict[str, TrainingSchedules]:
+        return {name: build_schedules(scfg, self._student_lr(name)) for name, scfg in self.model.student_cfgs.items()}
+
     def _trained_students(self) -> List[TrainedStudent]:
         if not self.distill:
             parts = [("student", self.model, self.cfg, self.output_dir)]
+            lrs = [self.lr]
         else:
-            several = len(self.model.students) > 1
             parts = [
-                (
-                    name,
-                    arch,
-                    self.model.student_cfgs[name],
-                    self.output_dir / "students" / name if several else self.output_dir,
-                )
+                (name, arch, self.model.student_cfgs[name], self._student_dir(name))
                 for name, arch in self.model.students.items()
             ]
+            lrs = [self._student_lr(name) for name in self.model.students]
         units = []
-        for name, arch, unit_cfg, unit_dir in parts:
-            lr = scaled_learning_rate(
-                float(unit_cfg.optim.base_lr), self.global_batch_size, unit_cfg.optim.scaling_rule
-            )
+        for (name, arch, unit_cfg, unit_dir), lr in zip(parts, lrs):
             optimizer = build_optimizer(arch.student, arch.student["backbone"].n_blocks, unit_cfg.optim)
             units.append(TrainedStudent(name, arch, unit_cfg, optimizer, build_schedules(unit_cfg, lr), Path(unit_dir)))
         return units
 
+    def _checkpoint_param_group_indices(self) -> List[int]:
+        """Rank subsets: the checkpoint index of each of this rank's optimizer parameter groups,
+        numbered over every student's in student order, as a single process holding all
+        students numbers them (so the checkpoint reshards onto any placement)."""
+        counts: Dict[str, int] = {}
+        for local in distributed.all_gather_object({u.name: len(u.optimizer.param_groups) for u in self.units}):
+            counts.update(local)
+        offsets, offset = {}, 0
+        for name in self.model.student_cfgs:
+            offsets[name], offset = offset, offset + counts[name]
+        return [offsets[u.name] + i for u in self.units for i in range(len(u.optimizer.param_groups))]
+
+    def _student_group(self, unit: TrainedStudent):
+        """The process group of ``unit``'s ranks with rank subsets; None (all ranks) otherwise."""
+        return self.model.student_groups.get(unit.name) if self.distill else None
+
     def _active_units(self, iteration: int) -> List[TrainedStudent]:
         """The students trained at ``iteration``: all of them, except that beside other students one
         whose schedule has ended stops (its last export stays as it was written)."""
-        if len(self.units) == 1:
+        if not self.several_students:
             return self.units
         return [unit for unit in self.units if iteration < unit.schedules.total_iters]
 
@@ -299,8 +335,12 @@ class SSLTrainer:
             # The frozen teacher is referenced, never stored: its path and SHA-256, checked on resume.
             extra.update(self.model.teacher_reference.checkpoint_entries())
         optimizers = self.optimizer if len(self.units) == 1 else [unit.optimizer for unit in self.units]
+        # With rank subsets the checkpoint holds every student, each rank only its own.
+        owned = [f"students.{unit.name}" for unit in self.units] if self.rank_subsets else None
         state: Dict[str, Any] = {
-            "train": ModelOptimizerState(self.model, optimizers),
+            "train": ModelOptimizerState(
+                self.model, optimizers, owned_modules=owned, param_group_indices=self._param_group_indices
+            ),
             "extra": extra,
             "rng": self.rng_state,
         }
@@ -373,6 +413,16 @@ class SSLTrainer:
                 f"distillation.enabled is on but checkpoint {path} was not written by a distillation run; "
                 "use another output directory (student.pretrained_weights starts a student from a backbone file)"
             )
+        if self.rank_subsets:
+            # Each rank reads only its students' entries, so none would notice a stored student
+            # that no rank trains any more.
+            stored = {key.split(".")[3] for key in keys if key.startswith("train.model.students.")}
+            unknown = sorted(stored - set(self.model.student_cfgs))
+            if unknown:
+                raise ValueError(
+                    f"checkpoint {path} holds student(s) {unknown} that distillation.students no longer lists "
+                    f"({list(self.model.student_cfgs)}); list them again, or start a new run in another output directory"
+                )
         self.checkpointer.load(path, state)
         if self.gram_teacher is not None:
             self.gram_teacher.restore(state["gram_state"], path)
@@ -398,11 +448,12 @@ class SSLTrainer:
         self.metrics.start(self.iteration)  # also opens TensorBoard / W&B from this iteration on
         if self.is_main:
             save_config(OmegaConf.merge(self.cfg, {"train": {"output_dir": str(self.output_dir)}}), self.output_dir)
-            for unit in self.units:
-                if unit.output_dir != self.output_dir:  # several students: each its own, for evaluation
-                    save_config(
-                        OmegaConf.merge(unit.cfg, {"train": {"output_dir": str(unit.output_dir)}}), unit.output_dir
-                    )
+            # Every student's, also of those other ranks train (rank subsets).
+            students = self.model.student_cfgs.items() if self.distill else []
+            for name, unit_cfg in students:
+                unit_dir = self._student_dir(name)
+                if unit_dir != self.output_dir:  # several students: each its own, for evaluation
+                    save_config(OmegaConf.merge(unit_cfg, {"train": {"output_dir": str(unit_dir)}}), unit_dir)
 
     # -------------------------------------------------------------------- stop
     def request_stop(self) -> None:
@@ -415,6 +466,21 @@ class SSLTrainer:
         return self._stop_requested
 
     # -------------------------------------------------------------------- step
+    def _means_over_student_ranks(self, local: Dict[str, float]) -> Dict[str, float]:
+        """Rank subsets: ``{key: value}`` of this rank's students -> every student's values on
+        every rank, each the mean over the ranks that reported it (its student's ranks), in
+        student order. One object all-gather; a NaN on any rank stays NaN in the mean."""
+        gathered = distributed.all_gather_object(local)
+        sums: Dict[str, float] = {}
+        counts: Dict[str, int] = {}
+        for values in gathered:  # rank order: the same sums on every rank
+            for key, value in values.items():
+                sums[key] = sums.get(key, 0.0) + value
+                counts[key] = counts.get(key, 0) + 1
+        order = {name: index for index, name in enumerate(self.model.student_cfgs)}
+        keys = sorted(sums, key=lambda key: order.get(key.split("/")[0], len(order)))  # stable within a student
+        return {key: sums[key] / counts[key] for key in keys}
+
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """One optimizer iteration at ``self.iteration`` (which it does not advance).
 
@@ -423,17 +489,23 @@ class SSLTrainer:
         """
         it = self.iteration
         units = self._active_units(it)
-        unit_values = {unit.name: unit.schedules.at(it) for unit in units}
+        # The scheduled values of every student still training (with rank subsets also of the
+        # students other ranks train: every rank logs the same figures).
+        unit_values = {
+            name: schedules.at(it)
+            for name, schedules in self.student_schedules.items()
+            if not self.several_students or it < schedules.total_iters
+        }
         for unit in units:
             scheduled = unit_values[unit.name]
             apply_optim_scheduler(unit.optimizer, scheduled["lr"], scheduled["wd"], scheduled["last_layer_lr"])
             unit.optimizer.zero_grad(set_to_none=True)
-        values = dict(unit_values[units[0].name])
-        if len(self.units) > 1:
+        values = dict(next(iter(unit_values.values())))
+        if self.several_students:
             values.update({f"{name}/{key}": value for name, v in unit_values.items() for key, value in v.items()})
         teacher_temp = values["teacher_temp"]
         if self.distill:
-            teacher_temp = {name: v["teacher_temp"] for name, v in unit_values.items()}
+            teacher_temp = {unit.name: unit_values[unit.name]["teacher_temp"] for unit in units}
         data = _to_device(batch, self.device)
         gram_targets = None
         if self.gram_teacher is not None:
@@ -445,12 +517,15 @@ class SSLTrainer:
         )
         if self.world_size > 1 and not self.fsdp:
             for unit in units:
-                _all_reduce_gradients(unit.arch.student)
+                _all_reduce_gradients(unit.arch.student, self._student_group(unit))
 
-        names = list(losses)
-        stacked = torch.stack([losses[name].float().reshape(()) for name in names])
-        distributed.all_reduce_mean(stacked)  # one collective; NaN on any rank is NaN everywhere
-        loss_values = dict(zip(names, stacked.tolist()))
+        if self.rank_subsets:
+            loss_values = self._means_over_student_ranks({name: float(value) for name, value in losses.items()})
+        else:
+            names = list(losses)
+            stacked = torch.stack([losses[name].float().reshape(()) for name in names])
+            distributed.all_reduce_mean(stacked)  # one collective; NaN on any rank is NaN everywhere
+            loss_values = dict(zip(names, stacked.tolist()))
         bad = [name for name, value in loss_values.items() if not math.isfinite(value)]
 
         grad_norm = None
@@ -459,10 +534,16 @@ class SSLTrainer:
                 for unit in units:
                     self.scaler.unscale_(unit.optimizer)
             if self.clip_grad > 0:
-                norms = [
-                    _as_float(clip_student_gradients(unit.arch.student, self.clip_grad, self.cfg.optim.clip_grad_scope))
+                # Under FSDP2 each student's norm spans the shards of its own ranks (its DeviceMesh).
+                norms = {
+                    unit.name: _as_float(
+                        clip_student_gradients(unit.arch.student, self.clip_grad, self.cfg.optim.clip_grad_scope)
+                    )
                     for unit in units
-                ]
+                }
+                if self.rank_subsets:  # every student's norm on every rank: the same step decision everywhere
+                    norms = self._means_over_student_ranks(norms)
+                norms = list(norms.values())
                 grad_norm = norms[0] if len(norms) == 1 else math.sqrt(sum(norm * norm for norm in norms))
                 if not math.isfinite(grad_norm) and self.scaler is None:
                     bad.append("grad_norm")
@@ -525,15 +606,21 @@ class SSLTrainer:
                 "iteration %d: k-NN top-1 %.2f%%%s (%.1f s)",
                 self.iteration,
                 100 * top1,
-                f" ({unit.name})" if len(self.units) > 1 else "",
+                f" ({unit.name})" if self.several_students else "",
                 time.perf_counter() - start,
             )
-        return self.knn_by_student[self.units[0].name]
+        if self.rank_subsets:  # each rank scored its own students; rank 0 logs all of them
+            self.knn_by_student = self._means_over_student_ranks(self.knn_by_student)
+        return next(iter(self.knn_by_student.values()))
 
     def export_teacher(self) -> Path:
         """Export each student's EMA backbone (pretraining: the teacher); returns the first's path."""
+        # With rank subsets each student's ranks gather it and the first of them writes.
         paths = [
-            export_teacher_backbone(unit.arch, export_path(unit.output_dir, self.iteration)) for unit in self.units
+            export_teacher_backbone(
+                unit.arch, export_path(unit.output_dir, self.iteration), group=self._student_group(unit)
+            )
+            for unit in self.units
         ]
         path = paths[0]
         self._last_export_iteration = self.iteration
@@ -546,7 +633,14 @@ class SSLTrainer:
         if not self.pca_preview.enabled:
             return
         dtype = PRECISIONS[self.cfg.compute_precision.teacher_dtype]
-        picture = self.pca_preview.render(self.model.teacher["backbone"], dtype=dtype)
+        backbone = self.model.teacher["backbone"]
+        if self.rank_subsets:
+            # The first student that rank 0 (which logs) trains; its ranks render it together.
+            name = next(name for name, ranks in self.model.student_ranks.items() if 0 in ranks)
+            if name not in self.model.students:
+                return
+            backbone = self.model.students[name].teacher["backbone"]
+        picture = self.pca_preview.render(backbone, dtype=dtype)
         if picture is not None:
             self.metrics.log_image(PCA_IMAGE_TAG, picture, self.iteration, caption=f"iteration {self.iteration}")
 
@@ -645,7 +739,7 @@ class SSLTrainer:
                 record["nonfinite_steps"] = nonfinite_steps
                 if knn_top1 is not None:
                     record["knn_top1"] = knn_top1
-                    if len(self.units) > 1:
+                    if self.several_students:
                         record.update({f"{name}/knn_top1": v for name, v in self.knn_by_student.items()})
                 self.metrics.log(record)
                 last_record = record

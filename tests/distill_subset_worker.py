@@ -1,0 +1,45 @@
+"""Run by torchrun from tests/test_train_distill.py: distillation students on rank subsets.
+
+``python distill_subset_worker.py <out> <override> ...`` trains, in one process group,
+
+* ``<out>/full``: 4 iterations without interruption, counting the frozen teacher's forwards;
+* ``<out>/resumed``: the same run stopped after 2 iterations, then resumed to 4;
+
+and writes ``<out>/rank<r>.json`` (the students this rank trained, its teacher forwards, where the
+resumed run continued from) for the test to check. One launch for all of it: each start costs seconds.
+"""
+
+import json
+import sys
+from pathlib import Path
+
+from dinov2 import distributed
+from dinov2.train.trainer import SSLTrainer
+from dinov2.utils.config import load_config
+
+
+def main(out: Path, overrides):
+    full = SSLTrainer(load_config(None, [*overrides, "train.max_iterations=4"]), output_dir=out / "full")
+    backbone = full.model.frozen_teacher.backbone
+    forward, calls = backbone.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    backbone.forward = counted
+    full.train()
+    SSLTrainer(load_config(None, [*overrides, "train.max_iterations=2"]), output_dir=out / "resumed").train()
+    resumed = SSLTrainer(load_config(None, [*overrides, "train.max_iterations=4"]), output_dir=out / "resumed")
+    resumed.train()
+    report = {
+        "students": [unit.name for unit in full.units],
+        "teacher_forwards": len(calls),
+        "resumed_from": resumed.resumed_from.name,
+    }
+    (out / f"rank{distributed.get_rank()}.json").write_text(json.dumps(report))
+    distributed.disable()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2:])
