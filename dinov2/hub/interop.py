@@ -341,7 +341,9 @@ def load_transformers_backbone(folder: PathLike, **vit_options) -> DinoVisionTra
     if model_type == "dinov3_vit":
         from . import interop_dinov3
 
-        return interop_dinov3.load_transformers_backbone(folder, config, _read_transformers_files(folder), **vit_options)
+        return interop_dinov3.load_transformers_backbone(
+            folder, config, _read_transformers_files(folder), **vit_options
+        )
     if model_type not in ("dinov2", "dinov2_with_registers"):
         raise InteropError(
             f"{config_path}: model_type {model_type!r} is not 'dinov2', 'dinov2_with_registers' or 'dinov3_vit'"

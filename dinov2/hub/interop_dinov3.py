@@ -95,8 +95,10 @@ def _image_size(model: DinoV3VisionTransformer):
 def _placeholder_pattern(template: str) -> str:
     # "blocks.{i}.norm1.{p}" -> a regex with named groups, so one table renames both ways.
     pattern = re.escape(template)
-    return pattern.replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)").replace(
-        r"\{n\}", r"(?P<n>[12])"
+    return (
+        pattern.replace(r"\{i\}", r"(?P<i>\d+)")
+        .replace(r"\{p\}", r"(?P<p>weight|bias)")
+        .replace(r"\{n\}", r"(?P<n>[12])")
     )
 
 
@@ -334,7 +336,9 @@ def timm_model_args(model: DinoV3VisionTransformer) -> Tuple[str, Dict[str, Any]
         )
     if float(arch["norm_eps"]) != 1e-5:
         # The epsilon is a norm_layer partial in timm's DINOv3 entry points, which config.json cannot carry.
-        raise InteropError(f"timm's DINOv3 models have LayerNorm epsilon 1e-5; this model has norm_eps={arch['norm_eps']}")
+        raise InteropError(
+            f"timm's DINOv3 models have LayerNorm epsilon 1e-5; this model has norm_eps={arch['norm_eps']}"
+        )
     gated, hidden, dim = _gated(model), _ffn_hidden(model), model.embed_dim
     qkv_bias = block.attn.qkv.bias is not None
     if qkv_bias and not arch["mask_k_bias"]:

@@ -16,8 +16,8 @@ A *source* is one of
   whose head width the buffer gives (4 x its length), so nothing needs guessing;
 * ``timm:<name>`` - any ``timm`` model (optional dependency), randomly initialised unless
   ``weights=PATH``;
-* a transformers DINOv2 folder (``config.json`` + ``model.safetensors``: ``Dinov2Model``,
-  ``Dinov2WithRegistersModel``), read by :func:`dinov2.hub.interop.load_transformers_backbone`.
+* a transformers DINOv2 or DINOv3 folder (``config.json`` + ``model.safetensors``: ``Dinov2Model``,
+  ``Dinov2WithRegistersModel``, ``DINOv3ViTModel``), read by :func:`dinov2.hub.interop.load_transformers_backbone`.
 
 Besides the module, :func:`load_backbone` returns a *build spec*: a dict of plain values from which
 :func:`build_backbone_from_spec` rebuilds the same architecture without weights (for a training
