@@ -336,6 +336,15 @@ def test_dinov3_transformers_folder_loads_with_the_same_features_and_reads_back(
         back, spec = load_backbone(str(folder))
         assert spec["kind"] == "dinov3"
         assert torch.equal(all_tokens_v3(back.eval(), images), expected)
+    if variant == "swiglu":
+        from dinov2.eval.setup import build_model_for_eval
+        from dinov2.train.warm_start import load_warm_start_weights
+
+        evaluated = build_model_for_eval(None, tmp_path / "hf", image_size=64)
+        assert torch.equal(all_tokens_v3(evaluated.model, images), expected)
+        student = type(model)(**{**TINY_V3, **VARIANTS_V3[variant]})
+        load_warm_start_weights(student, tmp_path / "hf")
+        assert torch.equal(all_tokens_v3(student.eval(), images), expected)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS_V3))
