@@ -107,10 +107,16 @@ def classifier_epochs(steps: int, batch_size: int, num_images: int) -> int:
 
 
 def classifier_overrides(recipe: ClassifierRecipe, image_size: int, epochs: int, batch_size: int) -> List[str]:
-    """dinov2.classify options of one sweep point: everything trains, heads on [CLS, mean patch]."""
+    """dinov2.classify options of one sweep point: everything trains, heads on [CLS, mean patch].
+
+    The test split is evaluated once, after the last epoch (the figure the table reports), and
+    one resume state is written then: with one label per class a run has dozens of short epochs.
+    """
     return [
         "optim.mode=full",
         f"optim.epochs={epochs}",
+        f"data.val_period_epochs={epochs}",
+        f"checkpointing.period_epochs={epochs}",
         f"optim.head_lr={recipe.lr}",
         f"optim.backbone_lr={recipe.lr / 2}",
         "optim.layer_decay=0.75",

