@@ -13,9 +13,10 @@ module holds only what differs (key names, configs, the refusals).
   ``rope_temperature ** (4 j / head_dim)``, rotate-half pairs) is ours.
 * ONNX: :class:`FixedSizeFeaturesV3`, the RoPE tables computed once for the fixed input size.
 
-Neither target can hold a periods buffer (both recompute the periods from one base in float32) or
-a separate CLS norm, so those settings are refused with the option named; so are the options one
-of them lacks (see each ``*_args`` function). Training-only parts are left out as they never
+Neither target keeps a periods buffer (both recompute the periods from one base, in float32) nor
+has a separate CLS norm, so RoPE settings other than a base with per-axis coordinates, periods
+that do not follow the base, and ``cls_norm`` are refused with the option named; so are the
+options that one of them lacks (see ``timm_model_args``). Training-only parts are left out as they never
 change inference: the mask token (timm), ``local_cls_norm`` and the key-bias mask buffer.
 """
 
@@ -35,8 +36,9 @@ from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
 from .interop import InteropError
 from .sources import infer_dinov3_kwargs, load_dinov3_weights
 
-# The released files store the periods rounded to bfloat16 (relative error <= 2**-9); transformers
-# and timm recompute them in float32 from the base. Periods within that rounding are accepted.
+# Periods rounded to bfloat16 (relative error <= 2**-9; timm notes that the released files store
+# them so) are accepted: transformers and timm use the float32 formula instead, a small change
+# that docs/dinov3.md quantifies. Anything further from the formula is refused.
 _PERIODS_RTOL = 2.0**-8
 # timm's DINOv3 architecture names by width (the shape itself travels in model_args).
 _TIMM_SIZES = {384: "small", 768: "base", 1024: "large", 1280: "huge_plus", 4096: "7b"}
