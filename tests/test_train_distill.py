@@ -236,6 +236,7 @@ def test_students_on_rank_subsets_share_each_ranks_teacher_forward_and_resume_ex
     an uninterrupted 4-iteration run, and the same run stopped after 2 and resumed. BatchNorm heads
     and distributed KoLeo: their collectives must run over each student's own rank, or the step
     would wait for a rank that does not train that student."""
+    knn = ["evaluation.knn_period_iterations=2", "evaluation.knn_max_samples=8", "evaluation.knn_k=3"]
     overrides = distill_overrides(
         data_root,
         teacher_run,
@@ -243,9 +244,7 @@ def test_students_on_rank_subsets_share_each_ranks_teacher_forward_and_resume_ex
         "dino.head_use_bn=true",
         "dino.koleo_distributed=true",
         "checkpointing.period_iterations=2",
-        "evaluation.knn_period_iterations=2",
-        "evaluation.knn_max_samples=8",
-        "evaluation.knn_k=3",
+        *knn,
     )
     worker = str(REPO / "tests" / "distill_subset_worker.py")
     command = torchrun_command(2, worker, [str(tmp_path), *overrides], free_port())
@@ -289,6 +288,7 @@ def test_students_on_rank_subsets_share_each_ranks_teacher_forward_and_resume_ex
         "distillation.students=[{name: wide, student: {embed_dim: 32}}, {name: narrow, student: {embed_dim: 16}}]",
         "dino.head_use_bn=true",
         "train.max_iterations=5",
+        *knn,
     )
     trainer = SSLTrainer(load_config(None, together), output_dir=tmp_path / "full")
     assert trainer.resume() and trainer.iteration == 4
@@ -300,6 +300,9 @@ def test_students_on_rank_subsets_share_each_ranks_teacher_forward_and_resume_ex
         assert all(torch.equal(export[key], restored[key]) for key in export), name
     for unit in trainer.units:  # both optimizers' moments came back (from rank 0's and rank 1's shards)
         assert unit.optimizer.state and all("exp_avg" in state for state in unit.optimizer.state.values())
+    # Each rank scored its own student's features only (not merged with the other rank's student).
+    trainer.run_knn_monitor()
+    assert trainer.knn_by_student == {name: full[-1][f"{name}/knn_top1"] for name in ("wide", "narrow")}
     assert trainer.train()["iteration"] == 5
 
 

@@ -59,20 +59,26 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return buffer.to(tensor.device)
 
 
-def all_gather_rows(tensor: torch.Tensor) -> List[torch.Tensor]:
-    """Gather tensors whose first dimension differs between ranks; one tensor per rank, rank order."""
+def group_size(group=None) -> int:
+    """Ranks in ``group`` (None: all ranks; 1 without a process group)."""
+    return dist.get_world_size(group) if is_initialized() else 1
+
+
+def all_gather_rows(tensor: torch.Tensor, group=None) -> List[torch.Tensor]:
+    """Gather tensors whose first dimension differs between ranks; one tensor per rank of
+    ``group`` (None: all ranks), rank order."""
     if not is_initialized():
         return [tensor]
     comm = _comm_device()
     local = tensor.detach().to(comm).contiguous()
-    sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(get_world_size())]
-    dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.long, device=comm))
+    sizes = [torch.zeros(1, dtype=torch.long, device=comm) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([local.shape[0]], dtype=torch.long, device=comm), group=group)
     sizes = [int(s.item()) for s in sizes]
     longest = max(sizes)
     padded = local.new_zeros((longest, *local.shape[1:]))
     padded[: local.shape[0]] = local
     gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded)
+    dist.all_gather(gathered, padded, group=group)
     return [g[:n].to(tensor.device) for g, n in zip(gathered, sizes)]
 
 

@@ -125,11 +125,13 @@ def knn_search(
     query_chunk_size: int = 1024,
     bank_chunk_size: int = 65536,
     normalize: bool = True,
+    group=None,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(similarities, bank indices, labels) of each query's ``k`` nearest bank entries, best first.
 
     Under torchrun ``bank`` is this rank's shard (with its dataset indices) and ``queries`` must
-    be the same on every rank; every rank returns the merged result for all queries.
+    be the same on every rank; every rank returns the merged result for all queries. ``group``:
+    the ranks that share the bank (None: all of them).
     """
     if bank.shape[0] != bank_labels.shape[0] or bank.shape[0] != bank_indices.shape[0]:
         raise ValueError(
@@ -143,7 +145,7 @@ def knn_search(
         bank = normalize_features(bank)
     bank_labels = bank_labels.to(bank.device).long()
     bank_indices = bank_indices.to(bank.device).long()
-    world_size = _dist.get_world_size()
+    world_size = _dist.group_size(group)
     out_sims, out_indices, out_labels = [], [], []
     for start in range(0, queries.shape[0], query_chunk_size):
         chunk = queries[start : start + query_chunk_size].to(bank.device)
@@ -168,7 +170,7 @@ def knn_search(
                 torch.zeros((rows, k), dtype=torch.long, device=chunk.device),
             )
         if world_size > 1:
-            best = _merge_across_ranks(best, k)
+            best = _merge_across_ranks(best, k, group)
         out_sims.append(best[0])
         out_indices.append(best[1])
         out_labels.append(best[2])
@@ -178,9 +180,9 @@ def knn_search(
     return torch.cat(out_sims), torch.cat(out_indices), torch.cat(out_labels)
 
 
-def _merge_across_ranks(best, k: int):
+def _merge_across_ranks(best, k: int, group=None):
     """Each rank's (rows x k) neighbour lists -> the global top-k, identical on every rank."""
-    parts = [_dist.all_gather_rows(tensor.contiguous()) for tensor in best]
+    parts = [_dist.all_gather_rows(tensor.contiguous(), group) for tensor in best]
     merged = [torch.cat(per_rank, dim=1) for per_rank in parts]
     return _sort_neighbours(*merged, k)
 
@@ -213,17 +215,21 @@ def knn_classify(
     num_classes: Optional[int] = None,
     query_chunk_size: int = 1024,
     bank_chunk_size: int = 65536,
+    group=None,
 ) -> Dict[int, torch.Tensor]:
     """{k: (num_queries, num_classes) class scores}: weighted k-NN votes (see the module docstring).
 
     ``bank_indices`` (default ``arange``) are the bank entries' dataset indices, used to break
     similarity ties; under torchrun they must be global (unique across the ranks' shards).
+    ``group``: the ranks that share the bank (None: all; ``num_classes`` must then be given).
     """
     if bank_indices is None:
         if _dist.get_world_size() > 1:
             raise ValueError("with several processes, pass the global bank_indices of this rank's shard")
         bank_indices = torch.arange(bank.shape[0], device=bank.device)
     if num_classes is None:
+        if group is not None:
+            raise ValueError("knn_classify over a process group needs num_classes")
         local_max = bank_labels.max().reshape(1) if bank_labels.numel() else bank_labels.new_full((1,), -1)
         num_classes = int(_dist.all_gather_cat(local_max).max().item()) + 1
     if bank_labels.numel() and (bank_labels.min() < 0 or bank_labels.max() >= num_classes):
@@ -236,6 +242,7 @@ def knn_classify(
         max(ks),
         query_chunk_size=query_chunk_size,
         bank_chunk_size=bank_chunk_size,
+        group=group,
     )
     return vote(top_sims, top_labels, ks, temperature, num_classes)
 

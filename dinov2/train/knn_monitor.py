@@ -42,17 +42,22 @@ def weighted_knn_top1(
     query_labels: torch.Tensor,
     k: int = 20,
     temperature: float = 0.07,
+    group=None,
 ) -> float:
     """Top-1 accuracy (in [0, 1]) of temperature-weighted k-NN voting with cosine similarity.
 
     Uses :func:`dinov2.eval.knn.knn_classify`. Every rank passes the full (identical) bank and
     queries; under torchrun each rank searches its slice of the bank and the slices are merged.
+    ``group``: the ranks that evaluate these features together (None: all; a distillation
+    student on a subset of ranks passes its own, the other ranks score other students).
     """
     if bank_features.shape[0] == 0 or query_features.shape[0] == 0:
         raise ValueError("k-NN needs a non-empty bank and query set")
     num_classes = int(max(bank_labels.max().item(), query_labels.max().item())) + 1
     k = min(k, bank_features.shape[0])
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    if group is not None:
+        rank, world_size = torch.distributed.get_rank(group), torch.distributed.get_world_size(group)
     indices = torch.arange(bank_features.shape[0], device=bank_features.device)
     scores = knn_classify(
         query_features.float(),
@@ -62,6 +67,7 @@ def weighted_knn_top1(
         ks=[k],
         temperature=temperature,
         num_classes=num_classes,
+        group=group,
     )[k]
     return float((scores.argmax(dim=1) == query_labels.to(scores.device)).float().mean())
 
@@ -161,8 +167,9 @@ class KnnMonitor:
         return torch.cat(features)
 
     @torch.no_grad()
-    def evaluate(self, backbone: nn.Module, dtype: torch.dtype = torch.float32) -> float:
-        """k-NN top-1 (in [0, 1]) of ``backbone``'s CLS features."""
+    def evaluate(self, backbone: nn.Module, dtype: torch.dtype = torch.float32, group=None) -> float:
+        """k-NN top-1 (in [0, 1]) of ``backbone``'s CLS features; ``group``: the ranks that hold
+        ``backbone`` when not all do (they call together)."""
         if self._sets is None:
             self._build_sets()
         (bank_ds, bank_idx, bank_labels), (query_ds, query_idx, query_labels), transform = self._sets
@@ -174,7 +181,13 @@ class KnnMonitor:
         finally:
             backbone.train(was_training)
         return weighted_knn_top1(
-            bank, bank_labels.to(bank.device), queries, query_labels.to(queries.device), self.k, self.temperature
+            bank,
+            bank_labels.to(bank.device),
+            queries,
+            query_labels.to(queries.device),
+            self.k,
+            self.temperature,
+            group=group,
         )
 
 

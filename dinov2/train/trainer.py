@@ -600,7 +600,9 @@ class SSLTrainer:
         self.knn_by_student: Dict[str, float] = {}
         for unit in self.units:
             start = time.perf_counter()
-            top1 = self.knn_monitor.evaluate(unit.arch.teacher["backbone"], dtype=dtype)
+            top1 = self.knn_monitor.evaluate(
+                unit.arch.teacher["backbone"], dtype=dtype, group=self._student_group(unit)
+            )
             self.knn_by_student[unit.name] = top1
             logger.info(
                 "iteration %d: k-NN top-1 %.2f%%%s (%.1f s)",
