@@ -82,7 +82,7 @@ def build_model_for_eval(
     """
     config_path = None
     if arch is None and not config_file and is_transformers_folder(pretrained_weights):
-        # A transformers DINOv2 folder describes its own architecture and preprocessing.
+        # A transformers DINOv2 / DINOv3 folder describes its own architecture and preprocessing.
         weights_path = Path(pretrained_weights)
         model, _ = load_backbone(str(weights_path))
         mean, std = transformers_normalization(weights_path)

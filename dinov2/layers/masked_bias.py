@@ -1,7 +1,9 @@
 """The qkv projection of the DINOv3 ViTs, whose keys carry no bias.
 
-A bias on the keys adds the same term ``q . b_k`` to every logit of a query, which the softmax
-cancels: it only costs memory and gradient noise. The released DINOv3 models keep the full
+Without position-dependent rotations a bias on the keys would add the same term ``q . b_k`` to every
+logit of a query, which the softmax cancels. Under RoPE it does not: the bias is rotated with each
+key's position, so it becomes a learned positional term (dropping it from a model trained with it
+changes the outputs). DINOv3 masks it out, so the key third contributes nothing. The released DINOv3 models keep the full
 ``(3 * dim,)`` bias and a persistent ``bias_mask`` buffer (1 on the query and value thirds, 0 on the
 key third), both in the state dict (``blocks.<i>.attn.qkv.bias_mask``), so their files load
 strictly only into a module with the same buffer.
