@@ -11,7 +11,10 @@ tests can reach in:
 One iteration: set lr / wd from the schedules -> ``forward_backward`` -> (replicated multi-rank
 runs: average gradients) -> mean loss terms over ranks, stop on non-finite values -> clip
 gradients -> zero the prototype gradients while frozen -> optimizer step -> EMA teacher update.
-Then, by period: k-NN monitor, metrics line, teacher export, checkpoint.
+Then, by period: k-NN monitor, metrics line, teacher export, checkpoint. Distillation students
+on subsets of ranks (``distillation.students[].ranks``) are trained, reduced, clipped, monitored
+and exported over their own ranks; their figures are gathered so every rank takes the same
+decisions and rank 0 logs them all.
 
 Non-finite steps guard what is written: while any step since the previous checkpoint boundary
 (written or skipped) was non-finite, teacher exports and checkpoints write nothing, so a run that
