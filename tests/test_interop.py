@@ -12,7 +12,7 @@ import pytest
 import torch
 from classify_helpers import random_image, save_tiny_classifier, tiny_classifier
 
-from dinov2.hub import interop
+from dinov2.hub import interop, interop_onnx
 from dinov2.hub.sources import build_backbone_from_spec, vit_kwargs_of
 from dinov2.hub.weights import save_state_dict
 from dinov2.models.vision_transformer import DinoVisionTransformer
@@ -141,20 +141,20 @@ def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path, monkeypatc
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = tiny_vit(**VARIANTS["registers"])
-    path = interop.export_onnx(model, tmp_path / "backbone.onnx", image_size=(42, 70))  # non-square, not native
+    path = interop_onnx.export_onnx(model, tmp_path / "backbone.onnx", image_size=(42, 70))  # non-square, not native
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["cls_token", "patch_tokens"]
     for batch in (1, 3):
         images = torch.randn(batch, 3, 42, 70)
         cls, patches = session.run(None, {"images": images.numpy()})
         assert_close(features(model, images), (torch.from_numpy(cls), torch.from_numpy(patches)), 1e-4)
-    report = interop.compare_onnx(model, path, batch_size=2, repeats=1)
+    report = interop_onnx.compare_onnx(model, path, batch_size=2, repeats=1)
     assert report["max_abs_diff"] <= 1e-4 and report["onnx_ms_per_image"] > 0
     # Weights too large for one protobuf (ViT-g) go to a data file beside the graph.
-    monkeypatch.setattr(interop, "_ONNX_INLINE_LIMIT", 0)
-    big = interop.export_onnx(model, tmp_path / "big" / "backbone.onnx")
+    monkeypatch.setattr(interop_onnx, "_ONNX_INLINE_LIMIT", 0)
+    big = interop_onnx.export_onnx(model, tmp_path / "big" / "backbone.onnx")
     assert sorted(p.name for p in big.parent.iterdir()) == ["backbone.onnx", "backbone.onnx.data"]
-    assert interop.compare_onnx(model, big, batch_size=1, repeats=1)["max_abs_diff"] <= 1e-4
+    assert interop_onnx.compare_onnx(model, big, batch_size=1, repeats=1)["max_abs_diff"] <= 1e-4
 
 
 def test_export_script_writes_each_format(tmp_path, capsys):
@@ -369,13 +369,13 @@ def test_dinov3_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path):
     onnxruntime = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
     model = tiny_vit_v3(**VARIANTS_V3["swiglu"])
-    path = interop.export_onnx(model, tmp_path / "backbone.onnx", image_size=(32, 48))  # RoPE tables for 2x3
+    path = interop_onnx.export_onnx(model, tmp_path / "backbone.onnx", image_size=(32, 48))  # RoPE tables for 2x3
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     for batch in (1, 3):
         images = torch.randn(batch, 3, 32, 48)
         cls, patches = session.run(None, {"images": images.numpy()})
         assert_close(features(model, images), (torch.from_numpy(cls), torch.from_numpy(patches)), 1e-4)
-    report = interop.compare_onnx(model, path, batch_size=2, repeats=1)
+    report = interop_onnx.compare_onnx(model, path, batch_size=2, repeats=1)
     assert report["max_abs_diff"] <= 1e-4 and (report["height"], report["width"]) == (32, 48)
 
 

@@ -22,7 +22,7 @@ from typing import Iterable, Optional, Tuple
 import torch
 from torch import nn
 
-from dinov2.hub.interop import FixedSizeFeatures, export_module_onnx
+from dinov2.hub.interop_onnx import FixedSizeFeatures, export_module_onnx
 from dinov2.models.vision_transformer import DinoVisionTransformer
 from dinov2.utils.io import atomic_write_text
 
@@ -45,7 +45,7 @@ def sidecar_path(onnx_path: PathLike) -> Path:
 class ClassifierProbabilities(nn.Module):
     """``images -> (probabilities of head 1, ...)``, at the classifier's crop size.
 
-    A DINOv2 backbone runs through :class:`~dinov2.hub.interop.FixedSizeFeatures` (position
+    A DINOv2 backbone runs through :class:`~dinov2.hub.interop_onnx.FixedSizeFeatures` (position
     embedding resized once, at export); any other backbone through its own forward.
     """
 
