@@ -338,11 +338,12 @@ class SSLTrainer:
             # The frozen teacher is referenced, never stored: its path and SHA-256, checked on resume.
             extra.update(self.model.teacher_reference.checkpoint_entries())
         optimizers = self.optimizer if len(self.units) == 1 else [unit.optimizer for unit in self.units]
-        # With rank subsets the checkpoint holds every student, each rank only its own.
-        owned = [f"students.{unit.name}" for unit in self.units] if self.rank_subsets else None
         state: Dict[str, Any] = {
             "train": ModelOptimizerState(
-                self.model, optimizers, owned_modules=owned, param_group_indices=self._param_group_indices
+                self.model,
+                optimizers,
+                owned_modules=self._owned_checkpoint_modules(),
+                param_group_indices=self._param_group_indices,
             ),
             "extra": extra,
             "rng": self.rng_state,
@@ -352,6 +353,11 @@ class SSLTrainer:
         if self.gram_teacher is not None:
             state.update(self.gram_teacher.checkpoint_entries())
         return state
+
+    def _owned_checkpoint_modules(self) -> Optional[List[str]]:
+        """With rank subsets a checkpoint holds every student, each rank reading and writing only
+        its own (``students.<name>``); None: the whole model is every rank's."""
+        return [f"students.{unit.name}" for unit in self.units] if self.rank_subsets else None
 
     def _check_finite_state(self) -> None:
         for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
@@ -398,7 +404,8 @@ class SSLTrainer:
         if path is None:
             init_from = self.cfg.train.init_from_checkpoint
             if init_from:
-                self.checkpointer.load(init_from, {"train": ModelOptimizerState(self.model)})
+                owned = self._owned_checkpoint_modules()
+                self.checkpointer.load(init_from, {"train": ModelOptimizerState(self.model, owned_modules=owned)})
                 logger.info("model initialised from training checkpoint %s (train.init_from_checkpoint)", init_from)
             self._record_start()
             return False
