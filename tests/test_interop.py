@@ -26,15 +26,20 @@ VARIANTS = {
 }
 
 
-def tiny_vit(seed=0, **options) -> DinoVisionTransformer:
+def _perturbed(model_class, options, seed, parts):
     torch.manual_seed(seed)
-    model = DinoVisionTransformer(**{**TINY, **options}).eval()
+    model = model_class(**options).eval()
     with torch.no_grad():
-        # Far from the initial values, so that a LayerScale, token or position left behind shows.
+        # Far from the initial values, so that a LayerScale, token, position or bias left behind shows.
         for name, param in model.named_parameters():
-            if any(part in name for part in ("ls1", "ls2", "cls_token", "register_tokens", "pos_embed", "mask_token")):
+            if any(part in name for part in parts):
                 param.normal_(0.0, 0.5)
     return model
+
+
+def tiny_vit(seed=0, **options) -> DinoVisionTransformer:
+    parts = ("ls1", "ls2", "cls_token", "register_tokens", "pos_embed", "mask_token")
+    return _perturbed(DinoVisionTransformer, {**TINY, **options}, seed, parts)
 
 
 def features(model, images):
@@ -289,14 +294,8 @@ KEY_BIAS_V3 = dict(mask_k_bias=False)
 def tiny_vit_v3(seed=0, **options):
     from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
 
-    torch.manual_seed(seed)
-    model = DinoV3VisionTransformer(**{**TINY_V3, **options}).eval()
-    with torch.no_grad():
-        # Far from the initial values, so that a LayerScale, token or bias left behind shows.
-        for name, param in model.named_parameters():
-            if any(part in name for part in ("ls1", "ls2", "cls_token", "storage_tokens", "qkv.bias", "mask_token")):
-                param.normal_(0.0, 0.5)
-    return model
+    parts = ("ls1", "ls2", "cls_token", "storage_tokens", "qkv.bias", "mask_token")
+    return _perturbed(DinoV3VisionTransformer, {**TINY_V3, **options}, seed, parts)
 
 
 def all_tokens_v3(model, images):

@@ -11,7 +11,8 @@ module holds only what differs (key names, configs, the refusals).
 * timm: the DINOv3 ``Eva`` models of ``timm/models/eva.py`` (``vit_small_patch16_dinov3``, ...),
   ``rope_type="dinov3"``, whose RoPE (0.5-centred coordinates scaled per axis to [-1, 1], periods
   ``rope_temperature ** (4 j / head_dim)``, rotate-half pairs) is ours.
-* ONNX: :class:`FixedSizeFeaturesV3`, the RoPE tables computed once for the fixed input size.
+* ONNX: :class:`dinov2.hub.interop_onnx.FixedSizeFeaturesV3` (beside the DINOv2 wrapper), the RoPE
+  tables computed once for the fixed input size.
 
 Neither target keeps a periods buffer (both recompute the periods from one base, in float32) nor
 has a separate CLS norm, so RoPE settings other than a base with per-axis coordinates, periods
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 import torch
-from torch import nn
 
 from dinov2.layers.rope import rope_periods
 from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
@@ -409,38 +409,3 @@ def timm_state_dict(model: DinoV3VisionTransformer) -> Dict[str, torch.Tensor]:
 def timm_pretrained_cfg_overrides() -> Dict[str, Any]:
     """What a DINOv3 timm folder's ``pretrained_cfg`` says differently: RoPE takes any input size."""
     return {"fixed_input_size": False}
-
-
-# ----------------------------------------------------------------------------------- ONNX
-class FixedSizeFeaturesV3(nn.Module):
-    """``images (B, 3, H, W) -> (cls_token (B, D), patch_tokens (B, N, D))`` at one image size.
-
-    The RoPE tables are computed here, once, for the fixed patch grid (without the training-time
-    coordinate augmentation) and kept as buffers, so the graph holds only the rotation."""
-
-    def __init__(self, backbone: DinoV3VisionTransformer, height: int, width: int):
-        super().__init__()
-        patch = backbone.patch_size
-        if height % patch or width % patch:
-            raise InteropError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
-        self.backbone = backbone
-        self.height, self.width = int(height), int(width)
-        rope = backbone.rope_embed
-        was_training = rope.training
-        rope.eval()  # no coordinate augmentation in the tables
-        try:
-            with torch.no_grad():
-                sin, cos = rope(height // patch, width // patch)
-        finally:
-            rope.train(was_training)
-        self.register_buffer("rope_sin", sin.detach().clone(), persistent=False)
-        self.register_buffer("rope_cos", cos.detach().clone(), persistent=False)
-
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        b = self.backbone
-        x = b.prepare_tokens_with_masks(images)
-        rope = (self.rope_sin, self.rope_cos)
-        for block in b.blocks:
-            x = block(x, rope)
-        head, patches = b._normalize(x)
-        return head[:, 0], patches

@@ -2,7 +2,7 @@
 
 :func:`export_onnx` writes ``images (B, 3, H, W) -> cls_token (B, D), patch_tokens (B, N, D)`` with
 a dynamic batch and a fixed image size: the position embedding (DINOv2) or the RoPE tables
-(DINOv3, :class:`dinov2.hub.interop_dinov3.FixedSizeFeaturesV3`) are computed once, at export, and
+(DINOv3, :class:`FixedSizeFeaturesV3`) are computed once, at export, and
 stored in the graph. :func:`export_module_onnx` is the exporter that classifier exports use too.
 Needs the optional ``onnx`` / ``onnxscript`` / ``onnxruntime`` packages (``dinov2[interop]``).
 """
@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from dinov2.models.vision_transformer import DinoVisionTransformer
+from dinov2.models.vision_transformer_v3 import DinoV3VisionTransformer
 from dinov2.utils.io import atomic_path
 
 from .interop import InteropError, _architecture, _image_size, _is_dinov3
@@ -26,6 +27,7 @@ from .weights import PathLike
 
 __all__ = [
     "FixedSizeFeatures",
+    "FixedSizeFeaturesV3",
     "compare_onnx",
     "export_module_onnx",
     "export_onnx",
@@ -34,7 +36,19 @@ __all__ = [
 ]
 
 
-class FixedSizeFeatures(nn.Module):
+class _FixedSize(nn.Module):
+    """A backbone traced at one image size (a multiple of its patch size)."""
+
+    def __init__(self, backbone: nn.Module, height: int, width: int):
+        super().__init__()
+        patch = backbone.patch_size
+        if height % patch or width % patch:
+            raise InteropError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+        self.backbone = backbone
+        self.height, self.width = int(height), int(width)
+
+
+class FixedSizeFeatures(_FixedSize):
     """``images (B, 3, H, W) -> (cls_token (B, D), patch_tokens (B, N, D))`` at one image size.
 
     The position embedding is resized here, once, by the backbone's own rule, and kept as a
@@ -43,12 +57,8 @@ class FixedSizeFeatures(nn.Module):
     """
 
     def __init__(self, backbone: DinoVisionTransformer, height: int, width: int):
-        super().__init__()
+        super().__init__(backbone, height, width)
         patch = backbone.patch_size
-        if height % patch or width % patch:
-            raise InteropError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
-        self.backbone = backbone
-        self.height, self.width = int(height), int(width)
         tokens = torch.zeros(1, 1 + (height // patch) * (width // patch), backbone.embed_dim)
         with torch.no_grad():
             pos_embed = backbone.interpolate_pos_encoding(tokens, height, width).detach().clone()
@@ -66,12 +76,40 @@ class FixedSizeFeatures(nn.Module):
         return x[:, 0], x[:, 1 + b.num_register_tokens :]
 
 
+class FixedSizeFeaturesV3(_FixedSize):
+    """``images (B, 3, H, W) -> (cls_token (B, D), patch_tokens (B, N, D))`` at one image size.
+
+    The RoPE tables are computed here, once, for the fixed patch grid (without the training-time
+    coordinate augmentation) and kept as buffers, so the graph holds only the rotation."""
+
+    def __init__(self, backbone: DinoV3VisionTransformer, height: int, width: int):
+        super().__init__(backbone, height, width)
+        patch = backbone.patch_size
+        rope = backbone.rope_embed
+        was_training = rope.training
+        rope.eval()  # no coordinate augmentation in the tables
+        try:
+            with torch.no_grad():
+                sin, cos = rope(height // patch, width // patch)
+        finally:
+            rope.train(was_training)
+        self.register_buffer("rope_sin", sin.detach().clone(), persistent=False)
+        self.register_buffer("rope_cos", cos.detach().clone(), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        b = self.backbone
+        x = b.prepare_tokens_with_masks(images)
+        rope = (self.rope_sin, self.rope_cos)
+        for block in b.blocks:
+            x = block(x, rope)
+        head, patches = b._normalize(x)
+        return head[:, 0], patches
+
+
 def fixed_size_features(model: nn.Module, height: int, width: int) -> nn.Module:
     """The ``images -> (cls_token, patch_tokens)`` module that ONNX export traces, for either generation."""
     if _is_dinov3(model):
-        from . import interop_dinov3
-
-        return interop_dinov3.FixedSizeFeaturesV3(model, height, width)
+        return FixedSizeFeaturesV3(model, height, width)
     _architecture(model)
     return FixedSizeFeatures(model, height, width)
 
