@@ -4,6 +4,7 @@
 tests can reach in:
 
 * ``model`` (:class:`SSLMetaArch`), ``optimizer`` (AdamW), ``schedules``, ``scaler`` (fp16 only);
+* ``roster`` (:class:`~dinov2.train.students.StudentRoster`: this rank's students, ``units``);
 * ``loader`` (a :class:`~dinov2.data.loaders.ResumableDataLoader`), ``dataset``;
 * ``checkpointer`` (:class:`~dinov2.checkpoint.CheckpointManager`), ``metrics``, ``knn_monitor``;
 * ``iteration`` (completed optimizer iterations), ``max_iterations``.
@@ -29,7 +30,6 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -43,12 +43,9 @@ from dinov2.checkpoint.manager import checkpoint_keys, checkpoint_name, validate
 from dinov2.fsdp import mixed_precision_policy, shard_backbone, shard_ssl_meta_arch
 from dinov2.optim import (
     apply_optim_scheduler,
-    build_optimizer,
-    build_schedules,
     clip_student_gradients,
     scaled_learning_rate,
 )
-from dinov2.optim.schedules import TrainingSchedules
 from dinov2.train.compile import compile_for_training
 from dinov2.train.data import build_train_data_loader
 from dinov2.train.distill_meta_arch import DistillMetaArch
@@ -58,33 +55,16 @@ from dinov2.train.knn_monitor import KnnMonitor
 from dinov2.train.metrics import MetricsLogger, WindowAverager
 from dinov2.train.pca_preview import PCA_IMAGE_TAG, PcaPreview
 from dinov2.train.ssl_meta_arch import PRECISIONS, SSLMetaArch
+from dinov2.train.students import StudentRoster, TrainedStudent
 from dinov2.utils.config import save_config
 
 logger = logging.getLogger("dinov2")
 
-__all__ = ["NonFiniteLossError", "SSLTrainer", "TrainedStudent"]
+__all__ = ["NonFiniteLossError", "SSLTrainer", "TrainedStudent"]  # TrainedStudent lives in dinov2.train.students
 
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss term or gradient norm."""
-
-
-@dataclass
-class TrainedStudent:
-    """One student the loop trains, with its own optimizer and schedules.
-
-    Pretraining has one: ``arch`` is the :class:`SSLMetaArch`. Distillation has one per student:
-    ``arch`` is a :class:`~dinov2.train.distill_meta_arch.DistillStudent` (both expose ``student``,
-    ``teacher`` (the EMA that is exported), ``update_teacher`` and ``zero_last_layer_grads``).
-    ``output_dir`` receives its exports (and, beside several students, its ``config.yaml``).
-    """
-
-    name: str
-    arch: torch.nn.Module
-    cfg: DictConfig
-    optimizer: torch.optim.Optimizer
-    schedules: TrainingSchedules
-    output_dir: Path
 
 
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
@@ -186,21 +166,12 @@ class SSLTrainer:
         self.compiled = compile_for_training(cfg, [self.model, self.gram_teacher], self.device)
         seed_all(self.seed, self.rank, 0)
         self.fsdp = self._shard_model()
-        self.units = self._trained_students()
-        # Distillation students on rank subsets (distillation.students[].ranks): this rank trains
-        # self.units only; every student's schedules are known everywhere, so that the loop length
-        # and the logged figures are the same on every rank.
-        self.rank_subsets = self.distill and self.model.rank_subsets
-        self.student_schedules = (
-            self._all_student_schedules() if self.rank_subsets else {unit.name: unit.schedules for unit in self.units}
-        )
-        self.several_students = len(self.student_schedules) > 1
-        self._param_group_indices = self._checkpoint_param_group_indices() if self.rank_subsets else None
+        # This rank's students (distillation.students[].ranks may give it only some of them).
+        self.roster = StudentRoster(self.model, cfg, self.output_dir, self.distill, self.lr)
+        self.units: List[TrainedStudent] = self.roster.units
         # The first student's optimizer and schedules (pretraining's only ones).
         self.optimizer, self.schedules = self.units[0].optimizer, self.units[0].schedules
-        self.max_iterations = int(
-            cfg.train.max_iterations or max(schedules.total_iters for schedules in self.student_schedules.values())
-        )
+        self.max_iterations = int(cfg.train.max_iterations or self.roster.total_iterations)
         _warn_if_bf16_is_emulated(cfg.compute_precision.param_dtype, self.device)
         self.scaler = None
         if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
@@ -245,60 +216,6 @@ class SSLTrainer:
         self.protected_checkpoint: Optional[int] = None
 
     # ------------------------------------------------------------------ set-up
-    def _student_dir(self, name: str) -> Path:
-        """Where a distillation student's exports (and, beside others, its config.yaml) go."""
-        several = len(self.model.student_cfgs) > 1
-        return self.output_dir / "students" / name if several else self.output_dir
-
-    def _student_lr(self, name: str) -> float:
-        """A distillation student's peak learning rate, scaled by its own batch: its ranks x
-        ``train.batch_size_per_gpu`` (every rank's without rank subsets)."""
-        student_cfg = self.model.student_cfgs[name]
-        batch = int(self.cfg.train.batch_size_per_gpu) * len(self.model.student_ranks[name])
-        return scaled_learning_rate(float(student_cfg.optim.base_lr), batch, student_cfg.optim.scaling_rule)
-
-    def _all_student_schedules(self) -> Dict[str, TrainingSchedules]:
-        return {name: build_schedules(scfg, self._student_lr(name)) for name, scfg in self.model.student_cfgs.items()}
-
-    def _trained_students(self) -> List[TrainedStudent]:
-        if not self.distill:
-            parts = [("student", self.model, self.cfg, self.output_dir)]
-            lrs = [self.lr]
-        else:
-            parts = [
-                (name, arch, self.model.student_cfgs[name], self._student_dir(name))
-                for name, arch in self.model.students.items()
-            ]
-            lrs = [self._student_lr(name) for name in self.model.students]
-        units = []
-        for (name, arch, unit_cfg, unit_dir), lr in zip(parts, lrs):
-            optimizer = build_optimizer(arch.student, arch.student["backbone"].n_blocks, unit_cfg.optim)
-            units.append(TrainedStudent(name, arch, unit_cfg, optimizer, build_schedules(unit_cfg, lr), Path(unit_dir)))
-        return units
-
-    def _checkpoint_param_group_indices(self) -> List[int]:
-        """Rank subsets: the checkpoint index of each of this rank's optimizer parameter groups,
-        numbered over every student's in student order, as a single process holding all
-        students numbers them (so the checkpoint reshards onto any placement)."""
-        counts: Dict[str, int] = {}
-        for local in distributed.all_gather_object({u.name: len(u.optimizer.param_groups) for u in self.units}):
-            counts.update(local)
-        offsets, offset = {}, 0
-        for name in self.model.student_cfgs:
-            offsets[name], offset = offset, offset + counts[name]
-        return [offsets[u.name] + i for u in self.units for i in range(len(u.optimizer.param_groups))]
-
-    def _student_group(self, unit: TrainedStudent):
-        """The process group of ``unit``'s ranks with rank subsets; None (all ranks) otherwise."""
-        return self.model.student_groups.get(unit.name) if self.distill else None
-
-    def _active_units(self, iteration: int) -> List[TrainedStudent]:
-        """The students trained at ``iteration``: all of them, except that beside other students one
-        whose schedule has ended stops (its last export stays as it was written)."""
-        if not self.several_students:
-            return self.units
-        return [unit for unit in self.units if iteration < unit.schedules.total_iters]
-
     def _shard_model(self) -> bool:
         if self.world_size == 1:
             return False
@@ -342,8 +259,8 @@ class SSLTrainer:
             "train": ModelOptimizerState(
                 self.model,
                 optimizers,
-                owned_modules=self._owned_checkpoint_modules(),
-                param_group_indices=self._param_group_indices,
+                owned_modules=self.roster.owned_checkpoint_modules(),
+                param_group_indices=self.roster.param_group_indices,
             ),
             "extra": extra,
             "rng": self.rng_state,
@@ -353,11 +270,6 @@ class SSLTrainer:
         if self.gram_teacher is not None:
             state.update(self.gram_teacher.checkpoint_entries())
         return state
-
-    def _owned_checkpoint_modules(self) -> Optional[List[str]]:
-        """With rank subsets a checkpoint holds every student, each rank reading and writing only
-        its own (``students.<name>``); None: the whole model is every rank's."""
-        return [f"students.{unit.name}" for unit in self.units] if self.rank_subsets else None
 
     def _check_finite_state(self) -> None:
         for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
@@ -404,7 +316,7 @@ class SSLTrainer:
         if path is None:
             init_from = self.cfg.train.init_from_checkpoint
             if init_from:
-                owned = self._owned_checkpoint_modules()
+                owned = self.roster.owned_checkpoint_modules()
                 self.checkpointer.load(init_from, {"train": ModelOptimizerState(self.model, owned_modules=owned)})
                 logger.info("model initialised from training checkpoint %s (train.init_from_checkpoint)", init_from)
             self._record_start()
@@ -423,7 +335,7 @@ class SSLTrainer:
                 f"distillation.enabled is on but checkpoint {path} was not written by a distillation run; "
                 "use another output directory (student.pretrained_weights starts a student from a backbone file)"
             )
-        if self.rank_subsets:
+        if self.roster.rank_subsets:
             # Each rank reads only its students' entries, so none would notice a stored student
             # that no rank trains any more.
             stored = {key.split(".")[3] for key in keys if key.startswith("train.model.students.")}
@@ -458,12 +370,8 @@ class SSLTrainer:
         self.metrics.start(self.iteration)  # also opens TensorBoard / W&B from this iteration on
         if self.is_main:
             save_config(OmegaConf.merge(self.cfg, {"train": {"output_dir": str(self.output_dir)}}), self.output_dir)
-            # Every student's, also of those other ranks train (rank subsets).
-            students = self.model.student_cfgs.items() if self.distill else []
-            for name, unit_cfg in students:
-                unit_dir = self._student_dir(name)
-                if unit_dir != self.output_dir:  # several students: each its own, for evaluation
-                    save_config(OmegaConf.merge(unit_cfg, {"train": {"output_dir": str(unit_dir)}}), unit_dir)
+            for unit_cfg, unit_dir in self.roster.configs_with_own_folder():  # several students: for evaluation
+                save_config(OmegaConf.merge(unit_cfg, {"train": {"output_dir": str(unit_dir)}}), unit_dir)
 
     # -------------------------------------------------------------------- stop
     def request_stop(self) -> None:
@@ -476,21 +384,6 @@ class SSLTrainer:
         return self._stop_requested
 
     # -------------------------------------------------------------------- step
-    def _means_over_student_ranks(self, local: Dict[str, float]) -> Dict[str, float]:
-        """Rank subsets: ``{key: value}`` of this rank's students -> every student's values on
-        every rank, each the mean over the ranks that reported it (its student's ranks), in
-        student order. One object all-gather; a NaN on any rank stays NaN in the mean."""
-        gathered = distributed.all_gather_object(local)
-        sums: Dict[str, float] = {}
-        counts: Dict[str, int] = {}
-        for values in gathered:  # rank order: the same sums on every rank
-            for key, value in values.items():
-                sums[key] = sums.get(key, 0.0) + value
-                counts[key] = counts.get(key, 0) + 1
-        order = {name: index for index, name in enumerate(self.model.student_cfgs)}
-        keys = sorted(sums, key=lambda key: order.get(key.split("/")[0], len(order)))  # stable within a student
-        return {key: sums[key] / counts[key] for key in keys}
-
     def train_step(self, batch: Dict[str, Any]) -> Dict[str, Any]:
         """One optimizer iteration at ``self.iteration`` (which it does not advance).
 
@@ -498,20 +391,14 @@ class SSLTrainer:
         with loss terms averaged over ranks.
         """
         it = self.iteration
-        units = self._active_units(it)
-        # The scheduled values of every student still training (with rank subsets also of the
-        # students other ranks train: every rank logs the same figures).
-        unit_values = {
-            name: schedules.at(it)
-            for name, schedules in self.student_schedules.items()
-            if not self.several_students or it < schedules.total_iters
-        }
+        units = self.roster.active(it)
+        unit_values = self.roster.scheduled_values(it)
         for unit in units:
             scheduled = unit_values[unit.name]
             apply_optim_scheduler(unit.optimizer, scheduled["lr"], scheduled["wd"], scheduled["last_layer_lr"])
             unit.optimizer.zero_grad(set_to_none=True)
         values = dict(next(iter(unit_values.values())))
-        if self.several_students:
+        if self.roster.several:
             values.update({f"{name}/{key}": value for name, v in unit_values.items() for key, value in v.items()})
         teacher_temp = values["teacher_temp"]
         if self.distill:
@@ -527,10 +414,10 @@ class SSLTrainer:
         )
         if self.world_size > 1 and not self.fsdp:
             for unit in units:
-                _all_reduce_gradients(unit.arch.student, self._student_group(unit))
+                _all_reduce_gradients(unit.arch.student, self.roster.group(unit))
 
-        if self.rank_subsets:
-            loss_values = self._means_over_student_ranks({name: float(value) for name, value in losses.items()})
+        if self.roster.rank_subsets:
+            loss_values = self.roster.means_over_ranks({name: float(value) for name, value in losses.items()})
         else:
             names = list(losses)
             stacked = torch.stack([losses[name].float().reshape(()) for name in names])
@@ -551,8 +438,8 @@ class SSLTrainer:
                     )
                     for unit in units
                 }
-                if self.rank_subsets:  # every student's norm on every rank: the same step decision everywhere
-                    norms = self._means_over_student_ranks(norms)
+                if self.roster.rank_subsets:  # every student's norm on every rank: the same step decision everywhere
+                    norms = self.roster.means_over_ranks(norms)
                 norms = list(norms.values())
                 grad_norm = norms[0] if len(norms) == 1 else math.sqrt(sum(norm * norm for norm in norms))
                 if not math.isfinite(grad_norm) and self.scaler is None:
@@ -610,19 +497,17 @@ class SSLTrainer:
         self.knn_by_student: Dict[str, float] = {}
         for unit in self.units:
             start = time.perf_counter()
-            top1 = self.knn_monitor.evaluate(
-                unit.arch.teacher["backbone"], dtype=dtype, group=self._student_group(unit)
-            )
+            top1 = self.knn_monitor.evaluate(unit.arch.teacher["backbone"], dtype=dtype, group=self.roster.group(unit))
             self.knn_by_student[unit.name] = top1
             logger.info(
                 "iteration %d: k-NN top-1 %.2f%%%s (%.1f s)",
                 self.iteration,
                 100 * top1,
-                f" ({unit.name})" if self.several_students else "",
+                f" ({unit.name})" if self.roster.several else "",
                 time.perf_counter() - start,
             )
-        if self.rank_subsets:  # each rank scored its own students; rank 0 logs all of them
-            self.knn_by_student = self._means_over_student_ranks(self.knn_by_student)
+        if self.roster.rank_subsets:  # each rank scored its own students; rank 0 logs all of them
+            self.knn_by_student = self.roster.means_over_ranks(self.knn_by_student)
         return next(iter(self.knn_by_student.values()))
 
     def export_teacher(self) -> Path:
@@ -630,7 +515,7 @@ class SSLTrainer:
         # With rank subsets each student's ranks gather it and the first of them writes.
         paths = [
             export_teacher_backbone(
-                unit.arch, export_path(unit.output_dir, self.iteration), group=self._student_group(unit)
+                unit.arch, export_path(unit.output_dir, self.iteration), group=self.roster.group(unit)
             )
             for unit in self.units
         ]
@@ -645,13 +530,9 @@ class SSLTrainer:
         if not self.pca_preview.enabled:
             return
         dtype = PRECISIONS[self.cfg.compute_precision.teacher_dtype]
-        backbone = self.model.teacher["backbone"]
-        if self.rank_subsets:
-            # The first student that rank 0 (which logs) trains; its ranks render it together.
-            name = next(name for name, ranks in self.model.student_ranks.items() if 0 in ranks)
-            if name not in self.model.students:
-                return
-            backbone = self.model.students[name].teacher["backbone"]
+        backbone = self.roster.preview_backbone()
+        if backbone is None:  # rank subsets: a rank that does not train the previewed student
+            return
         picture = self.pca_preview.render(backbone, dtype=dtype)
         if picture is not None:
             self.metrics.log_image(PCA_IMAGE_TAG, picture, self.iteration, caption=f"iteration {self.iteration}")
@@ -751,7 +632,7 @@ class SSLTrainer:
                 record["nonfinite_steps"] = nonfinite_steps
                 if knn_top1 is not None:
                     record["knn_top1"] = knn_top1
-                    if self.several_students:
+                    if self.roster.several:
                         record.update({f"{name}/knn_top1": v for name, v in self.knn_by_student.items()})
                 self.metrics.log(record)
                 last_record = record
