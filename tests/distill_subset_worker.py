@@ -13,6 +13,8 @@ import json
 import sys
 from pathlib import Path
 
+from train_helpers import count_forwards  # this folder is on sys.path when torchrun runs the file
+
 from dinov2 import distributed
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
@@ -20,14 +22,7 @@ from dinov2.utils.config import load_config
 
 def main(out: Path, overrides):
     full = SSLTrainer(load_config(None, [*overrides, "train.max_iterations=4"]), output_dir=out / "full")
-    backbone = full.model.frozen_teacher.backbone
-    forward, calls = backbone.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-
-    backbone.forward = counted
+    calls = count_forwards(full.model.frozen_teacher.backbone)
     full.train()
     SSLTrainer(load_config(None, [*overrides, "train.max_iterations=2"]), output_dir=out / "resumed").train()
     resumed = SSLTrainer(load_config(None, [*overrides, "train.max_iterations=4"]), output_dir=out / "resumed")

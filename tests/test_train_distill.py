@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from distributed_helpers import free_port, subprocess_env, torchrun_command
-from train_helpers import make_image_folder, tiny_overrides
+from train_helpers import count_forwards, make_image_folder, tiny_overrides
 
 from dinov2.checkpoint.manager import checkpoint_keys, file_sha256
 from dinov2.hub.sources import load_backbone
@@ -156,14 +156,7 @@ def test_two_students_share_one_teacher_forward_and_export_separately(tmp_path, 
     assert [unit.name for unit in trainer.units] == ["wide", "narrow"]
     assert trainer.units[0].optimizer is not trainer.units[1].optimizer
     assert trainer.units[1].schedules.lr.base_value == pytest.approx(trainer.units[0].schedules.lr.base_value / 2)
-    backbone = trainer.model.frozen_teacher.backbone
-    forward, calls = backbone.forward, []
-
-    def counted(*args, **kwargs):
-        calls.append(1)
-        return forward(*args, **kwargs)
-
-    backbone.forward = counted
+    calls = count_forwards(trainer.model.frozen_teacher.backbone)
     record = trainer.train()["last_record"]
     assert len(calls) == 3  # one teacher forward per batch for both students
     assert {"wide/total_loss", "narrow/total_loss", "wide/lr", "narrow/lr"} <= set(record)

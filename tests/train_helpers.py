@@ -79,3 +79,16 @@ def make_training_output(directory, overrides=TINY_BACKBONE, seed: int = 0):
     teacher, _ = build_model_from_cfg(cfg, only_teacher=True)
     save_state_dict(teacher.state_dict(), directory / "exports" / "teacher_backbone_latest.pth")
     return directory
+
+
+def count_forwards(module) -> list:
+    """Make ``module.forward`` append to the returned list at each call (e.g. a distillation run's
+    frozen teacher backbone: one forward per batch, whatever the number of students)."""
+    forward, calls = module.forward, []
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return forward(*args, **kwargs)
+
+    module.forward = counted
+    return calls
