@@ -138,9 +138,12 @@ def test_both_trainers_take_optimisation_from_dinov2_optim():
     import dinov2.classify.epoch as classifier_epoch
     import dinov2.classify.optimization as classifier_optimization
     import dinov2.optim as optim
+    import dinov2.train.students as ssl_students
     import dinov2.train.trainer as ssl_trainer
 
-    assert ssl_trainer.build_schedules is optim.build_schedules and ssl_trainer.build_optimizer is optim.build_optimizer
+    # The SSL loop builds each student's optimizer and schedules in dinov2.train.students.
+    assert ssl_students.build_schedules is optim.build_schedules
+    assert ssl_students.build_optimizer is optim.build_optimizer
     assert ssl_trainer.clip_student_gradients is optim.clip_student_gradients
     assert classifier_optimization.CosineSchedule is optim.CosineSchedule
     assert classifier_epoch.scale_learning_rates is optim.scale_learning_rates
