@@ -12,6 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 from PIL import Image
+from train_helpers import TINY_BACKBONE
 
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
@@ -27,15 +28,7 @@ from dinov2.models import build_model_from_cfg
 from dinov2.utils.config import load_config, save_config
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "student.arch=vit_small",
-    "student.embed_dim=32",
-    "student.depth=2",
-    "student.num_heads=2",
-    "student.patch_size=4",
-    "crops.global_crops_size=16",
-    "student.layerscale=1.0",
-]
+TINY = [*TINY_BACKBONE, "student.layerscale=1.0"]
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from train_helpers import TINY_BACKBONE
 
 from dinov2.data.loaders import make_dataset
 from dinov2.eval import knn
@@ -12,15 +13,7 @@ from dinov2.hub.weights import save_state_dict
 from dinov2.models import build_model_from_cfg
 from dinov2.utils.config import load_config, save_config
 
-TINY = [
-    "student.arch=vit_small",
-    "student.embed_dim=32",
-    "student.depth=2",
-    "student.num_heads=2",
-    "student.patch_size=4",
-    "crops.global_crops_size=16",
-    "student.layerscale=1.0",
-]
+TINY = [*TINY_BACKBONE, "student.layerscale=1.0"]
 CATEGORIES = ["apple", "bird", "car", "dog"]
 
 
