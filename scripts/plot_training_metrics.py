@@ -1,13 +1,17 @@
 """Plot every loss term and the online k-NN top-1 of a training run against the iteration.
 
-    python scripts/plot_training_metrics.py OUT [--output OUT/training_metrics.png]
+    python scripts/plot_training_metrics.py OUT [--output OUT/training_metrics.png] [--export-knn FILE]
 
 Reads ``OUT/training_metrics.jsonl`` (written by ``train/train.py``) and writes one PNG with a
 panel per loss term (``*_loss``), one for ``knn_top1`` when the monitor ran, and one for the
-learning rates and one for the teacher temperature.
+learning rates and one for the teacher temperature. ``--export-knn`` adds the full-protocol k-NN
+of each export to the k-NN panel: the JSON list that
+``scripts/quickdraw_cls_patch_knn.py OUT --every-export --json FILE`` writes (``iterations`` and
+``knn_cls_top1`` / ``knn_patch_mean_top1`` per export).
 """
 
 import argparse
+import json
 import math
 import sys
 from pathlib import Path
@@ -29,15 +33,36 @@ def series(records, key):
     return [(x, y) for x, y in points if y is not None and math.isfinite(y)]
 
 
-def plot_training_metrics(output_dir, output=None) -> Path:
+EXPORT_KNN_SERIES = {
+    "knn_cls_top1": "full protocol, CLS (exports)",
+    "knn_patch_mean_top1": "full protocol, mean patch (exports)",
+}
+
+
+def read_export_knn(path) -> dict:
+    """{series name: [(iteration, top-1)]} from a ``quickdraw_cls_patch_knn.py --json`` file."""
+    rows = json.loads(Path(path).read_text())
+    if not isinstance(rows, list) or not all(isinstance(r, dict) and "iterations" in r for r in rows):
+        raise ValueError(
+            f"{path}: expected a JSON list of objects with 'iterations' (quickdraw_cls_patch_knn.py --json)"
+        )
+    return {
+        label: sorted((int(r["iterations"]), float(r[key])) for r in rows if key in r)
+        for key, label in EXPORT_KNN_SERIES.items()
+        if any(key in r for r in rows)
+    }
+
+
+def plot_training_metrics(output_dir, output=None, export_knn=None) -> Path:
     output_dir = Path(output_dir)
     records = read_metrics(output_dir / METRICS_FILE_NAME if output_dir.is_dir() else output_dir)
     if not records:
         raise ValueError(f"{output_dir}: no metrics lines to plot")
+    extra = read_export_knn(export_knn) if export_knn else {}
     keys = sorted({k for r in records for k in r if k.endswith("_loss")}, key=lambda k: (k != "total_loss", k))
     panels = [(k, [k]) for k in keys]
-    if any("knn_top1" in r for r in records):
-        panels.append(("k-NN top-1 (teacher)", ["knn_top1"]))
+    if any("knn_top1" in r for r in records) or extra:
+        panels.append(("k-NN top-1 (teacher)", ["knn_top1", *extra]))
     panels.append(("learning rate", ["lr", "last_layer_lr"]))
     panels.append(("teacher temperature", ["teacher_temp"]))
     columns = 3
@@ -45,14 +70,16 @@ def plot_training_metrics(output_dir, output=None) -> Path:
     fig, axes = plt.subplots(rows, columns, figsize=(5 * columns, 3.2 * rows), squeeze=False)
     for ax, (title, names) in zip(axes.flat, panels):
         for name in names:
-            points = series(records, name)
+            points = extra[name] if name in extra else series(records, name)
             if points:
                 xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if name == "knn_top1" else None, markersize=3, label=name)
+                marker = "o" if name == "knn_top1" or name in extra else None
+                label = "online monitor" if name == "knn_top1" and extra else name
+                ax.plot(xs, ys, marker=marker, markersize=3, label=label)
         ax.set_title(title)
         ax.set_xlabel("iteration")
         ax.grid(alpha=0.3)
-        if len(names) > 1:
+        if len(names) > 1 and ax.lines:
             ax.legend()
     for ax in list(axes.flat)[len(panels) :]:
         ax.axis("off")
@@ -71,8 +98,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("output_dir", help="training output directory (or a training_metrics.jsonl file)")
     parser.add_argument("--output", default=None, help="PNG to write (default: OUT/training_metrics.png)")
+    parser.add_argument("--export-knn", default=None, help="JSON of quickdraw_cls_patch_knn.py --every-export --json")
     args = parser.parse_args(argv)
-    print(plot_training_metrics(args.output_dir, args.output))
+    print(plot_training_metrics(args.output_dir, args.output, args.export_knn))
     return 0
 
 

