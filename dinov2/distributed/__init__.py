@@ -250,6 +250,14 @@ def differentiable_all_reduce_sum(tensor: torch.Tensor, group=None) -> torch.Ten
     return all_reduce(tensor, op=dist.ReduceOp.SUM, group=dist.group.WORLD if group is None else group)
 
 
+def all_reduce_max(tensor: torch.Tensor, group=None) -> torch.Tensor:
+    """Element-wise maximum over the ranks of ``group`` (None: all), in place; returns the tensor
+    (unchanged in a single process)."""
+    if is_enabled():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX, group=group)
+    return tensor
+
+
 def all_reduce_mean(tensor: torch.Tensor, group=None) -> torch.Tensor:
     """Mean over the ranks of ``group`` (None: all), in place; returns the tensor (unchanged in
     a single process)."""
@@ -274,8 +282,7 @@ def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     if not is_enabled():
         return bool(flag)
     value = torch.tensor([1.0 if flag else 0.0], device=device or get_device())
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return bool(all_reduce_max(value).item() > 0)
 
 
 def broadcast_object(obj, src: int = 0, group=None):
@@ -297,6 +304,7 @@ def free_port() -> int:
 __all__ = [
     "DistributedEnvironment",
     "all_gather_object",
+    "all_reduce_max",
     "all_reduce_mean",
     "all_reduce_sum",
     "any_rank",

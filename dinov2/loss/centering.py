@@ -15,24 +15,12 @@ initialised, so every rank computes targets from the global batch.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["TeacherCentering", "sinkhorn_knopp", "softmax_center", "distributed_is_active"]
+from dinov2.distributed import all_reduce_max, all_reduce_sum
 
-
-def distributed_is_active() -> bool:
-    """True when a default process group exists, i.e. collectives must be used."""
-    return dist.is_available() and dist.is_initialized()
-
-
-def _all_reduce_(tensor: torch.Tensor, op=None, group=None) -> torch.Tensor:
-    """In-place all-reduce (sum by default) over ``group`` (None: all ranks) when a process group
-    exists; no-op otherwise."""
-    if distributed_is_active():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=group)
-    return tensor
+__all__ = ["TeacherCentering", "sinkhorn_knopp", "softmax_center"]
 
 
 def softmax_center(logits: torch.Tensor, center: torch.Tensor, temp: float) -> torch.Tensor:
@@ -73,23 +61,23 @@ def sinkhorn_knopp(
     device = logits.device
     n_local = logits.shape[0] if n_samples is None else n_samples
     global_batch = torch.as_tensor(n_local, device=device, dtype=torch.float32).reshape(1).clone()
-    _all_reduce_(global_batch, group=group)
+    all_reduce_sum(global_batch, group=group)
     # No host sync (.item()) anywhere: with an empty global batch every tensor below is empty
     # and the result is an empty (0, K) tensor; ranks with no rows still join every collective.
     n_prototypes = logits.shape[1]
 
     local_max = logits.max() if logits.numel() > 0 else logits.new_tensor(float("-inf"))
     global_max = local_max.reshape(1).clone()
-    _all_reduce_(global_max, op=dist.ReduceOp.MAX if distributed_is_active() else None, group=group)
+    all_reduce_max(global_max, group=group)
 
     q = torch.exp((logits - global_max) / temp).t()  # (K, B_local)
     total = q.sum().reshape(1)
-    _all_reduce_(total, group=group)
+    all_reduce_sum(total, group=group)
     q /= total
     for _ in range(n_iterations):
         # Every prototype gets a total mass of 1/K over the global batch ...
         per_prototype = q.sum(dim=1, keepdim=True)
-        _all_reduce_(per_prototype, group=group)
+        all_reduce_sum(per_prototype, group=group)
         q /= per_prototype
         q /= n_prototypes
         # ... then every sample gets a mass of 1/B (columns are local, no reduction needed).
@@ -166,7 +154,7 @@ class TeacherCentering(nn.Module):
         self._check_logits(teacher_logits)
         rows = teacher_logits.reshape(-1, self.out_dim).float()
         stats = torch.cat([rows.sum(dim=0), rows.new_tensor([rows.shape[0]])])
-        _all_reduce_(stats, group=self.process_group)
+        all_reduce_sum(stats, group=self.process_group)
         count = stats[-1]
         batch_center = (stats[:-1] / count.clamp(min=1)).to(self.center.dtype)
         updated = self.center * self.center_momentum + batch_center * (1.0 - self.center_momentum)

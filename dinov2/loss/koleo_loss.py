@@ -9,7 +9,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.loss.centering import distributed_is_active
+from dinov2 import distributed
 
 __all__ = ["KoLeoLoss"]
 
@@ -80,7 +80,7 @@ class KoLeoLoss(nn.Module):
             raise ValueError(f"KoLeoLoss expects (batch, dim) features, got shape {tuple(student_features.shape)}")
         x = F.normalize(student_features.float(), p=2, dim=-1, eps=1e-8)
         candidates, self_offset = x, 0
-        if self.distributed and distributed_is_active():
+        if self.distributed and distributed.is_enabled():
             group = self.process_group
             sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))]
             dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)

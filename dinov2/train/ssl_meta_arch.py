@@ -64,8 +64,6 @@ def _batch_all_reduce(process_group=None):
     """The sum over the ranks sharing the batch that GlobalBatchNorm1d takes (None: one process)."""
     if not distributed.is_enabled():
         return None
-    if process_group is None:
-        return distributed.differentiable_all_reduce_sum
     return functools.partial(distributed.differentiable_all_reduce_sum, group=process_group)
 
 
