@@ -33,7 +33,8 @@ class SwiGLUFFNFused(SwiGLUFFN):
     """SwiGLU with the hidden width that the released ViT-g/14 uses.
 
     The nominal MLP width (``mlp_ratio * dim``) is reduced to 2/3 (same parameter count as a plain
-    MLP) and rounded up to a multiple of 8: 6144 -> 4096 for ViT-g.
+    MLP) and rounded up to a multiple of 8 (:func:`swiglu_aligned_width`): 6144 -> 4096 for ViT-g.
+    DINOv3's :class:`SwiGLUFFNAligned` follows the same rule with separate ``w1`` / ``w2`` weights.
     """
 
     def __init__(
@@ -45,9 +46,7 @@ class SwiGLUFFNFused(SwiGLUFFN):
         drop: float = 0.0,
         bias: bool = True,
     ):
-        out_features = out_features or in_features
-        hidden_features = hidden_features or in_features
-        hidden_features = (int(hidden_features * 2 / 3) + 7) // 8 * 8
+        hidden_features = swiglu_aligned_width(hidden_features or in_features, align_to=8)
         super().__init__(in_features, hidden_features, out_features, act_layer, drop, bias)
 
 
@@ -81,6 +80,7 @@ class SwiGLUFFNAligned(nn.Module):
 
 
 def swiglu_aligned_width(hidden_features: int, align_to: int = 8) -> int:
-    """The hidden width of :class:`SwiGLUFFNAligned` for a nominal width: 2/3 of it, rounded up."""
+    """The hidden width of a 2/3-width SwiGLU (:class:`SwiGLUFFNFused`, :class:`SwiGLUFFNAligned`)
+    for a nominal width: 2/3 of it, rounded up to a multiple of ``align_to``."""
     width = int(hidden_features * 2 / 3)
     return width + (-width % align_to)
