@@ -403,3 +403,18 @@ def test_dinov3_exports_refuse_what_the_targets_cannot_express(tmp_path):
     # The training-only local CLS norm is left out: inference never uses it.
     model = tiny_vit_v3(untie_global_and_local_cls_norm=True)
     assert not any("local_cls_norm" in key for key in interop.transformers_state_dict(model))
+
+
+def test_dinov3_transformers_folder_without_a_bias_it_declares_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from dinov2.hub.sources import load_backbone
+
+    interop.export_transformers(tiny_vit_v3(), tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(weights))
+    (missing,) = [key for key in state if key.endswith("layer.0.attention.q_proj.bias")]
+    del state[missing]
+    save_file(state, str(weights))
+    with pytest.raises(interop.InteropError, match=r"block 0 lacks .*q_proj\.bias.*query_bias"):
+        load_backbone(str(tmp_path / "hf"))

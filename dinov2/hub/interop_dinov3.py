@@ -274,6 +274,13 @@ def load_transformers_backbone(
             raise InteropError(f"{folder}: block {i} lacks one of {[f'{n}.weight' for n in names]}")
         ours[f"blocks.{i}.attn.qkv.weight"] = torch.cat([theirs.pop(f"{n}.weight") for n in names], dim=0)
         if query_bias:
+            biases = [f"{n}.bias" for n in (names if key_bias else names[::2])]
+            missing = [b for b in biases if b not in theirs]
+            if missing:
+                raise InteropError(
+                    f"{folder}: block {i} lacks {missing}, which config.json's query_bias={query_bias} / "
+                    f"key_bias={key_bias} (true when absent) call for"
+                )
             q, v = theirs.pop(f"{names[0]}.bias"), theirs.pop(f"{names[2]}.bias")
             k = theirs.pop(f"{names[1]}.bias") if key_bias else torch.zeros_like(q)
             ours[f"blocks.{i}.attn.qkv.bias"] = torch.cat((q, k, v))
