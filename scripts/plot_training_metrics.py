@@ -40,12 +40,18 @@ EXPORT_KNN_SERIES = {
 
 
 def read_export_knn(path) -> dict:
-    """{series name: [(iteration, top-1)]} from a ``quickdraw_cls_patch_knn.py --json`` file."""
-    rows = json.loads(Path(path).read_text())
+    """{series name: [(iteration, top-1)]} from a ``quickdraw_cls_patch_knn.py --json`` file of one run."""
+    try:
+        rows = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not JSON ({error})") from error
     if not isinstance(rows, list) or not all(isinstance(r, dict) and "iterations" in r for r in rows):
         raise ValueError(
             f"{path}: expected a JSON list of objects with 'iterations' (quickdraw_cls_patch_knn.py --json)"
         )
+    runs = sorted({str(r.get("run")) for r in rows})
+    if len(runs) > 1:
+        raise ValueError(f"{path}: rows of {len(runs)} runs ({runs}); plot one run's exports at a time")
     return {
         label: sorted((int(r["iterations"]), float(r[key])) for r in rows if key in r)
         for key, label in EXPORT_KNN_SERIES.items()

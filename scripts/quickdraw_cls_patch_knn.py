@@ -2,7 +2,7 @@
 
     python scripts/quickdraw_cls_patch_knn.py RUN_DIR [RUN_DIR ...] [--root PATH] [--json out.json]
                                               [--bank-per-class 80] [--queries-per-class 20]
-                                              [--every-export]
+                                              [--every-export] [--train-per-class 80]
 
 The recipe's protocol (docs/quickdraw_recipe.md): bank = drawings 0-79 of every category
 (27,600), queries = drawings 80-99 (6,900), whole 28 px drawings normalised as in training,

@@ -231,8 +231,13 @@ def test_every_export_knn_follows_the_run_and_joins_its_plot(tmp_path):
     png = plot.plot_training_metrics(run, tmp_path / "plot.png", export_knn=along)
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"iterations": 5}))
-    with pytest.raises(ValueError, match="bad.json"):
-        plot.read_export_knn(bad)
+    for text, problem in (
+        (json.dumps({"iterations": 5}), "expected a JSON list"),
+        ("[{", "not JSON"),
+        (json.dumps([{**rows[0], "run": "a"}, {**rows[1], "run": "b"}]), "rows of 2 runs"),
+    ):
+        bad.write_text(text)
+        with pytest.raises(ValueError, match=f"bad.json: {problem}"):
+            plot.read_export_knn(bad)
     with pytest.raises(SystemExit, match="no exports"):
         script.main([str(other), "--root", str(package), "--train-per-class", "8", "--every-export"])
