@@ -1,11 +1,13 @@
 """Single-process tests of the distributed helpers, the checkpoint manager, stop signals and the
-submitit job wrapper (the multi-process ones are in test_distributed_training.py)."""
+submitit job wrapper, and one two-process load check (the multi-process training runs are in
+test_distributed_training.py)."""
 
 import os
 import pickle
 import random
 import signal
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -172,6 +174,47 @@ def test_model_mismatch_is_an_error(tmp_path):
     linear = torch.nn.Linear(3, 3)
     with pytest.raises(CheckpointError, match="model entries this model does not have"):
         manager.load(path, {"train": ModelOptimizerState(linear)})
+
+
+def _load_that_fits_one_rank_only(rank, init_file, directory):
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        manager = CheckpointManager(directory)
+        path = manager.save(1, {"extra": {"w": torch.arange(4.0)}})
+        try:  # rank 1 asks for another shape, as a rank training another student would
+            manager.load(path, {"extra": {"w": torch.zeros(4 if rank == 0 else 5)}})
+            outcome = "loaded"
+        except CheckpointError as error:
+            outcome = str(error)
+        (Path(directory) / f"rank{rank}.txt").write_text(outcome)
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_checkpoint_that_does_not_fit_one_rank_is_refused_on_every_rank(tmp_path):
+    # The ranks whose part fits must not wait in dcp.load for the one that gave up.
+    import torch.multiprocessing as mp
+
+    ranks = mp.start_processes(
+        _load_that_fits_one_rank_only,
+        args=(str(tmp_path / "pg_init"), str(tmp_path)),
+        nprocs=2,
+        start_method="spawn",
+        join=False,
+    )
+    deadline = time.monotonic() + 120
+    while not ranks.join(timeout=2):
+        if time.monotonic() > deadline:
+            for process in ranks.processes:
+                process.kill()
+            pytest.fail("a rank is still waiting in the checkpoint load after 120 s")
+    outcomes = [(tmp_path / f"rank{rank}.txt").read_text() for rank in range(2)]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0].startswith("rank 1: checkpoint") and "extra.w" in outcomes[0] and "rank 0" not in outcomes[0]
 
 
 def test_rng_reseeds_deterministically_when_the_rank_was_not_saved():

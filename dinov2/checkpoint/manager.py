@@ -362,6 +362,36 @@ class CheckpointManager:
             self._verified[str(path)] = marker
         return problem
 
+    @staticmethod
+    def _load_templates(path: Path, app_state: Mapping[str, Any], iteration: int, metadata: Metadata):
+        """(the state ``dcp.load`` fills, why this rank's part does not fit the checkpoint or None)."""
+        available = sorted(metadata.state_dict_metadata)
+        state: Dict[str, Any] = {}
+        refused: List[str] = []
+        for key, value in app_state.items():  # every entry, so that every rank makes the same calls
+            if hasattr(value, "template_for_load"):
+                try:
+                    state[key] = value.template_for_load(available, key, iteration)
+                except ValueError as error:
+                    refused.append(f"cannot load checkpoint {path} ('{key}'): {error}")
+            elif hasattr(value, "state_dict"):
+                state[key] = value.state_dict()
+            else:
+                state[key] = value
+        if refused:
+            return state, "\n".join(refused)
+        owned: Dict[str, str] = {}
+        for key, value in app_state.items():
+            if hasattr(value, "owned_prefixes"):
+                owned.update(value.owned_prefixes(key))
+        mismatch = _describe_mismatch(state, metadata, owned)
+        if mismatch:
+            return state, (
+                f"checkpoint {path} does not fit the state it is loaded into (checked against its "
+                f"{METADATA_FILE}; nothing was loaded):\n{mismatch}"
+            )
+        return state, None
+
     # ------------------------------------------------------------------ save
     def save(self, iteration: int, app_state: Mapping[str, Any], protect: Iterable[int] = ()) -> Path:
         """Write ``app_state`` as ``ckpt_<iteration>``; returns its path once complete on all ranks.
@@ -463,28 +493,15 @@ class CheckpointManager:
         if problem:
             raise CheckpointError(f"cannot load checkpoint {path}: {problem}")
         metadata = read_metadata(path)
-        available = sorted(metadata.state_dict_metadata)
-        state: Dict[str, Any] = {}
-        for key, value in app_state.items():
-            if hasattr(value, "template_for_load"):
-                try:
-                    state[key] = value.template_for_load(available, key, info["iteration"])
-                except ValueError as error:
-                    raise CheckpointError(f"cannot load checkpoint {path} ('{key}'): {error}") from error
-            elif hasattr(value, "state_dict"):
-                state[key] = value.state_dict()
-            else:
-                state[key] = value
-        owned: Dict[str, str] = {}
-        for key, value in app_state.items():
-            if hasattr(value, "owned_prefixes"):
-                owned.update(value.owned_prefixes(key))
-        mismatch = _describe_mismatch(state, metadata, owned)
-        if mismatch:
-            raise CheckpointError(
-                f"checkpoint {path} does not fit the state it is loaded into (checked against its "
-                f"{METADATA_FILE}; nothing was loaded):\n{mismatch}"
-            )
+        state, problem = self._load_templates(path, app_state, info["iteration"], metadata)
+        # Ranks may hold different parts of the state (distillation students on rank subsets): a
+        # rank whose part does not fit must not leave the others waiting inside dcp.load.
+        problems = distributed.all_gather_object(problem)
+        failing = [(rank, text) for rank, text in enumerate(problems) if text]
+        if len(problems) == 1 and failing:
+            raise CheckpointError(failing[0][1])
+        if failing:
+            raise CheckpointError("\n".join(f"rank {rank}: {text}" for rank, text in failing))
         try:
             with _quiet_single_process():
                 dcp.load(
