@@ -12,7 +12,7 @@ from train_helpers import count_forwards, make_image_folder, tiny_overrides
 
 from dinov2.checkpoint.manager import checkpoint_keys, file_sha256
 from dinov2.hub.sources import load_backbone
-from dinov2.train.distill_meta_arch import TeacherChangedError, student_configs, student_ranks
+from dinov2.train.distill_meta_arch import DistillMetaArch, TeacherChangedError, student_configs, student_ranks
 from dinov2.train.train import main
 from dinov2.train.trainer import SSLTrainer
 from dinov2.utils.config import load_config
@@ -144,6 +144,22 @@ def test_a_changed_teacher_file_is_refused_on_resume(tmp_path, data_root, teache
         main(["--output-dir", str(tmp_path / "run"), *common, "train.max_iterations=4"])
 
 
+def test_each_student_starts_from_its_own_seed(data_root, teacher_run):
+    # Its initial weights depend on train.seed and its place in the list only: not on what was
+    # drawn before, nor on which other students are built (the same on any rank placement).
+    two = "distillation.students=[{name: wide, student: {embed_dim: 32}}, {name: narrow, student: {embed_dim: 16}}]"
+    cfg = load_config(None, distill_overrides(data_root, teacher_run, two))
+    first = DistillMetaArch(cfg).students
+    torch.rand(100)
+    again = DistillMetaArch(cfg).students
+    other = DistillMetaArch(load_config(None, distill_overrides(data_root, teacher_run, two, "train.seed=1"))).students
+    for name in ("wide", "narrow"):
+        ours, theirs = first[name].state_dict(), again[name].state_dict()
+        assert all(torch.equal(ours[key], theirs[key]) for key in ours), name
+        reseeded = other[name].state_dict()
+        assert not torch.equal(ours["student.backbone.cls_token"], reseeded["student.backbone.cls_token"]), name
+
+
 def test_two_students_share_one_teacher_forward_and_export_separately(tmp_path, data_root, teacher_run):
     students = (
         "distillation.students=[{name: wide, student: {embed_dim: 32}},"
@@ -251,6 +267,9 @@ def test_students_on_rank_subsets_share_each_ranks_teacher_forward_and_resume_ex
     assert [report["students"] for report in reports] == [["wide"], ["narrow"]]
     assert [report["teacher_forwards"] for report in reports] == [4, 4]  # once per rank and step
     assert [report["resumed_from"] for report in reports] == ["ckpt_00000002"] * 2
+    for report in reports:  # both ranks, although only rank 1 trained the student that went missing
+        assert "holds student(s) ['narrow'] that distillation.students no longer lists" in report["init_refused"]
+        assert "initialise from a checkpoint without them" in report["init_refused"]
 
     # Rank 0 logs both students' figures, each reduced over its own rank.
     full, resumed = read_lines(tmp_path / "full"), read_lines(tmp_path / "resumed")

@@ -457,7 +457,7 @@ class DistillMetaArch(nn.Module):
         self.student_groups: Dict[str, Any] = {}
         if not self.rank_subsets:
             self.students = nn.ModuleDict(
-                {name: DistillStudent(scfg, teacher) for name, scfg in self.student_cfgs.items()}
+                {name: self._build_student(index, scfg) for index, (name, scfg) in enumerate(self.student_cfgs.items())}
             )
             return
         if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
@@ -473,11 +473,7 @@ class DistillMetaArch(nn.Module):
             if rank not in ranks:
                 continue
             self.student_meshes[name], self.student_groups[name] = mesh, mesh.get_group()
-            # Each student from its own seed: its initial weights do not depend on which other
-            # students this rank builds, so all of its ranks start it identically.
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(int(cfg.train.seed) + 1000 * (index + 1))
-                students[name] = DistillStudent(scfg, teacher, process_group=self.student_groups[name])
+            students[name] = self._build_student(index, scfg, self.student_groups[name])
         self.students = nn.ModuleDict(students)
         logger.info(
             "distillation students on rank subsets: %s; rank %d trains %s",
@@ -485,6 +481,14 @@ class DistillMetaArch(nn.Module):
             rank,
             ", ".join(students),
         )
+
+    def _build_student(self, index: int, scfg: DictConfig, process_group=None) -> DistillStudent:
+        """Student ``index`` of the list, from its own seed (``train.seed`` and its position): its
+        initial weights do not depend on which other students a rank builds, so it starts the same
+        on all of its ranks and whichever ranks it is placed on."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.cfg.train.seed) + 1000 * (index + 1))
+            return DistillStudent(scfg, self.frozen_teacher, process_group=process_group)
 
     @property
     def frozen_teacher(self) -> FrozenTeacher:

@@ -135,6 +135,21 @@ class StudentRoster:
         its own (``students.<name>``); None: the whole model is every rank's."""
         return [f"students.{unit.name}" for unit in self.units] if self.rank_subsets else None
 
+    def refuse_unlisted_students(self, path, keys: List[str], remedy: str) -> None:
+        """Refuse checkpoint ``path`` (its flattened ``keys``) when it holds a student that the
+        config no longer lists. Needed with rank subsets only: each rank then reads just its own
+        students' entries, so no rank would notice one that nobody trains any more (without
+        subsets the load itself refuses the unexpected entries)."""
+        if not self.rank_subsets:
+            return
+        stored = {key.split(".")[3] for key in keys if key.startswith("train.model.students.")}
+        unknown = sorted(stored - set(self.model.student_cfgs))
+        if unknown:
+            raise ValueError(
+                f"checkpoint {path} holds student(s) {unknown} that distillation.students no longer lists "
+                f"({list(self.model.student_cfgs)}); list them again, or {remedy}"
+            )
+
     def configs_with_own_folder(self) -> Iterator[Tuple[DictConfig, Path]]:
         """(config, folder) of each distillation student that has a folder of its own (several
         students), also of those other ranks train: the folders evaluation reads."""

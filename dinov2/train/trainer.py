@@ -317,6 +317,9 @@ class SSLTrainer:
             init_from = self.cfg.train.init_from_checkpoint
             if init_from:
                 owned = self.roster.owned_checkpoint_modules()
+                self.roster.refuse_unlisted_students(
+                    init_from, checkpoint_keys(init_from), "initialise from a checkpoint without them"
+                )
                 self.checkpointer.load(init_from, {"train": ModelOptimizerState(self.model, owned_modules=owned)})
                 logger.info("model initialised from training checkpoint %s (train.init_from_checkpoint)", init_from)
             self._record_start()
@@ -335,16 +338,7 @@ class SSLTrainer:
                 f"distillation.enabled is on but checkpoint {path} was not written by a distillation run; "
                 "use another output directory (student.pretrained_weights starts a student from a backbone file)"
             )
-        if self.roster.rank_subsets:
-            # Each rank reads only its students' entries, so none would notice a stored student
-            # that no rank trains any more.
-            stored = {key.split(".")[3] for key in keys if key.startswith("train.model.students.")}
-            unknown = sorted(stored - set(self.model.student_cfgs))
-            if unknown:
-                raise ValueError(
-                    f"checkpoint {path} holds student(s) {unknown} that distillation.students no longer lists "
-                    f"({list(self.model.student_cfgs)}); list them again, or start a new run in another output directory"
-                )
+        self.roster.refuse_unlisted_students(path, keys, "start a new run in another output directory")
         self.checkpointer.load(path, state)
         if self.gram_teacher is not None:
             self.gram_teacher.restore(state["gram_state"], path)
