@@ -8,7 +8,8 @@ from classify_helpers import tiny_classifier
 from torch.utils.data import Subset
 
 from dinov2.classify.checkpoint import ClassifierFileError
-from dinov2.classify.data import ClassifyDataError, make_task_dataset, task_targets
+from dinov2.classify.config import load_classify_config
+from dinov2.classify.data import ClassifyDataError, build_datasets, make_task_dataset, task_targets
 from dinov2.classify.feature_cache import cache_features
 from dinov2.classify.optimization import build_optimizer
 from dinov2.classify.resume import (
@@ -19,8 +20,10 @@ from dinov2.classify.resume import (
     write_resume_state,
 )
 from dinov2.classify.transforms import eval_transform, preprocessing_settings
+from dinov2.data.loaders import make_dataset
 from dinov2.optim import scale_learning_rates
 from dinov2_tools.shapes import make_shapes_dataset
+from dinov2_tools.synthetic_industrial import make_industrial_dataset
 
 
 def test_cached_features_are_the_backbone_pooling_with_every_task_target(tmp_path):
@@ -49,6 +52,22 @@ def test_cached_features_are_the_backbone_pooling_with_every_task_target(tmp_pat
     assert task_targets(subset, [0, 2])["presence"].tolist() == [dataset[6][1]["presence"], dataset[0][1]["presence"]]
     with pytest.raises(ClassifyDataError, match="not a classifier dataset"):
         task_targets(torch.utils.data.TensorDataset(torch.zeros(2)), [0])
+
+
+def test_validation_fraction_holds_out_whole_groups_and_loss_weights_name_real_tasks(tmp_path):
+    make_industrial_dataset(str(tmp_path), groups=10, images_per_group=2, size=16, seed=3)
+    spec = f"Industrial:root={tmp_path}:split=train"
+    preprocessing = preprocessing_settings(crop_size=16, resize_size=16)
+    common = [f"output_dir={tmp_path / 'out'}", f"data.train={spec}"]
+    cfg = load_classify_config(None, [*common, "data.val_fraction=0.25"])
+    train_set, val_set, tasks = build_datasets(cfg, preprocessing)
+    groups = make_dataset(spec).get_group_ids()
+    train_groups, val_groups = ({groups[i] for i in part.indices} for part in (train_set, val_set))
+    assert val_groups and train_groups and not train_groups & val_groups  # photos of one part on one side only
+    assert len(train_set) + len(val_set) == len(groups)
+    typo = load_classify_config(None, [*common, "heads.loss_weights={labl: 0.5}"])
+    with pytest.raises(ClassifyDataError, match=r"heads.loss_weights names task\(s\) \['labl'\] .*tasks: \['label'\]"):
+        build_datasets(typo, preprocessing)
 
 
 def _state(epoch):

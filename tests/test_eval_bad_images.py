@@ -10,7 +10,7 @@ from PIL import Image
 from dinov2.data.image_io import BadImageError
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
-from dinov2.eval.features import BlockFeatures, extract_features
+from dinov2.eval.features import BlockFeatures, class_names_of, extract_features
 from dinov2.eval.linear import HeadGrid, OnlineTrainSource, make_head_grid, train_linear_grid
 from dinov2.models.vision_transformer import vit_small
 
@@ -60,6 +60,7 @@ def test_skipped_images_in_a_stream(tmp_path, model):
     )
     features = extract_features(model, stream, batch_size=2, num_workers=0)
     assert features.labels.tolist() == [0, 0, 1]  # samples 0, 2, 3
+    assert class_names_of(stream) is None  # no classes=: integer labels, reports without names
 
 
 def test_online_linear_probe_survives_an_all_skipped_batch(tmp_path, model):

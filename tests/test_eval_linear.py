@@ -266,7 +266,7 @@ def test_linear_grid_two_gloo_ranks_equals_averaged_single_process(tmp_path):
 
 
 def test_validation_split_holds_out_whole_groups():
-    from dinov2.eval.linear import split_train_val
+    from dinov2.data.splits import split_train_val
 
     groups = [f"part{i // 4}" for i in range(40)]  # 10 parts photographed 4 times each
     keep, held = split_train_val(40, 0.25, seed=3, groups=groups)

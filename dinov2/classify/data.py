@@ -17,6 +17,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from dinov2.data.splits import split_train_val
+from dinov2.eval.features import group_ids_for
+
 from .losses import MISSING_LABEL
 from .transforms import eval_transform, train_transform
 
@@ -106,17 +109,6 @@ def select_tasks(tasks: Mapping[str, Sequence[str]], wanted: Optional[Sequence[s
     return {t: list(tasks[t]) for t in wanted}
 
 
-def split_indices(count: int, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Deterministic (train, val) index split of ``count`` samples."""
-    if not 0.0 < val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    order = np.random.default_rng(seed).permutation(count)
-    n_val = max(1, int(round(count * val_fraction)))
-    if n_val >= count:
-        raise ClassifyDataError(f"val_fraction {val_fraction} leaves no training samples out of {count}")
-    return np.sort(order[n_val:]), np.sort(order[:n_val])
-
-
 def subsample(dataset: Dataset, limit: Optional[int], seed: int) -> Dataset:
     """At most ``limit`` samples, chosen at random but reproducibly."""
     if not limit or limit >= len(dataset):
@@ -143,13 +135,23 @@ def build_datasets(
     wanted = list(cfg.heads.tasks) if cfg.heads.tasks else None
     single = cfg.heads.single_task_name
     train_set, tasks = make_task_dataset(d.train, train_tf, wanted=wanted, single_task_name=single)
+    unknown = sorted(set(cfg.heads.loss_weights) - set(tasks))
+    if unknown:
+        raise ClassifyDataError(
+            f"heads.loss_weights names task(s) {unknown} that {d.train} has not; its tasks: {list(tasks)}"
+        )
     val_set = None
     if d.val:
         val_set, _ = make_task_dataset(d.val, eval_tf, tasks=tasks, single_task_name=single)
     elif d.val_fraction > 0:
-        # Two views of the same files: augmented for training, plain for validation.
+        # Two views of the same files: augmented for training, plain for validation. Datasets with
+        # groups (industrial parts) hold out whole groups, as the evaluations do.
         plain, _ = make_task_dataset(d.train, eval_tf, tasks=tasks, single_task_name=single)
-        train_idx, val_idx = split_indices(len(train_set), d.val_fraction, cfg.seed)
+        groups = group_ids_for(train_set, torch.arange(len(train_set)))
+        try:
+            train_idx, val_idx = split_train_val(len(train_set), d.val_fraction, cfg.seed, groups, "data.val_fraction")
+        except ValueError as error:
+            raise ClassifyDataError(f"{d.train}: {error}") from error
         train_set, val_set = Subset(train_set, train_idx.tolist()), Subset(plain, val_idx.tolist())
     train_set = subsample(train_set, d.max_train_samples, cfg.seed)
     val_set = subsample(val_set, d.max_val_samples, cfg.seed + 1) if val_set is not None else None

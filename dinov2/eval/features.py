@@ -94,14 +94,15 @@ def target_to_label(target, task: Optional[str] = None) -> int:
 
 
 def class_names_of(dataset, task: Optional[str] = None) -> Optional[list]:
-    """Class names of a dataset (or of one task of a multi-task CSV dataset), if it has them."""
+    """Class names of a dataset (or of one task of a multi-task CSV dataset); None if it has none."""
     if task is not None:
         tasks = getattr(dataset, "tasks", None)
         if not tasks or task not in tasks:
             raise ValueError(f"--task {task!r}: the dataset has tasks {sorted(tasks or {})}")
         return list(tasks[task])
     classes = getattr(dataset, "classes", None)
-    return list(classes) if classes is not None else None
+    # None, not []: a WebDataset stream without classes= has integer labels and no names for them
+    return list(classes) if classes else None
 
 
 class _Indexed(Dataset):

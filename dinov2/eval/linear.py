@@ -43,6 +43,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from tqdm import tqdm
 
 from dinov2.data.image_io import SkipBadSamples
+from dinov2.data.splits import split_train_val
 
 from . import _dist
 from .features import (
@@ -429,38 +430,6 @@ def _labels_of(dataset, task) -> Optional[np.ndarray]:
             raise SystemExit(f"the dataset has label columns {names}: choose one with --task")
         return targets[:, names.index(task)]
     return targets
-
-
-def split_train_val(
-    num_samples: int, fraction: float, seed: int, groups: Optional[Sequence] = None
-) -> Tuple[np.ndarray, np.ndarray]:
-    """(train positions, val positions): a seeded random ``fraction`` held out.
-
-    With ``groups`` (one id per sample, e.g. the industrial ``group_id``) whole groups are held
-    out, so photos of one part never sit on both sides of the model selection.
-    """
-    if not 0 < fraction < 1:
-        raise ValueError(f"--val-fraction must be in (0, 1), got {fraction}")
-    rng = np.random.default_rng([seed, 12345])
-    if groups is None:
-        order = rng.permutation(num_samples)
-        n_val = max(1, int(round(fraction * num_samples)))
-        return np.sort(order[n_val:]), np.sort(order[:n_val])
-    if len(groups) != num_samples:
-        raise ValueError(f"got {len(groups)} group ids for {num_samples} samples")
-    codes = np.unique(np.asarray([str(g) for g in groups]), return_inverse=True)[1]
-    n_groups = int(codes.max()) + 1
-    if n_groups < 2:
-        raise ValueError("cannot hold out whole groups for validation: the train set holds a single group")
-    held_groups = []
-    target = max(1, int(round(fraction * num_samples)))
-    sizes = np.bincount(codes, minlength=n_groups)
-    for group in rng.permutation(n_groups)[: n_groups - 1]:  # at least one group stays in train
-        if sizes[held_groups].sum() >= target:
-            break
-        held_groups.append(group)
-    held = np.isin(codes, held_groups)
-    return np.flatnonzero(~held), np.flatnonzero(held)
 
 
 def run_linear(cfg: DictConfig) -> dict:

@@ -21,6 +21,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
+from dinov2.data.splits import split_train_val
+
 from . import _dist
 from .features import (
     BlockFeatures,
@@ -32,7 +34,7 @@ from .features import (
     gather_feature_set,
     group_ids_for,
 )
-from .linear import linear_input, split_train_val
+from .linear import linear_input
 from .metrics import evaluation_report, summary_lines, youden_thresholds_of
 from .plots import plot_confusion_matrix
 from .results import track_results, write_results
