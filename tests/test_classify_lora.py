@@ -1,4 +1,5 @@
 import copy
+import shutil
 
 import pytest
 import torch
@@ -62,29 +63,25 @@ def test_classifier_file_round_trip_with_and_without_adapters(tmp_path):
 
 def test_lpft_stage_two_changes_only_adapters_and_heads(tmp_path):
     make_shapes_dataset(tmp_path / "data", count=40, size=16, seed=3)
-    cfg = load_classify_config(
-        None,
-        [
-            f"output_dir={tmp_path / 'run'}",
-            f"data.train=CSV:path={tmp_path / 'data' / 'train.csv'}",
-            f"data.val=CSV:path={tmp_path / 'data' / 'val.csv'}",
-            "data.crop_size=16",
-            "data.batch_size=8",
-            "data.num_workers=0",
-            "backbone.patch_size=4",
-            "backbone.embed_dim=32",
-            "backbone.depth=2",
-            "backbone.num_heads=2",
-            "optim.mode=lpft",
-            "optim.epochs=2",
-            "lpft.probe_epochs=1",
-            "lpft.r=2",
-            "lpft.lr=0.01",
-            "optim.warmup_epochs=0",
-            "checkpointing.keep_last=5",
-        ],
-    )
-    summary = train_classifier(cfg)
+    options = [
+        f"data.train=CSV:path={tmp_path / 'data' / 'train.csv'}",
+        f"data.val=CSV:path={tmp_path / 'data' / 'val.csv'}",
+        "data.crop_size=16",
+        "data.batch_size=8",
+        "data.num_workers=0",
+        "backbone.patch_size=4",
+        "backbone.embed_dim=32",
+        "backbone.depth=2",
+        "backbone.num_heads=2",
+        "optim.mode=lpft",
+        "optim.epochs=2",
+        "lpft.probe_epochs=1",
+        "lpft.r=2",
+        "lpft.lr=0.01",
+        "optim.warmup_epochs=0",
+        "checkpointing.keep_last=5",
+    ]
+    summary = train_classifier(load_classify_config(None, [f"output_dir={tmp_path / 'run'}", *options]))
     stage1 = torch.load(tmp_path / "run/checkpoints/epoch_0001.pth", weights_only=True)
     stage2 = torch.load(tmp_path / "run/checkpoints/epoch_0002.pth", weights_only=True)
     assert stage1["lora"] is None and stage2["lora"]["r"] == 2
@@ -107,6 +104,14 @@ def test_lpft_stage_two_changes_only_adapters_and_heads(tmp_path):
     # The exported model has the adapters merged in and loads as a plain classifier.
     model, _ = load_classifier(tmp_path / "run" / "model_final.pth")
     assert not has_lora(model)
+    # Interrupted at the stage boundary: the resumed run draws the same adapters and ends the same.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed)
+    (resumed / "checkpoints" / "epoch_0002.pth").unlink()
+    (resumed / "model_final.pth").unlink()
+    train_classifier(load_classify_config(None, [f"output_dir={resumed}", *options]))
+    again = torch.load(resumed / "checkpoints" / "epoch_0002.pth", weights_only=True)["model"]
+    assert again.keys() == after.keys() and all(torch.equal(again[key], after[key]) for key in after)
 
 
 def test_trainable_fraction_counts():

@@ -137,6 +137,9 @@ class ClassifierTrainer:
 
     def _configure_stage(self, stage: Stage):
         if stage.name == "lora" and not has_lora(self.model):
+            # The adapters' random start from a seed of the stage: a run resumed at the stage
+            # boundary draws the same ones as an uninterrupted run (the epoch loop reseeds after).
+            torch.manual_seed(self.cfg.seed * 100_003 + 50_021 + stage.first_epoch)
             add_lora(self.model.backbone, self.lora)
             self.model.backbone.to(self.device)
         set_trainable(self.model, stage.name, self.cfg.optim.unfreeze_last_k)
