@@ -9,6 +9,7 @@ from dinov2.classify.checkpoint import load_classifier
 from dinov2.classify.config import load_classify_config
 from dinov2.classify.heads import HeadSpec, MultiHeadClassifier
 from dinov2.classify.optimization import build_optimizer
+from dinov2.classify.resume import RESUME_STATE_KEYS, resume_states, write_resume_state
 from dinov2.classify.stages import set_trainable
 from dinov2.classify.trainer import train_classifier
 from dinov2.hub.sources import BackboneSourceError, load_backbone
@@ -73,6 +74,18 @@ def test_full_finetuning_writes_outputs_and_resumes_exactly(tmp_path, shapes):
     resumed_lines = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [line["epoch"] for line in resumed_lines] == [1, 2, 3]
     assert resumed_lines[:2] == lines[:2]
+
+
+def test_starting_over_sets_the_earlier_runs_resume_states_aside(tmp_path, shapes):
+    extra = ["optim.epochs=1", "checkpointing.keep_last=1"]
+    for epoch in (9, 10):  # an earlier, longer run's states
+        write_resume_state(tmp_path, {key: None for key in RESUME_STATE_KEYS} | {"epoch": epoch}, keep=5)
+    train_classifier(_cfg(tmp_path, shapes, *extra, "checkpointing.resume=false"))
+    assert [epoch for epoch, _ in resume_states(tmp_path)] == [1]  # not pruned against epochs 9 and 10
+    assert sorted(p.name for p in (tmp_path / "checkpoints.replaced-1").glob("*.pth")) == [
+        "epoch_0009.pth",
+        "epoch_0010.pth",
+    ]
 
 
 def test_validation_period_skips_epochs_but_always_validates_the_last(tmp_path, shapes):

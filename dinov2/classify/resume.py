@@ -94,6 +94,21 @@ def read_resume_state(path: PathLike) -> Dict[str, Any]:
     return dict(state)
 
 
+def set_aside_resume_states(output_dir: PathLike) -> Optional[Path]:
+    """Rename ``checkpoints/`` to ``checkpoints.replaced-<n>`` when it holds resume states (a run
+    that starts over must not count an earlier run's states in its retention, nor resume from them
+    later); returns the new name, or None when there was nothing to set aside. Nothing is deleted."""
+    if not resume_states(output_dir):
+        return None
+    directory = Path(output_dir) / CHECKPOINT_DIR
+    n = 1
+    while directory.with_name(f"{CHECKPOINT_DIR}.replaced-{n}").exists():
+        n += 1
+    target = directory.with_name(f"{CHECKPOINT_DIR}.replaced-{n}")
+    os.rename(directory, target)
+    return target
+
+
 def write_resume_state(output_dir: PathLike, state: Mapping[str, Any], keep: int) -> Path:
     """Write ``state`` (all of ``RESUME_STATE_KEYS``) as the state after ``state["epoch"]``
     atomically, then delete the older states the retention policy does not keep."""

@@ -33,7 +33,7 @@ from .feature_cache import FeatureDataset, cache_features
 from .heads import HeadSpec, MultiHeadClassifier
 from .lora import add_lora, has_lora, lora_settings, merge_lora, trainable_fraction
 from .optimization import stage_optimizer, stage_schedule
-from .resume import latest_resume_state, read_resume_state, write_resume_state
+from .resume import latest_resume_state, read_resume_state, set_aside_resume_states, write_resume_state
 from .stages import Stage, plan_stages, set_trainable, stage_of
 from .transforms import preprocessing_settings
 
@@ -160,7 +160,14 @@ class ClassifierTrainer:
 
     def _resume(self) -> Optional[dict]:
         """Load the newest resume state into the model (adapters first, if it has them)."""
-        path = latest_resume_state(self.output_dir) if self.cfg.checkpointing.resume else None
+        if not self.cfg.checkpointing.resume:
+            replaced = set_aside_resume_states(self.output_dir)
+            if replaced is not None:
+                logger.warning(
+                    "classify: checkpointing.resume=false: the earlier run's resume states are now in %s", replaced
+                )
+            return None
+        path = latest_resume_state(self.output_dir)
         if path is None:
             return None
         state = read_resume_state(path)
