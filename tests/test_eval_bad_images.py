@@ -7,6 +7,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
+from dinov2.data.datasets.webdataset_shards import WebDatasetStream
 from dinov2.data.image_io import BadImageError
 from dinov2.data.loaders import make_dataset
 from dinov2.data.transforms import make_classification_eval_transform
@@ -42,6 +43,8 @@ def test_skipped_images_are_left_out_of_features(tmp_path, model):
     strict = make_dataset(f"ImageFolder:root={tmp_path}:cache=false", transform=transform)
     with pytest.raises(BadImageError, match="2.jpg"):
         extract_features(model, strict, batch_size=2, num_workers=0)
+    with pytest.raises(ValueError, match=r"rank\(s\) \[0\] of 1 got no samples"):  # every rank says which
+        extract_features(model, lenient, batch_size=2, num_workers=0, indices=[1])  # only the broken image
 
 
 def test_skipped_images_in_a_stream(tmp_path, model):
@@ -61,6 +64,27 @@ def test_skipped_images_in_a_stream(tmp_path, model):
     features = extract_features(model, stream, batch_size=2, num_workers=0)
     assert features.labels.tolist() == [0, 0, 1]  # samples 0, 2, 3
     assert class_names_of(stream) is None  # no classes=: integer labels, reports without names
+
+
+def test_a_stream_built_for_one_of_several_ranks_is_read_whole_for_evaluation(tmp_path, model):
+    # Under torchrun a WebDataset stream deals its shards to the ranks when it is built; the
+    # evaluation spreads a stream over ranks by position itself, so it must read every shard.
+    for shard in range(2):
+        with wds.TarWriter(str(tmp_path / f"s-{shard:06d}.tar")) as sink:
+            for n in range(3):
+                image = Image.new("RGB", (16, 16), (80 * n, 0, 0))
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                sink.write({"__key__": f"s{shard}-{n}", "png": buffer.getvalue(), "cls": shard})
+    stream = WebDatasetStream(
+        urls=f"{tmp_path}/s-{{000000..000001}}.tar",
+        transform=make_classification_eval_transform(crop_size=16),
+        rank=1,
+        world_size=2,
+    )
+    features = extract_features(model, stream, batch_size=2, num_workers=0)
+    assert features.labels.tolist() == [0, 0, 0, 1, 1, 1] and features.indices.tolist() == list(range(6))
+    assert (stream.rank, stream.world_size) == (1, 2)  # the caller's stream is left as it was
 
 
 def test_online_linear_probe_survives_an_all_skipped_batch(tmp_path, model):

@@ -15,6 +15,7 @@ the features; each was logged by the dataset and their number is logged once per
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import sys
 import time
@@ -153,6 +154,11 @@ def _batches(
 ) -> tuple[Iterator, Optional[int]]:
     """Batches of (images, labels, indices) of this rank's slice, and its size if known."""
     if isinstance(dataset, IterableDataset):
+        if getattr(dataset, "world_size", 1) != 1:
+            # A stream that deals its shards to the ranks (WebDatasetStream built under torchrun)
+            # would hand each rank part of the data before the position filter below: read all.
+            dataset = copy.copy(dataset)
+            dataset.rank, dataset.world_size = 0, 1
         loader = DataLoader(dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=SkipBadSamples())
 
         def strided():
@@ -236,9 +242,13 @@ def extract_features(
         )
     if _dist.is_main_process():
         logger.info("%s: %d images in %.1f s (%.1f img/s on rank 0)", desc, count, elapsed, count / max(elapsed, 1e-9))
-    if not features:
+    # Every rank learns whether any got nothing, so that none is left waiting in the gather after.
+    empty = _dist.all_gather_cat(torch.tensor([0 if features else 1]))
+    if empty.any():
+        ranks = torch.nonzero(empty).flatten().tolist()
         raise ValueError(
-            f"{desc}: this process got no samples (dataset of {total} samples for rank {rank}/{world_size})"
+            f"{desc}: rank(s) {ranks} of {world_size} got no samples (this rank read {count}); "
+            "use fewer processes for a dataset this small"
         )
     # Concatenated outside inference mode: the result is an ordinary tensor that heads can train on.
     return FeatureSet(torch.cat(features), torch.cat(labels).to(device), torch.cat(positions).to(device))
