@@ -22,4 +22,5 @@ if ! "$venv/bin/python" -c "import sys, torch; sys.exit(not (torch.cpu._is_avx51
   echo "[demo] this CPU has no bf16 matmuls (AVX512-BF16 / AMX): running the recipe in fp32"
   precision=(compute_precision.param_dtype=fp32 compute_precision.teacher_dtype=fp32)
 fi
-PYTHON="$venv/bin/python" exec bash scripts/quickdraw_pretrain_eval.sh "$out" optim.epochs=24 "${precision[@]}" "$@"
+# ${a[@]+"${a[@]}"}: an empty array is "unbound" under set -u in bash before 4.4 (macOS ships 3.2)
+PYTHON="$venv/bin/python" exec bash scripts/quickdraw_pretrain_eval.sh "$out" optim.epochs=24 ${precision[@]+"${precision[@]}"} "$@"

@@ -49,7 +49,9 @@ else
 fi
 
 start=$(date +%s)
-"$PYTHON" train/train.py --config-file configs/train/quickdraw_vit_tiny.yaml --output-dir "$OUT" "${data_paths[@]}" "$@"
+# ${a[@]+"${a[@]}"}: an empty array is "unbound" under set -u in bash before 4.4 (macOS ships 3.2)
+"$PYTHON" train/train.py --config-file configs/train/quickdraw_vit_tiny.yaml --output-dir "$OUT" \
+    ${data_paths[@]+"${data_paths[@]}"} "$@"
 train_seconds=$(( $(date +%s) - start ))
 
 "$PYTHON" eval/knn.py --pretrained-weights "$OUT" \
