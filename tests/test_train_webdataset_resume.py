@@ -16,7 +16,7 @@ from dinov2 import distributed
 from dinov2.checkpoint import CheckpointManager
 from dinov2.data.loaders import make_data_loader, make_dataset
 from dinov2.train.data import build_train_data_loader
-from dinov2.train.trainer import SSLTrainer
+from dinov2.train.trainer import DataExhaustedError, SSLTrainer
 from dinov2.utils.config import load_config
 
 
@@ -70,6 +70,14 @@ def test_resumed_webdataset_run_trains_on_the_same_batches(tmp_path, shard_spec)
         assert torch.equal(crops, straight[iteration][0]), iteration  # same samples, same crops
         assert loss == pytest.approx(straight[iteration][1], rel=1e-6, abs=1e-7), iteration
     assert resumed_trainer.loader.state_dict()["consumed_samples"] == 7 * 4
+
+
+def test_a_stream_that_ends_before_the_run_stops_it_with_a_clear_error(tmp_path, shard_spec):
+    once = shard_spec.replace(":repeat=true", "")  # 27 samples: 6 batches of 4
+    cfg = load_config(None, [f"train.dataset_path={once}", *TINY_OVERRIDES, "train.max_iterations=10"])
+    trainer = SSLTrainer(cfg, output_dir=tmp_path)
+    with pytest.raises(DataExhaustedError, match=r"ran out after iteration 6 of 10 \(on this rank\).*:repeat=true"):
+        trainer.train()
 
 
 def test_training_needs_a_shard_per_reader(shard_spec):

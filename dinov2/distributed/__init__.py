@@ -25,7 +25,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Optional
+from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -279,10 +279,15 @@ def all_gather_object(obj) -> list:
 
 def any_rank(flag: bool, device: Optional[torch.device] = None) -> bool:
     """True on every rank when ``flag`` is true on at least one (e.g. a stop signal)."""
+    return any_rank_each([flag], device)[0]
+
+
+def any_rank_each(flags: Sequence[bool], device: Optional[torch.device] = None) -> List[bool]:
+    """:func:`any_rank` of several flags in one collective (every rank passes as many)."""
     if not is_enabled():
-        return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0], device=device or get_device())
-    return bool(all_reduce_max(value).item() > 0)
+        return [bool(flag) for flag in flags]
+    values = torch.tensor([1.0 if flag else 0.0 for flag in flags], device=device or get_device())
+    return [value > 0 for value in all_reduce_max(values).tolist()]
 
 
 def broadcast_object(obj, src: int = 0, group=None):
@@ -308,6 +313,7 @@ __all__ = [
     "all_reduce_mean",
     "all_reduce_sum",
     "any_rank",
+    "any_rank_each",
     "barrier",
     "broadcast_object",
     "differentiable_all_reduce_sum",

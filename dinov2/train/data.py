@@ -314,6 +314,11 @@ def build_train_data_loader(
                 "batches from its workers in turn); write more shards or lower train.num_workers"
             )
         dataset.rank, dataset.world_size = rank, world_size  # this rank's shards
+        if not dataset.repeat:
+            logger.warning(
+                "the training WebDataset has repeat=false: it ends after one pass over its shards, and a run "
+                "longer than that stops with an error (add :repeat=true to train.dataset_path)"
+            )
         sizes = CropSizeSchedule.from_config(cfg, world_size, stream_workers=num_workers)
         before = _SizedTransform(augmentation, sizes) if sizes is not None else None
         loader = _seeded_loader(

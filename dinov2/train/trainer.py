@@ -67,6 +67,10 @@ class NonFiniteLossError(RuntimeError):
     """Too many consecutive iterations with a non-finite loss term or gradient norm."""
 
 
+class DataExhaustedError(RuntimeError):
+    """The training data ended before the last iteration (a stream that does not repeat)."""
+
+
 def _to_device(batch: Dict[str, Any], device: torch.device) -> Dict[str, Any]:
     return {
         key: value.to(device, non_blocking=True) if isinstance(value, torch.Tensor) else value
@@ -592,11 +596,21 @@ class SSLTrainer:
 
         while self.iteration < self.max_iterations:
             start = time.perf_counter()
-            batch = next(data_iter)
-            skipped_images += int(batch.pop("skipped_images", 0))
+            batch = next(data_iter, None)  # None: a stream that does not repeat has ended
             # Every image of a batch was unreadable and skipped: all ranks skip the step together,
-            # or the others would wait in the step's collectives for this one.
-            if distributed.any_rank("collated_global_crops" not in batch, self.device):
+            # or the others would wait in the step's collectives for this one. Likewise all stop
+            # when the data of any has run out.
+            ended, unreadable = distributed.any_rank_each(
+                [batch is None, batch is not None and "collated_global_crops" not in batch], self.device
+            )
+            if ended:
+                raise DataExhaustedError(
+                    f"the training data ran out after iteration {self.iteration} of {self.max_iterations} "
+                    f"({'on this rank' if batch is None else 'on another rank'}); "
+                    "a WebDataset stream ends after one pass unless train.dataset_path has :repeat=true"
+                )
+            skipped_images += int(batch.pop("skipped_images", 0))
+            if unreadable:
                 continue
             result = self.train_step(batch)
             self.iteration += 1
