@@ -92,6 +92,15 @@ def test_run_writes_config_metrics_checkpoints_and_exports(tmp_path, data_root):
     assert png == out / "training_metrics.png" and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_non_finite_weights_are_never_checkpointed(tmp_path, data_root):
+    trainer = SSLTrainer(load_config(None, tiny_overrides(data_root)), output_dir=tmp_path / "run")
+    with torch.no_grad():
+        trainer.model.student["backbone"].cls_token.fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match=r"refusing to checkpoint: student\.backbone\.cls_token holds"):
+        trainer.save_checkpoint()
+    assert trainer.checkpointer.latest() is None
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_root):
     # Fixed teacher (momentum 1) and temperature: the student fits the teacher's targets.
     cfg = load_config(

@@ -276,10 +276,19 @@ class SSLTrainer:
         return state
 
     def _check_finite_state(self) -> None:
+        """Refuse to checkpoint non-finite weights, on every rank: each checks its own shards, and
+        all agree before the collective save (a rank raising alone would leave the others in it)."""
+        bad = None
         for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
             local = tensor.to_local() if hasattr(tensor, "to_local") else tensor
             if not torch.isfinite(local).all():
-                raise NonFiniteLossError(f"refusing to checkpoint: {name} holds non-finite values")
+                bad = name
+                break
+        found = [(rank, name) for rank, name in enumerate(distributed.all_gather_object(bad)) if name is not None]
+        if found:
+            rank, name = found[0]
+            where = f" (rank {rank}'s shard)" if distributed.get_world_size() > 1 else ""
+            raise NonFiniteLossError(f"refusing to checkpoint: {name}{where} holds non-finite values")
 
     def save_checkpoint(self) -> Path:
         """Write ``ckpt_<iteration>`` (refused if a parameter or buffer is non-finite); retention
