@@ -183,6 +183,12 @@ def test_two_students_share_one_teacher_forward_and_export_separately(tmp_path, 
         assert (out / "students" / name / "exports" / "teacher_backbone_latest.pth").is_file()
         exported, _ = load_backbone(str(out / "students" / name))  # its own config.yaml beside the export
         assert exported.embed_dim == width
+    # A loop longer than both schedules would train nobody at its end: refused, naming the key.
+    longer = distill_overrides(
+        data_root, teacher_run, students, f"train.max_iterations={trainer.roster.total_iterations + 1}"
+    )
+    with pytest.raises(ValueError, match=r"train.max_iterations=\d+ is past the end of every student's schedule"):
+        SSLTrainer(load_config(None, longer), output_dir=tmp_path / "longer")
     # Both students' weights and optimizer states resume from the one checkpoint.
     cfg = load_config(None, distill_overrides(data_root, teacher_run, students, "train.max_iterations=4"))
     resumed = SSLTrainer(cfg, output_dir=out)

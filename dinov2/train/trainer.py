@@ -176,6 +176,12 @@ class SSLTrainer:
         # The first student's optimizer and schedules (pretraining's only ones).
         self.optimizer, self.schedules = self.units[0].optimizer, self.units[0].schedules
         self.max_iterations = int(cfg.train.max_iterations or self.roster.total_iterations)
+        if self.roster.several and self.max_iterations > self.roster.total_iterations:
+            # Each student stops at the end of its own schedule: past the longest, none would train.
+            raise ValueError(
+                f"train.max_iterations={self.max_iterations} is past the end of every student's schedule "
+                f"(the longest has {self.roster.total_iterations} iterations); lower it or leave it unset"
+            )
         _warn_if_bf16_is_emulated(cfg.compute_precision.param_dtype, self.device)
         self.scaler = None
         if cfg.compute_precision.param_dtype == "fp16" and cfg.compute_precision.grad_scaler:
