@@ -99,8 +99,14 @@ def shard_ssl_meta_arch(model: nn.Module, cfg: DictConfig, mesh=None) -> nn.Modu
     precision = cfg.compute_precision
     student_policy = mixed_precision_policy(precision.param_dtype, precision.reduce_dtype)
     teacher_policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
-    reshard = bool(cfg.distributed.reshard_after_forward)
-    for modules, policy in ((model.student, student_policy), (model.teacher, teacher_policy)):
+    # Only modules that run a backward may keep their gathered parameters after the forward (FSDP2
+    # reshards those in the backward): the teacher has none, so it always reshards, or its
+    # parameters would stay full-size and the EMA update would not find its shards.
+    student_reshard = bool(cfg.distributed.reshard_after_forward)
+    for modules, policy, reshard in (
+        (model.student, student_policy, student_reshard),
+        (model.teacher, teacher_policy, True),
+    ):
         for module in modules.values():
             if hasattr(module, "blocks"):
                 shard_backbone(module, policy, reshard, mesh=mesh)

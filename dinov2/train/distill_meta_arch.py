@@ -535,10 +535,10 @@ class DistillMetaArch(nn.Module):
         policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
         from torch.distributed.fsdp import fully_shard
 
-        reshard = bool(cfg.distributed.reshard_after_forward)
-        shard_backbone(self.frozen_teacher.backbone, policy, reshard)
+        # No backward through the frozen teacher: it always reshards (see shard_ssl_meta_arch).
+        shard_backbone(self.frozen_teacher.backbone, policy, reshard_after_forward=True)
         for head in self.frozen_teacher.heads.values():
-            fully_shard(head, mp_policy=policy, reshard_after_forward=reshard)
+            fully_shard(head, mp_policy=policy, reshard_after_forward=True)
 
     def forward_backward(
         self, data: dict, teacher_temp: Union[float, Mapping[str, float]], scaler=None, gram_targets=None

@@ -239,7 +239,7 @@ class SSLTrainer:
         if self.gram_teacher is not None:
             precision = self.cfg.compute_precision
             policy = mixed_precision_policy(precision.teacher_dtype, precision.reduce_dtype)
-            shard_backbone(self.gram_teacher.backbone, policy, bool(self.cfg.distributed.reshard_after_forward))
+            shard_backbone(self.gram_teacher.backbone, policy, reshard_after_forward=True)  # no backward: see fsdp
         return True
 
     # -------------------------------------------------------------- checkpoint
