@@ -28,6 +28,7 @@ from dinov2.checkpoint import (  # noqa: E402
     RNGState,
     capture_rng_state,
     checkpoint_keys,
+    derive_seed,
     seed_all,
 )
 from dinov2.checkpoint.consolidate import consolidate_checkpoint, resolve_checkpoint  # noqa: E402
@@ -227,6 +228,26 @@ def test_rng_reseeds_deterministically_when_the_rank_was_not_saved():
     expected = capture_rng_state()
     assert torch.equal(after_reseed["torch"], expected["torch"])
     assert torch.equal(after_reseed["numpy_keys"], expected["numpy_keys"])
+
+
+def test_a_checkpoint_saved_without_cuda_resumes_on_a_cuda_machine(monkeypatch):
+    # A run started on a laptop's CPU, resumed on a GPU node: there is no CUDA generator state to
+    # ask the checkpoint for; the CPU generators are restored and the device is seeded as a rank
+    # without any saved state would be.
+    saved = capture_rng_state()
+    assert "cuda" not in saved
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device=None: torch.zeros(8, dtype=torch.uint8))
+    seeds = []
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    rng = RNGState(seed=11)
+    assert "cuda" in rng.state_dict()["rank_0"]  # what a CUDA machine saves
+    keys = [f"rng.rank_0.{name}" for name in saved]
+    template = rng.template_for_load(keys, "rng", iteration=40)
+    assert set(template["rank_0"]) == set(saved)
+    rng.load_state_dict({"rank_0": saved})
+    assert not rng.reseeded and seeds == [derive_seed(11, 0, 40)]
+    assert torch.equal(torch.get_rng_state(), saved["torch"])
 
 
 def test_retention_keeps_last_k_and_every_mth(tmp_path):

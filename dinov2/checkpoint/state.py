@@ -201,9 +201,13 @@ class RNGState:
         """What to ask DCP for: this rank's entry if the checkpoint holds one, else nothing."""
         self._iteration_on_load = int(iteration)
         wanted = f"{prefix}.{self._key()}."
-        if any(key.startswith(wanted) for key in available_keys):
-            return self.state_dict()
-        return {}
+        available = set(available_keys)
+        if not any(key.startswith(wanted) for key in available):
+            return {}
+        template = self.state_dict()
+        if f"{wanted}cuda" not in available:  # saved without CUDA (a CPU run resumed on a GPU node)
+            template[self._key()].pop("cuda", None)
+        return template
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         entry = state.get(self._key())
@@ -212,4 +216,7 @@ class RNGState:
             self.reseeded = True
         else:
             restore_rng_state(entry)
+            if "cuda" not in entry and torch.cuda.is_available():
+                # No CUDA state was saved: seed the device as a rank without any saved state would.
+                torch.cuda.manual_seed(derive_seed(self.seed, distributed.get_rank(), self._iteration_on_load))
             self.reseeded = False
