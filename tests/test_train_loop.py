@@ -101,6 +101,18 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, data_root):
     assert trainer.checkpointer.latest() is None
 
 
+def test_fp16_scaler_overflow_is_counted_not_logged_as_the_gradient_norm(tmp_path, data_root, monkeypatch):
+    import dinov2.train.trainer as trainer_module
+
+    overrides = ["compute_precision.param_dtype=fp16", "compute_precision.grad_scaler=true", "train.max_iterations=2"]
+    trainer = SSLTrainer(load_config(None, tiny_overrides(data_root, *overrides)), output_dir=tmp_path / "run")
+    monkeypatch.setattr(trainer_module, "clip_student_gradients", lambda *args: torch.tensor(float("inf")))
+    trainer.train()
+    lines = read_lines(tmp_path / "run")
+    assert [line["fp16_overflow_steps"] for line in lines] == [1, 1] and all("grad_norm" not in line for line in lines)
+    assert all(line["nonfinite_steps"] == 0 for line in lines)  # the scaler's business, not a skipped step
+
+
 def test_training_lowers_the_loss_on_a_fixed_batch(tmp_path, data_root):
     # Fixed teacher (momentum 1) and temperature: the student fits the teacher's targets.
     cfg = load_config(

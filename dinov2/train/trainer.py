@@ -500,7 +500,18 @@ class SSLTrainer:
         for unit in units:
             unit.arch.update_teacher(unit_values[unit.name]["momentum"])
         self.nonfinite_streak = 0
-        return {"losses": loss_values, "finite": True, "bad_terms": [], "grad_norm": grad_norm, "schedules": values}
+        # A non-finite norm under the fp16 GradScaler is its overflow: the scaler skipped the
+        # optimizer step and lowered the scale (the teacher followed the unchanged student). The
+        # step is counted apart, not averaged into the logged gradient norm.
+        overflow = grad_norm is not None and not math.isfinite(grad_norm)
+        return {
+            "losses": loss_values,
+            "finite": True,
+            "bad_terms": [],
+            "grad_norm": None if overflow else grad_norm,
+            "fp16_overflow": overflow,
+            "schedules": values,
+        }
 
     # ---------------------------------------------------------------- periodic
     def run_knn_monitor(self) -> float:
@@ -603,7 +614,7 @@ class SSLTrainer:
         epoch_length = int(self.cfg.train.OFFICIAL_EPOCH_LENGTH)
         window = WindowAverager()
         window_seconds, window_iterations, window_images = 0.0, 0, 0
-        skipped_images, nonfinite_steps = 0, 0
+        skipped_images, nonfinite_steps, overflow_steps = 0, 0, 0
         last_record: Optional[Dict[str, Any]] = None
         stop = checkpoint_skipped = False
         data_iter = iter(self.loader)
@@ -636,6 +647,7 @@ class SSLTrainer:
                 window.add(result["losses"])
                 if result["grad_norm"] is not None:
                     window.add({"grad_norm": result["grad_norm"]})
+                overflow_steps += int(result["fp16_overflow"])
             else:
                 nonfinite_steps += 1
 
@@ -653,6 +665,8 @@ class SSLTrainer:
                 record["eta_seconds"] = seconds_per_iteration * (self.max_iterations - it)
                 record["skipped_images"] = skipped_images
                 record["nonfinite_steps"] = nonfinite_steps
+                if self.scaler is not None:
+                    record["fp16_overflow_steps"] = overflow_steps
                 if knn_top1 is not None:
                     record["knn_top1"] = knn_top1
                     if self.roster.several:
@@ -661,7 +675,7 @@ class SSLTrainer:
                 last_record = record
                 window.reset()
                 window_seconds, window_iterations, window_images = 0.0, 0, 0
-                skipped_images, nonfinite_steps = 0, 0
+                skipped_images, nonfinite_steps, overflow_steps = 0, 0, 0
 
             if (self.export_period > 0 and it % self.export_period == 0) or last:
                 self._export_boundary()
