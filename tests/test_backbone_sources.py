@@ -54,6 +54,22 @@ def test_a_training_output_directory_is_one_backbone_everywhere(run):
     assert resolve_weights_path(directory) == directory / "exports" / "teacher_backbone_latest.pth"
 
 
+def test_an_export_file_is_built_from_its_runs_config(run, tmp_path):
+    # The heads (and the position-embedding rule) are in no tensor shape: a file in a run's
+    # exports/ takes them from the run's config.yaml, a copy elsewhere is guessed from the shapes.
+    directory, cfg, state = run
+    export = directory / "exports" / "teacher_backbone_latest.pth"
+    model, spec = load_backbone(str(export))
+    assert model.blocks[0].attn.num_heads == 2 and _same(state, model)
+    assert spec["normalization"] == {"mean": [0.5] * 3, "std": [0.25] * 3}  # the run's crops.mean / std
+    alone = tmp_path / "alone.pth"
+    alone.write_bytes(export.read_bytes())
+    with pytest.raises(BackboneSourceError, match="pass num_heads"):  # 32 wide: no rule to guess by
+        load_backbone(str(alone))
+    given, _ = load_backbone(str(export), num_heads=4)  # an explicit num_heads wins over the config
+    assert given.blocks[0].attn.num_heads == 4
+
+
 def test_sharded_checkpoints_and_missing_exports_name_the_consolidation_command(run, tmp_path):
     directory, cfg, _ = run
     checkpoint = directory / "checkpoints" / "ckpt_0000010"

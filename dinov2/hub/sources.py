@@ -9,8 +9,10 @@ A *source* is one of
 * a training output directory (``<dir>/config.yaml`` + ``<dir>/exports/teacher_backbone_latest.pth``,
   or another export named by ``weights``);
 * a weights file (``.pth``/``.pt``/``.safetensors``): our consolidated export or an official DINOv2
-  checkpoint. The architecture is read off the tensor shapes; only ``num_heads`` cannot be, so it
-  defaults to ``embed_dim // 64`` (true for every released ViT) unless given. A DINOv3 file (our
+  checkpoint. A file in a training output's ``exports/`` is built from that run's ``config.yaml``
+  (unless ``num_heads`` is given), as the directory would be. Elsewhere the architecture is read
+  off the tensor shapes; only ``num_heads`` and the position-embedding resize rule cannot be, so
+  the heads default to ``embed_dim // 64`` (true for every released ViT) unless given. A DINOv3 file (our
   export of a DINOv3-style run, or an official DINOv3 checkpoint) is recognised by its RoPE buffer
   ``rope_embed.periods`` and built as a :class:`~dinov2.models.vision_transformer_v3.DinoV3VisionTransformer`,
   whose head width the buffer gives (4 x its length), so nothing needs guessing;
@@ -430,11 +432,24 @@ def load_backbone(
     if path.is_dir():
         return _from_training_output(path, weights, drop_path_rate)
     if path.is_file():
+        run = _training_output_of_export(path)
+        if run is not None and num_heads is None:
+            # The run's config knows what the tensors do not: heads, position-embedding rule.
+            return _from_training_output(run, path, drop_path_rate)
         return backbone_from_state_dict(read_state_dict(path), str(path), num_heads, drop_path_rate)
     raise BackboneSourceError(
         f"backbone source {source!r} is not 'random', 'hub:<entry>', 'timm:<name>', an existing "
         f"training output directory or an existing weights file ({', '.join(_WEIGHT_SUFFIXES)})"
     )
+
+
+def _training_output_of_export(path: Path) -> Optional[Path]:
+    """The training output directory a weights file was exported into (``<dir>/exports/<file>`` with
+    ``<dir>/config.yaml``), or None for a file elsewhere."""
+    from dinov2.utils.config import CONFIG_FILE_NAME
+
+    run = path.resolve().parent.parent
+    return run if path.resolve().parent.name == "exports" and (run / CONFIG_FILE_NAME).is_file() else None
 
 
 def _from_training_output(directory: Path, weights: Optional[PathLike], drop_path_rate: float):
