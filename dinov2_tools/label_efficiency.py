@@ -91,8 +91,12 @@ def probe_top1(
 
 
 def write_image_folder(dataset, indices: Sequence[int], class_names: Sequence[str], root: Path) -> Path:
-    """The chosen labelled images as an ImageFolder (``root/<class>/<index>.png``) for dinov2.classify."""
-    root.mkdir(parents=True, exist_ok=True)
+    """The chosen labelled images as an ImageFolder (``root/<class>/<index>.png``) for dinov2.classify.
+
+    ``root`` must not exist yet: images left by another choice would be trained on as well."""
+    if root.exists():
+        raise FileExistsError(f"{root} exists: it may hold another labelled choice; use a new --output-dir")
+    root.mkdir(parents=True)
     for index in indices:
         image, target = dataset[int(index)]
         folder = root / class_names[int(target)]
@@ -129,4 +133,5 @@ def classifier_overrides(recipe: ClassifierRecipe, image_size: int, epochs: int,
         "heads.pooling=cls+mean",
         "heads.single_task_name=category",
         "logging.log_period_iterations=0",
+        "checkpointing.resume=false",  # a sweep point is one fresh run, never an earlier one continued
     ]

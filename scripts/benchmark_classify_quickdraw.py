@@ -39,6 +39,7 @@ from dinov2.classify.config import load_classify_config  # noqa: E402
 from dinov2.classify.trainer import train_classifier  # noqa: E402
 from dinov2.hub.sources import build_backbone_from_spec, load_backbone  # noqa: E402
 from dinov2.hub.weights import save_state_dict  # noqa: E402
+from dinov2.utils.io import atomic_write_text  # noqa: E402
 
 TEN_CATEGORIES = ["apple", "banana", "bicycle", "car", "cat", "clock", "fish", "house", "star", "tree"]
 DEFAULT_ROOT = (
@@ -151,7 +152,7 @@ def main() -> None:
                 }
                 results.append(row)
                 print(json.dumps(row), flush=True)
-                (out / "results.json").write_text(json.dumps(results, indent=2))
+                atomic_write_text(out / "results.json", json.dumps(results, indent=2))
 
     print(f"\n{'categories':>10} {'mode':>9} {'init':>10} {'test top-1':>10} {'minutes':>8}")
     for r in results:

@@ -184,10 +184,17 @@ def extraction_speed(teacher_dir: Path, student_dir: Path, repeats: int = 7, bat
 
 
 def main(argv=None) -> int:
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    if not 0 < args.knn_queries_per_class <= 20 or not 0 < args.knn_bank_per_class <= 100 - args.knn_queries_per_class:
+        parser.error(
+            f"--knn-bank-per-class {args.knn_bank_per_class} and --knn-queries-per-class {args.knn_queries_per_class}: "
+            "the bank (the first drawings of each category) and the queries (the last ones, at most 20) must not overlap"
+        )
     torch.set_num_threads(args.threads)
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     from dinov2.train.train import setup_logging
+    from dinov2.utils.io import atomic_write_text
 
     root = (
         subprocess.run(
@@ -216,7 +223,7 @@ def main(argv=None) -> int:
         teacher = json.loads(timing_file.read_text())
     else:
         teacher = train(TEACHER_RECIPE, teacher_dir, scaled_schedule(args.teacher_iterations) + extra)
-        timing_file.write_text(json.dumps(teacher))
+        atomic_write_text(timing_file, json.dumps(teacher))
     summary["teacher"] = teacher
 
     distill_overrides = scaled_schedule(args.distill_iterations) + [f"distillation.teacher={teacher_dir}"] + extra
@@ -247,7 +254,7 @@ def main(argv=None) -> int:
         "student_extraction_speedup": summary["speed"]["student_speedup"],
     }
     summary["load_average"] = os.getloadavg()
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -22,13 +22,17 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 # Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
 # ahead of this script's folder and of any installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dinov2.data.loaders import make_dataset  # noqa: E402
 from dinov2.data.transforms import make_classification_eval_transform  # noqa: E402
+from dinov2.eval.cli import check_same_classes  # noqa: E402
 from dinov2.eval.setup import build_model_for_eval  # noqa: E402
+from dinov2.utils.io import atomic_write_text  # noqa: E402
 from dinov2_tools import label_efficiency as le  # noqa: E402
 from dinov2_tools.trivial_baselines import ink_images, pixel_baseline  # noqa: E402
 
@@ -58,7 +62,7 @@ def classifier_rows(args, backbone, n: int, train_pil, chosen, class_names, rand
     from dinov2.classify.config import load_classify_config
     from dinov2.classify.trainer import train_classifier
 
-    folder = le.write_image_folder(train_pil, chosen, class_names, args.output_dir / f"labelled_{n}")
+    folder = le.write_image_folder(train_pil, chosen, class_names, args.output_dir / f"labelled_{n}_seed{args.seed}")
     epochs = le.classifier_epochs(args.classifier_steps, args.classifier_batch_size, len(chosen))
     heads = backbone.model.num_heads
     inits = [("label-only ViT (random init)", random_file)]
@@ -68,7 +72,8 @@ def classifier_rows(args, backbone, n: int, train_pil, chosen, class_names, rand
     for name, source in inits:
         best = None
         for recipe in le.sweep(args.classifier_lrs, args.classifier_min_scales):
-            run_dir = args.output_dir / f"n{n}_{'random' if source == random_file else 'finetune'}_{recipe.name}"
+            init = "random" if source == random_file else "finetune"
+            run_dir = args.output_dir / f"n{n}_seed{args.seed}_{init}_{recipe.name}"
             cfg = load_classify_config(
                 None,
                 [
@@ -98,6 +103,7 @@ def main(argv=None) -> int:
     transform = make_classification_eval_transform(size, size, mean=backbone.mean, std=backbone.std)
     train_pil, test_pil = make_dataset(args.train_dataset), make_dataset(args.test_dataset)
     class_names = list(train_pil.classes)
+    check_same_classes(class_names, list(test_pil.classes), "test")  # the probes compare integer labels
     train_t = make_dataset(args.train_dataset, transform=transform)
     test_t = make_dataset(args.test_dataset, transform=transform)
 
@@ -117,12 +123,12 @@ def main(argv=None) -> int:
 
     random_file = args.output_dir / "random_init_backbone.pth"
     if args.classifiers != "none":
-        from dinov2.hub.sources import build_backbone_from_spec, vit_kwargs_of
+        from dinov2.hub.sources import backbone_spec, build_backbone_from_spec
         from dinov2.hub.weights import save_state_dict
 
-        save_state_dict(
-            build_backbone_from_spec({"kind": "vit", "kwargs": vit_kwargs_of(backbone.model)}).state_dict(), random_file
-        )
+        # The label-only rows start from this file: the backbone's shape (DINOv2 or DINOv3), seeded.
+        torch.manual_seed(args.seed)
+        save_state_dict(build_backbone_from_spec(backbone_spec(backbone.model)).state_dict(), random_file)
 
     rows = []
     num_classes = len(class_names)
@@ -138,7 +144,7 @@ def main(argv=None) -> int:
             for row in classifier_rows(args, backbone, n, train_pil, chosen, class_names, random_file):
                 rows.append(row)
                 print(f"n={n:>3} {row['method']:<32} top-1 {100 * row['top1']:6.2f}%  ({row['recipe']})", flush=True)
-    (args.output_dir / "results.json").write_text(json.dumps({"seed": args.seed, "rows": rows}, indent=2))
+    atomic_write_text(args.output_dir / "results.json", json.dumps({"seed": args.seed, "rows": rows}, indent=2))
     methods = list(dict.fromkeys(row["method"] for row in rows))
     print("\n| method | " + " | ".join(f"{n} / class" for n in args.labels_per_class) + " |")
     print("| --- |" + " --- |" * len(args.labels_per_class))

@@ -37,7 +37,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dinov2.data.loaders import make_dataset  # noqa: E402
+from dinov2.eval.cli import check_same_classes  # noqa: E402
 from dinov2.eval.knn import knn_classify  # noqa: E402
+from dinov2.utils.io import atomic_write_text  # noqa: E402
 from dinov2_tools.trivial_baselines import (  # noqa: E402
     default_pixel_baselines,
     ink_images,
@@ -87,6 +89,7 @@ def main(argv=None) -> int:
     base = f"QuickDraw:root={args.root}:train_per_class={args.train_per_class}"
     bank_ds = make_dataset(args.train_dataset or base + ":split=train")
     query_ds = make_dataset(args.test_dataset or base + ":split=test")
+    check_same_classes(list(bank_ds.classes), list(query_ds.classes), "test")  # integer labels are compared
     bank_ink, query_ink = ink_images(bank_ds), ink_images(query_ds)
     bank_labels = torch.as_tensor(np.asarray(bank_ds.get_targets()), dtype=torch.long)
     query_labels = torch.as_tensor(np.asarray(query_ds.get_targets()), dtype=torch.long)
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
     best = max(rows, key=lambda row: row["top1"])
     print(f"best trivial baseline: {best['baseline']} at {100 * best['top1']:.2f}% top-1")
     if args.json:
-        args.json.write_text(json.dumps({"k": args.k, "temperature": args.temperature, "rows": rows}, indent=2))
+        atomic_write_text(args.json, json.dumps({"k": args.k, "temperature": args.temperature, "rows": rows}, indent=2))
     return 0
 
 

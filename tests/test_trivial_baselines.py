@@ -192,9 +192,19 @@ def test_label_efficiency_script_writes_every_row(tiny_run):
     assert all(row["top1"] == 1.0 for row in pixel_rows)  # colour-coded classes: pixels separate them
     # The labelled ImageFolders hold exactly n images per class, named by the class.
     assert (
-        sorted(p.parent.name for p in (out / "labelled_2").rglob("*.png"))
+        sorted(p.parent.name for p in (out / "labelled_2_seed0").rglob("*.png"))
         == ["class_0"] * 2 + ["class_1"] * 2 + ["class_2"] * 2
     )
+    # Into the same folder again: refused before a stale labelled choice or classifier run is reused.
+    with pytest.raises(FileExistsError, match="labelled_1_seed0 exists"):
+        script.main(argv)
+    # Splits whose class lists differ would compare shifted integer labels: refused, naming the sizes.
+    (tiny_run / "test" / "class_2").rename(tiny_run / "test_class_2")
+    try:
+        with pytest.raises(SystemExit, match="--test-dataset has classes .* labels would not match"):
+            script.main([*argv[: argv.index("--output-dir")], "--output-dir", str(tiny_run / "other")])
+    finally:
+        (tiny_run / "test_class_2").rename(tiny_run / "test" / "class_2")
 
 
 def test_every_export_knn_follows_the_run_and_joins_its_plot(tmp_path):

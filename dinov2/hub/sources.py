@@ -305,7 +305,7 @@ def load_backbone_from_config(
     model = build_backbone(cfg.student, cfg.crops.global_crops_size, drop_path_rate=drop_path_rate)
     if weights is not None:
         load_backbone_weights(model, weights)
-    spec = _vit_spec(model)
+    spec = backbone_spec(model)
     spec["normalization"] = {"mean": [float(v) for v in cfg.crops.mean], "std": [float(v) for v in cfg.crops.std]}
     return model, spec
 
@@ -332,7 +332,8 @@ def _timm_model(name: str, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
 
 
-def _vit_spec(model: nn.Module) -> Dict[str, Any]:
+def backbone_spec(model: nn.Module) -> Dict[str, Any]:
+    """The build spec of a ViT module (DINOv2 or DINOv3): :func:`build_backbone_from_spec` rebuilds its shape."""
     if isinstance(model, DinoV3VisionTransformer):
         return {"kind": "dinov3", "kwargs": dict(model.architecture)}
     return {"kind": "vit", "kwargs": vit_kwargs_of(model)}
@@ -371,7 +372,7 @@ def backbone_from_state_dict(
         model = load_dinov3_weights(
             partial(DinoV3VisionTransformer, drop_path_rate=drop_path_rate, **kwargs), state, source
         )
-        return model, _vit_spec(model)
+        return model, backbone_spec(model)
     else:
         kwargs = infer_vit_kwargs(state, num_heads=num_heads)
         model = DinoVisionTransformer(drop_path_rate=drop_path_rate, **kwargs)
@@ -399,13 +400,13 @@ def load_backbone(
     if source == "random":
         if arch in DINOV3_RELEASES:  # a published DINOv3 shape, randomly initialised
             model = make_dinov3_release(arch, drop_path_rate=drop_path_rate)
-            return model, _vit_spec(model)
+            return model, backbone_spec(model)
         if arch not in ARCHITECTURES:
             raise BackboneSourceError(
                 f"unknown arch {arch!r}; valid: {sorted(ARCHITECTURES)} or a DINOv3 shape {sorted(DINOV3_RELEASES)}"
             )
         model = make_vit(arch, num_heads=num_heads, drop_path_rate=drop_path_rate, **vit_options)
-        return model, _vit_spec(model)
+        return model, backbone_spec(model)
     if source.startswith("hub:"):
         from .backbones import ENTRY_POINTS
 
@@ -415,7 +416,7 @@ def load_backbone(
         if weights is None:
             raise BackboneSourceError(f"backbone {source!r} needs weights=PATH to a local weights file")
         model = ENTRY_POINTS[entry](pretrained=True, pretrained_weights=weights, drop_path_rate=drop_path_rate)
-        return model, _vit_spec(model)
+        return model, backbone_spec(model)
     if source.startswith("timm:"):
         name = source[5:]
         model = _timm_model(name)
@@ -428,7 +429,7 @@ def load_backbone(
 
     if is_transformers_folder(path):
         model = load_transformers_backbone(path, drop_path_rate=drop_path_rate)
-        return model, _vit_spec(model)
+        return model, backbone_spec(model)
     if path.is_dir():
         return _from_training_output(path, weights, drop_path_rate)
     if path.is_file():
