@@ -107,3 +107,13 @@ def test_sharded_checkpoints_and_missing_exports_name_the_consolidation_command(
         build_model_for_eval(None, directory)
     with pytest.raises(FileNotFoundError, match=r"^student.pretrained_weights: .*missing.pth does not exist"):
         load_warm_start_weights(backbone, tmp_path / "missing.pth")
+
+
+def test_a_one_channel_backbone_keeps_its_channels_in_the_build_spec(tmp_path):
+    from dinov2.hub.sources import build_backbone_from_spec, infer_vit_kwargs, vit_kwargs_of
+    from dinov2.models.vision_transformer import vit_small
+
+    model = vit_small(patch_size=4, img_size=16, embed_dim=32, depth=1, num_heads=2, in_chans=1)
+    assert vit_kwargs_of(model)["in_chans"] == infer_vit_kwargs(model.state_dict(), num_heads=2)["in_chans"] == 1
+    rebuilt = build_backbone_from_spec({"kind": "vit", "kwargs": vit_kwargs_of(model)})
+    rebuilt.load_state_dict(model.state_dict(), strict=True)  # a classifier file on it reloads

@@ -86,6 +86,7 @@ def vit_kwargs_of(model: DinoVisionTransformer) -> Dict[str, Any]:
     return dict(
         img_size=int(round(math.sqrt(grid))) * model.patch_size,
         patch_size=int(model.patch_size),
+        in_chans=int(model.patch_embed.proj.in_channels),
         embed_dim=int(model.embed_dim),
         depth=int(model.n_blocks),
         num_heads=int(model.num_heads),
@@ -134,6 +135,7 @@ def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int]
     return dict(
         img_size=side * patch_size,
         patch_size=int(patch_size),
+        in_chans=int(state["patch_embed.proj.weight"].shape[1]),
         embed_dim=int(embed_dim),
         depth=int(depth),
         num_heads=int(num_heads),
