@@ -153,13 +153,16 @@ def test_backbone_from_training_output_and_consolidated_file(tmp_path, shapes):
     torch.nn.init.normal_(reference.pos_embed)
     save_state_dict(reference.state_dict(), run / "exports" / "teacher_backbone_latest.pth")
     images = torch.randn(2, 3, 16, 16)
-    for source, kwargs in ((str(run), {}), (str(run / "exports" / "teacher_backbone_latest.pth"), {"num_heads": 2})):
+    export = run / "exports" / "teacher_backbone_latest.pth"
+    alone = tmp_path / "alone.pth"  # the same file outside its run: no config to read the heads from
+    alone.write_bytes(export.read_bytes())
+    for source, kwargs in ((str(run), {}), (str(export), {}), (str(alone), {"num_heads": 2})):
         model, model_spec = load_backbone(source, **kwargs)
         assert model_spec["kwargs"]["embed_dim"] == 32 and model_spec["kwargs"]["depth"] == 2
         model.eval(), reference.eval()
         torch.testing.assert_close(model(images), reference(images))
     with pytest.raises(BackboneSourceError, match="num_heads"):
-        load_backbone(str(run / "exports" / "teacher_backbone_latest.pth"))
+        load_backbone(str(alone))
     with pytest.raises(BackboneSourceError, match="no backbone export"):
         load_backbone(str(tmp_path / "ssl_run"), weights="exports/missing.pth")
     with pytest.raises(BackboneSourceError, match="not 'random'"):
