@@ -3,11 +3,13 @@ student, the same student shape pretrained from scratch for the same time, k-NN 
 feature-extraction speed student vs teacher.
 
     python scripts/benchmark_distillation.py [--output-dir runs/bench_distill] [--teacher-iterations 8000]
-        [--distill-iterations 4000] [--threads 2] [key=value ...]
+        [--distill-iterations 4000] [--teacher-run DIR] [--threads 2] [key=value ...]
 
 1. Teacher: ``configs/train/quickdraw_vit_tiny.yaml`` for ``--teacher-iterations`` (its schedule,
    warm-up and prototype freeze scaled to that length), timed. An existing teacher run in
    ``OUT/teacher`` is reused when it has reached that length (its recorded time is then reused too).
+   ``--teacher-run DIR`` uses a finished training output of the recipe instead (for example
+   ``scripts/quickdraw_pretrain_eval.sh``'s), timed by the step times in its metrics log.
 2. Distillation: ``configs/train/quickdraw_distill.yaml`` from that teacher for
    ``--distill-iterations``, timed.
 3. Scratch: the student's shape (``configs/train/quickdraw_vit_tiny.yaml`` with the student's width)
@@ -20,7 +22,9 @@ feature-extraction speed student vs teacher.
    drawings (inference mode, median of 7 timings each), side by side in one process.
 
 Prints a JSON summary (also written to ``OUT/summary.json``): iterations, wall times, k-NN top-1,
-the ratios the issue asks for, images/s of extraction and the FLOPs of one forward per image.
+step times from each run's metrics log (the median step, and iterations x median step: the run's
+length on a quiet machine, which a run paused or slowed by other jobs does not show in its wall
+time), the ratios the issue asks for, images/s of extraction and the FLOPs of one forward per image.
 ``key=value`` overrides apply to all three trainings (``compute_precision.param_dtype=fp32``
 is the default here: bf16 is emulated on CPUs without AVX512-BF16 / AMX).
 """
@@ -51,6 +55,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-dir", default="runs/bench_distill")
     parser.add_argument("--teacher-iterations", type=int, default=8000)
     parser.add_argument("--distill-iterations", type=int, default=4000)
+    parser.add_argument(
+        "--teacher-run",
+        default=None,
+        help="a finished training output of the teacher recipe to distil from instead of training one in OUT/teacher",
+    )
     parser.add_argument("--threads", type=int, default=2, help="torch threads of every step (2 on this machine)")
     parser.add_argument(
         "--knn-bank-per-class", type=int, default=80, help="k-NN bank: the first N training drawings of each category"
@@ -97,6 +106,29 @@ def train(recipe: Path, output_dir: Path, overrides: list, stop_after_seconds: f
     if result["stopped"]:
         trainer.export_teacher()  # stopped by time between two export boundaries
     return {"iterations": int(result["iteration"]), "seconds": seconds}
+
+
+def logged_step_times(run_dir: Path) -> dict:
+    """Step times of a run from its metrics log: the logged windows' total, their median per step,
+    and iterations x median. Each window's step time is its ``eta_seconds`` over the iterations
+    left; a resumed run logs the iterations after its checkpoint again, and the last logging wins."""
+    from omegaconf import OmegaConf
+
+    from dinov2.train.metrics import read_metrics
+
+    total = int(OmegaConf.load(run_dir / "config.yaml").optim.total_iterations)
+    by_iteration = {int(record["iteration"]): record for record in read_metrics(run_dir)}
+    seconds, per_step, previous = 0.0, [], 0
+    for iteration in sorted(by_iteration):
+        if iteration < total:  # the last window's eta is 0: it says nothing about its steps
+            step = by_iteration[iteration]["eta_seconds"] / (total - iteration)
+            seconds += step * (iteration - previous)
+            per_step.append(step)
+        previous = iteration
+    if not per_step:
+        raise ValueError(f"{run_dir}: its metrics log has no window before iteration {total}")
+    median = statistics.median(per_step)
+    return {"logged_step_seconds": seconds, "median_step_seconds": median, "quiet_seconds": median * previous}
 
 
 def calibrate_step_seconds(recipe: Path, overrides: list, steps: int = 12) -> float:
@@ -217,9 +249,18 @@ def main(argv=None) -> int:
         "overrides": extra,
     }
 
-    teacher_dir = out / "teacher"
+    teacher_dir = Path(args.teacher_run) if args.teacher_run else out / "teacher"
     timing_file = teacher_dir / "benchmark_time.json"
-    if timing_file.is_file() and json.loads(timing_file.read_text())["iterations"] >= args.teacher_iterations:
+    if args.teacher_run:
+        from dinov2.train.metrics import read_metrics
+
+        done = max((int(record["iteration"]) for record in read_metrics(teacher_dir)), default=0)
+        if done < args.teacher_iterations:
+            parser.error(
+                f"--teacher-run {teacher_dir}: trained {done} iterations, not --teacher-iterations {args.teacher_iterations}"
+            )
+        teacher = {"iterations": done, "seconds": logged_step_times(teacher_dir)["logged_step_seconds"]}
+    elif timing_file.is_file() and json.loads(timing_file.read_text())["iterations"] >= args.teacher_iterations:
         teacher = json.loads(timing_file.read_text())
     else:
         teacher = train(TEACHER_RECIPE, teacher_dir, scaled_schedule(args.teacher_iterations) + extra)
@@ -242,14 +283,18 @@ def main(argv=None) -> int:
     )
     summary["scratch"]["planned_iterations"] = scratch_iterations
 
-    for name in ("teacher", "distill", "scratch"):
+    run_dirs = {"teacher": teacher_dir, "distill": out / "distill", "scratch": out / "scratch"}
+    for name, run_dir in run_dirs.items():
+        summary[name].update(logged_step_times(run_dir))
         summary[name]["knn_top1"] = knn_top1(
-            out / name, data_root, out / name / "eval" / "knn", args.knn_bank_per_class, args.knn_queries_per_class
+            run_dir, data_root, out / name / "eval" / "knn", args.knn_bank_per_class, args.knn_queries_per_class
         )
     summary["speed"] = extraction_speed(teacher_dir, out / "distill")
     summary["ratios"] = {
         "student_knn_vs_teacher": summary["distill"]["knn_top1"] / summary["teacher"]["knn_top1"],
         "distill_time_vs_teacher_time": summary["distill"]["seconds"] / summary["teacher"]["seconds"],
+        "distill_quiet_time_vs_teacher_quiet_time": summary["distill"]["quiet_seconds"]
+        / summary["teacher"]["quiet_seconds"],
         "student_knn_minus_scratch_knn": summary["distill"]["knn_top1"] - summary["scratch"]["knn_top1"],
         "student_extraction_speedup": summary["speed"]["student_speedup"],
     }

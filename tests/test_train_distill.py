@@ -340,3 +340,25 @@ def test_bad_student_ranks_are_named(data_root, teacher_run):
     ):
         with pytest.raises(ValueError, match=message):
             placement(entries, world_size)
+
+
+def test_benchmark_times_a_resumed_run_by_its_last_logged_windows(tmp_path):
+    """benchmark_distillation.py's step times: a window's step time is its eta over the iterations
+    left, a resumed run's re-logged windows replace the first ones, and the median ignores a
+    window slowed by another job."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_distillation", REPO / "scripts" / "benchmark_distillation.py"
+    )
+    benchmark = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(benchmark)
+
+    (tmp_path / "config.yaml").write_text("optim:\n  total_iterations: 40\n")
+    steps = [(10, 1.0), (20, 1.0), (30, 9.0), (20, 1.0), (30, 2.0), (40, 0.0)]  # resumed after 20
+    lines = [json.dumps({"iteration": it, "eta_seconds": step * (40 - it)}) for it, step in steps]
+    (tmp_path / "training_metrics.jsonl").write_text("\n".join(lines) + "\n")
+    times = benchmark.logged_step_times(tmp_path)
+    assert times["logged_step_seconds"] == pytest.approx(10 * 1.0 + 10 * 1.0 + 10 * 2.0)
+    assert times["median_step_seconds"] == pytest.approx(1.0)
+    assert times["quiet_seconds"] == pytest.approx(40.0)
