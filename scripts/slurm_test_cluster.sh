@@ -121,8 +121,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# Slurm's default of 120 s is also how long a requeued job waits before it may start again.
-AuthInfo=cred_expire=30
+# How long a requeued job waits before it may start again (Slurm's default: 120 s).
+AuthInfo=cred_expire=10
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc

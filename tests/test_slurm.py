@@ -151,7 +151,7 @@ def test_two_task_training_job_runs_to_completion(uninterrupted):
 def test_time_limit_checkpoints_requeues_and_matches(uninterrupted, dataset_root, tmp_path):
     """A 1-minute limit: SLURM signals (SIGUSR2, 15 s before the limit, at the controller's next
     check), the run checkpoints at a step boundary and requeues until it is done. Each cycle costs
-    about a minute (the requeued job waits ~30 s before it starts again)."""
+    under a minute (the requeued job waits ~15 s before it starts again: cred_expire=10)."""
     reference_out, _ = uninterrupted
     out = tmp_path / "out"
     # A checkpoint every 4 iterations (0.2-1 s each, disk-bound) makes the 400 iterations take well
