@@ -228,6 +228,11 @@ def test_every_export_knn_follows_the_run_and_joins_its_plot(tmp_path):
         (10, "teacher_backbone_00000010.pth"),
     ]
     assert all(row["bank"] == 16 and row["queries"] == 4 for row in rows)  # drawings 0-7 / 8-9 of 2 categories
+    strided = tmp_path / "strided.json"
+    assert script.main([*common, "--every-export", "--export-stride", "10", "--json", str(strided)]) == 0
+    assert json.loads(strided.read_text()) == rows[1:]  # only the export at a multiple of 10 iterations
+    with pytest.raises(SystemExit, match="at a multiple of 3 iterations"):
+        script.main([*common, "--every-export", "--export-stride", "3"])
     latest = tmp_path / "latest.json"
     assert script.main([*common, "--json", str(latest)]) == 0
     (last,) = json.loads(latest.read_text())
