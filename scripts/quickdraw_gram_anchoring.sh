@@ -8,8 +8,10 @@
 # GRAM_ITERS (default 2000) iterations; GRAM_WEIGHT (default 2.0, as DINOv3) is gram.loss_weight.
 # key=value pairs override all three trainings (e.g. gram.resolution_scale=2.0). KNN_BANK and
 # KNN_QUERIES (default 80 and 20: the recipe's whole split) are the drawings per category of the
-# k-NN bank and queries.
-#   OUT/pretrain   the recipe for PRETRAIN_ITERS iterations
+# k-NN bank and queries. PRETRAIN_RUN=DIR continues a finished recipe run instead of training
+# OUT/pretrain (for example scripts/quickdraw_pretrain_eval.sh's output; it must hold the
+# checkpoint of iteration PRETRAIN_ITERS).
+#   OUT/pretrain   the recipe for PRETRAIN_ITERS iterations (or PRETRAIN_RUN)
 #   OUT/gram       PRETRAIN_ITERS + GRAM_ITERS: continued from OUT/pretrain's last checkpoint
 #                  (train.init_from_checkpoint) with gram.use_loss=true; the Gram teacher is the
 #                  pretrained EMA teacher, taken at the phase's iteration 0
@@ -49,8 +51,15 @@ train() {  # train OUTPUT_DIR key=value ...
     echo "[gram] $1: $(( $(date +%s) - start )) s" >&2
 }
 
-train "$OUT/pretrain" optim.total_iterations="$PRETRAIN_ITERS" "${common[@]}" "$@"
-checkpoint=$(printf '%s/pretrain/checkpoints/ckpt_%08d' "$OUT" "$PRETRAIN_ITERS")
+PRETRAIN=${PRETRAIN_RUN:-$OUT/pretrain}
+if [[ -z "${PRETRAIN_RUN:-}" ]]; then
+    train "$PRETRAIN" optim.total_iterations="$PRETRAIN_ITERS" "${common[@]}" "$@"
+fi
+checkpoint=$(printf '%s/checkpoints/ckpt_%08d' "$PRETRAIN" "$PRETRAIN_ITERS")
+if [[ ! -d "$checkpoint" ]]; then
+    echo "no checkpoint of iteration $PRETRAIN_ITERS in $PRETRAIN: expected $checkpoint" >&2
+    exit 1
+fi
 continued=(
     train.init_from_checkpoint="$checkpoint"
     optim.total_iterations="$GRAM_ITERS" optim.warmup_iterations=0 optim.freeze_last_layer_iterations=0
@@ -59,5 +68,5 @@ continued=(
 train "$OUT/gram" "${continued[@]}" gram.use_loss=true gram.loss_weight="$GRAM_WEIGHT" "$@"
 train "$OUT/control" "${continued[@]}" "$@"
 
-"$PYTHON" scripts/quickdraw_cls_patch_knn.py "$OUT/pretrain" "$OUT/gram" "$OUT/control" \
+"$PYTHON" scripts/quickdraw_cls_patch_knn.py "$PRETRAIN" "$OUT/gram" "$OUT/control" \
     --root "$ROOT" --bank-per-class "${KNN_BANK:-80}" --queries-per-class "${KNN_QUERIES:-20}" --json "$OUT/results.json"
