@@ -121,8 +121,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-# How long a requeued job waits before it may start again (Slurm's default: 120 s).
-AuthInfo=cred_expire=10
+# How long a requeued job waits before it may start again (Slurm's default: 120 s). 20 s puts the
+# restart where the next time-limit check (every 30 s) leaves a 1-minute job its longest attempt.
+AuthInfo=cred_expire=20
 MpiDefault=none
 MailProg=/bin/true
 ProctrackType=proctrack/linuxproc
