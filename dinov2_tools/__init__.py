@@ -10,7 +10,9 @@
   (``scripts/benchmark_data_loading.py``);
 * :mod:`dinov2_tools.trivial_baselines` - features without pretraining (pixels, blur, pooling, a
   random backbone) that pretrained features must beat (``scripts/quickdraw_pixel_knn.py``,
-  ``scripts/label_efficiency.py``).
+  ``scripts/label_efficiency.py``);
+* :mod:`dinov2_tools.step_profile` - model FLOPs of a training step and the time its matmuls take
+  alone (``scripts/benchmark_train_step.py --matmul-ceiling``).
 
 Why a package of its own: these modules fetch, generate and measure data, they are not part of
 training, evaluation or inference, and nothing in ``dinov2`` imports them. The tests and several

@@ -186,9 +186,8 @@ def knn_top1(
 
 def extraction_speed(teacher_dir: Path, student_dir: Path, repeats: int = 7, batch: int = 512) -> dict:
     """Images/s of teacher and student backbone forwards, timed alternately on the same batch."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     from dinov2.hub.sources import load_backbone
+    from dinov2_tools.step_profile import flop_counter_mode
 
     models = {
         name: load_backbone(str(path))[0].eval() for name, path in (("teacher", teacher_dir), ("student", student_dir))
@@ -205,7 +204,7 @@ def extraction_speed(teacher_dir: Path, student_dir: Path, repeats: int = 7, bat
                 times[name].append(time.perf_counter() - start)
         flops = {}
         for name, model in models.items():
-            counter = FlopCounterMode(display=False)
+            counter = flop_counter_mode()  # CPU attention included
             with counter:
                 model(images[:1])
             flops[name] = counter.get_total_flops()

@@ -7,7 +7,7 @@ The student backbone's forward + backward over one step's crops (``forward_featu
 global and the local crops, iBOT masks on the global crops where the preset trains iBOT), once per
 mode in each round, modes interleaved so that every mode sees the same machine load; the median
 per mode is reported with its ratio to ``per_resolution`` and the FLOPs that
-``benchmark_train_step.flop_counter_mode`` counts for it (the dense mask's T^2 attention shows
+``dinov2_tools.step_profile.flop_counter_mode`` counts for it (the dense mask's T^2 attention shows
 there). Presets (fp32):
 
 * ``reference``: ViT dim 192, depth 6, 3 heads, patch 4, 2 x 32 px global + 4 x 16 px local
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmark_train_step import flop_counter_mode  # noqa: E402 (this script's folder)
+from dinov2_tools.step_profile import flop_counter_mode  # noqa: E402
 
 PRESETS = {
     # name: model kwargs, global px, local px, local crops, iBOT masks

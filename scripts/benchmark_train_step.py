@@ -2,7 +2,8 @@
 
     python scripts/benchmark_train_step.py [--config-file configs/train/quickdraw_vit_tiny.yaml]
         [--setups recipe reference] [--variants eager compiled] [--precisions fp32 bf16]
-        [--threads N] [--warmup 3] [--steps 5] [--rounds 2] [--loader-steps 10] [key=value ...]
+        [--threads N] [--warmup 3] [--steps 5] [--rounds 2] [--loader-steps 10] [--matmul-ceiling]
+        [key=value ...]
 
 Setups: ``recipe`` (the config file as it is) and ``reference`` (the issue's reference
 configuration, :data:`REFERENCE_OVERRIDES` on top of it). Variants (:data:`VARIANTS`): ``eager``
@@ -24,7 +25,10 @@ For each setup and precision:
    every timed step), so all see the same machine load.
 5. MFU = step FLOPs / median step time / median matmul rate, against the fp32 rate and against the
    rate of the dtype the step computes in.
-6. Times steps that pull their batch from the real loader (the recipe's ``train.num_workers``) for
+6. With ``--matmul-ceiling``, times every counted call of one step of the first variant alone
+   (:func:`dinov2_tools.step_profile.matmul_ceiling`): the share of the step they take, and the
+   MFU the step would reach if nothing else took time, the ceiling for work outside the matmuls.
+7. Times steps that pull their batch from the real loader (the recipe's ``train.num_workers``) for
    the first variant, and reports the overhead against its pre-built steps and whether loading
    bounds the step.
 
@@ -44,12 +48,12 @@ from itertools import cycle
 from pathlib import Path
 
 import torch
-from torch.utils import flop_counter
-from torch.utils.flop_counter import FlopCounterMode
 
 # Runs from a clone without `pip install`: the repository root (dinov2/) goes first on sys.path,
 # ahead of this script's folder and of any installed copy.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dinov2_tools.step_profile import flop_counter_mode, matmul_ceiling  # noqa: E402
 
 
 def matmul_rate(size: int = 1024, repeats: int = 1, dtype: torch.dtype = torch.float32, device=None) -> float:
@@ -63,27 +67,6 @@ def matmul_rate(size: int = 1024, repeats: int = 1, dtype: torch.dtype = torch.f
         torch.mm(a, b)
     sync()
     return 2.0 * size**3 * repeats / (time.perf_counter() - start)
-
-
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_flop_count(query, key, value)
-
-
-def _cpu_attention_backward_flops(grad_out, query, key, value, *args, out_shape=None, **kwargs) -> int:
-    return flop_counter.sdpa_backward_flop_count(grad_out, query, key, value)
-
-
-def flop_counter_mode() -> FlopCounterMode:
-    """FlopCounterMode that also counts SDPA's CPU kernel: torch (2.14) has formulas for the CUDA
-    flash / memory-efficient / cuDNN kernels only, so CPU attention would count as 0 FLOPs."""
-    aten = torch.ops.aten
-    return FlopCounterMode(
-        display=False,
-        custom_mapping={
-            aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flops,
-            aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flops,
-        },
-    )
 
 
 def step_flops(trainer, batch) -> int:
@@ -214,6 +197,8 @@ def measure_setup(args, setup: str, precision: str, variants: list, base_overrid
             with_loader = statistics.median(loader_steps(first, data_iter, args.loader_steps))
             after = statistics.median(timed_steps(first, batches, args.steps, rates, compute_dtype))
             loader = (with_loader, 0.5 * (statistics.median(times[variants[0]]) + after))
+        # The first variant's counted calls (matmuls, attention) timed alone: the step's ceiling.
+        ceiling = matmul_ceiling(lambda: first.train_step(next(batches))) if args.matmul_ceiling else None
         cfg = first.cfg
         compiled = {name: getattr(trainer, "compiled", False) for name, trainer in trainers.items()}
     return {
@@ -227,6 +212,7 @@ def measure_setup(args, setup: str, precision: str, variants: list, base_overrid
         "warmup": warmup_seconds,
         "compiled": compiled,
         "loader": loader,
+        "ceiling": ceiling,
     }
 
 
@@ -279,6 +265,28 @@ def describe(result: dict) -> None:
         )
 
 
+def describe_ceiling(result: dict, top: int = 8) -> None:
+    """The step's counted calls timed alone, against the step and the 1024^3 matmul rate."""
+    ceiling = result["ceiling"]
+    if ceiling is None:
+        return
+    step = statistics.median(next(iter(result["times"].values())))
+    rate = statistics.median(result["rates"][result["compute_dtype"]])
+    print(
+        f"  matmul ceiling ({next(iter(result['times']))}): the {sum(op['calls'] for op in ceiling['ops'])} counted "
+        f"calls ({len(ceiling['ops'])} distinct) take {ceiling['seconds'] * 1000:.0f} ms run alone, "
+        f"{100 * ceiling['seconds'] / step:.0f}% of the {step * 1000:.0f} ms step; they run at "
+        f"{100 * ceiling['flops'] / ceiling['seconds'] / rate:.1f}% of the {result['precision']} 1024^3 matmul "
+        f"rate, the highest MFU this step could reach if nothing else took time"
+    )
+    for op in ceiling["ops"][:top]:
+        total = op["calls"] * op["seconds"]
+        print(
+            f"    {op['op']}: {op['calls']} calls, {total * 1000:.1f} ms ({100 * total / ceiling['seconds']:.0f}%), "
+            f"{100 * op['flops'] / op['seconds'] / rate:.0f}% of the rate"
+        )
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", default="configs/train/quickdraw_vit_tiny.yaml")
@@ -293,6 +301,11 @@ def main(argv=None) -> int:
         "--loader-steps", type=int, default=10, help="steps with the real loader, first variant (0: skip)"
     )
     parser.add_argument("--prebuilt-batches", type=int, default=4)
+    parser.add_argument(
+        "--matmul-ceiling",
+        action="store_true",
+        help="also time the first variant's matmul and attention calls alone (dinov2_tools.step_profile)",
+    )
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="key=value config overrides (every setup)")
     args = parser.parse_args(argv)
     if args.threads:
@@ -314,6 +327,7 @@ def main(argv=None) -> int:
         report(result, header=i == 0)
     for result in results:
         describe(result)
+        describe_ceiling(result)
     print(
         "MFU = model FLOPs per step (FlopCounterMode: matmuls, attention, convolutions) / median step time / "
         "median matmul rate (3 x 1024^3 torch.mm after every timed step, same threads and load)"
