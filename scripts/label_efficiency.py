@@ -4,7 +4,7 @@
     python scripts/label_efficiency.py --backbone runs/qd_tiny \
         --train-dataset "QuickDraw:root=$ROOT:train_per_class=80:split=train" \
         --test-dataset "QuickDraw:root=$ROOT:train_per_class=80:split=test" \
-        --labels-per-class 1 5 10 --output-dir runs/label_efficiency [--classifiers none|label-only|all]
+        --labels-per-class 1 5 10 --output-dir runs/label_efficiency [--classifiers none|label-only|fine-tuned|all]
 
 ``--backbone`` is a training output directory (its config gives the shape and the normalisation)
 or any evaluation backbone source with ``--config-file``. Rows, for each number of labels per
@@ -47,7 +47,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of the labelled choice")
     parser.add_argument("--pixel-baselines", nargs="*", default=["raw", "blur:1.5"])
     parser.add_argument("--c-values", type=float, nargs="+", default=list(le.DEFAULT_C_VALUES))
-    parser.add_argument("--classifiers", choices=["none", "label-only", "all"], default="all")
+    parser.add_argument(
+        "--classifiers",
+        choices=["none", "label-only", "fine-tuned", "all"],
+        default="all",
+        help="dinov2.classify rows: from a random init of the same ViT, fine-tuned from the backbone, or both",
+    )
     parser.add_argument("--classifier-lrs", type=float, nargs="+", default=[1e-3, 3e-3], help="head lr sweep")
     parser.add_argument(
         "--classifier-min-scales", type=float, nargs="+", default=[0.6, 1.0], help="crop-area sweep (1 = no crops)"
@@ -65,8 +70,10 @@ def classifier_rows(args, backbone, n: int, train_pil, chosen, class_names, rand
     folder = le.write_image_folder(train_pil, chosen, class_names, args.output_dir / f"labelled_{n}_seed{args.seed}")
     epochs = le.classifier_epochs(args.classifier_steps, args.classifier_batch_size, len(chosen))
     heads = backbone.model.num_heads
-    inits = [("label-only ViT (random init)", random_file)]
-    if args.classifiers == "all":
+    inits = []
+    if args.classifiers in ("label-only", "all"):
+        inits.append(("label-only ViT (random init)", random_file))
+    if args.classifiers in ("fine-tuned", "all"):
         inits.append(("fine-tuned from backbone", args.backbone))
     rows = []
     for name, source in inits:

@@ -207,6 +207,28 @@ def test_label_efficiency_script_writes_every_row(tiny_run):
         (tiny_run / "test_class_2").rename(tiny_run / "test" / "class_2")
 
 
+def test_label_efficiency_fine_tuned_rows_alone(tiny_run):
+    # The label-only rows do not depend on the backbone: --classifiers fine-tuned adds the other ones.
+    out = tiny_run / "fine_tuned_only"
+    argv = [
+        "--backbone", str(tiny_run / "run"),
+        "--train-dataset", f"ImageFolder:root={tiny_run / 'train'}",
+        "--test-dataset", f"ImageFolder:root={tiny_run / 'test'}",
+        "--labels-per-class", "1",
+        "--pixel-baselines",
+        "--c-values", "1.0",
+        "--classifiers", "fine-tuned",
+        "--classifier-lrs", "1e-3",
+        "--classifier-min-scales", "1.0",
+        "--classifier-steps", "2",
+        "--output-dir", str(out),
+    ]  # fmt: skip
+    assert load_script("label_efficiency").main(argv) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [row["method"] for row in rows] == ["probe cls", "probe cls+avgpool", "fine-tuned from backbone"]
+    assert not list(out.glob("*_random_*"))  # no label-only classifier was trained
+
+
 def test_every_export_knn_follows_the_run_and_joins_its_plot(tmp_path):
     # Full-protocol k-NN of each per-iteration export, oldest first, then drawn beside the monitor.
     package = write_quickdraw_package(tmp_path)
