@@ -129,7 +129,7 @@ def main(argv=None) -> int:
     logging.info("features in %.1f s", time.perf_counter() - start)
 
     random_file = args.output_dir / "random_init_backbone.pth"
-    if args.classifiers != "none":
+    if args.classifiers in ("label-only", "all"):
         from dinov2.hub.sources import backbone_spec, build_backbone_from_spec
         from dinov2.hub.weights import save_state_dict
 

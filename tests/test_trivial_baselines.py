@@ -227,6 +227,7 @@ def test_label_efficiency_fine_tuned_rows_alone(tiny_run):
     rows = json.loads((out / "results.json").read_text())["rows"]
     assert [row["method"] for row in rows] == ["probe cls", "probe cls+avgpool", "fine-tuned from backbone"]
     assert not list(out.glob("*_random_*"))  # no label-only classifier was trained
+    assert not (out / "random_init_backbone.pth").exists()
 
 
 def test_every_export_knn_follows_the_run_and_joins_its_plot(tmp_path):
