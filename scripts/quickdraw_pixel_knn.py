@@ -2,7 +2,7 @@
 
     python scripts/quickdraw_pixel_knn.py [--root PATH] [--k 20] [--temperature 0.07]
                                           [--baselines raw blur:1.5 pool:10] [--random-vit-seeds 0 1 2]
-                                          [--json results.json]
+                                          [--probes] [--probe-c-values 0.01 0.1 1] [--json results.json]
     python scripts/quickdraw_pixel_knn.py --train-dataset SPEC --test-dataset SPEC   # any other data
 
 
@@ -13,6 +13,12 @@ one row per seed). Classification is the recipe's protocol with the same code,
 :func:`dinov2.eval.knn.knn_classify`: cosine similarity, k=20, T=0.07, bank = drawings 0-79 of
 every category (27,600), queries = drawings 80-99 (6,900). Prints top-1 / top-5 per baseline and
 marks the best one. Measured figures: docs/quickdraw_recipe.md.
+
+``--probes`` also fits, on every row's features, the two linear probes a backbone gets from
+``eval/log_regression.py`` and ``eval/linear.py``, with their default settings and held-out share
+(:mod:`dinov2_tools.feature_probes`), and prints their test top-1 beside the k-NN figure: the
+pixel rows of the linear-evaluation table. ``--probe-c-values`` narrows the logistic regression's
+C sweep (each 784-d fit on the 27,600 drawings takes minutes on 2 cores).
 
 ``--train-dataset`` / ``--test-dataset`` replace the Quick, Draw! split by any dataset spec of
 grayscale images drawn dark on light, as the recipe sees them (Fashion-MNIST:
@@ -40,6 +46,7 @@ from dinov2.data.loaders import make_dataset  # noqa: E402
 from dinov2.eval.cli import check_same_classes  # noqa: E402
 from dinov2.eval.knn import knn_classify  # noqa: E402
 from dinov2.utils.io import atomic_write_text  # noqa: E402
+from dinov2_tools.feature_probes import probe_options, probe_top1  # noqa: E402
 from dinov2_tools.trivial_baselines import (  # noqa: E402
     default_pixel_baselines,
     ink_images,
@@ -81,6 +88,12 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--random-vit-seeds", type=int, nargs="*", default=[0, 1, 2])
     parser.add_argument("--random-vit-config", default=str(RECIPE), help="training config giving the ViT shape")
+    parser.add_argument(
+        "--probes", action="store_true", help="also the logistic-regression and linear-grid probes of eval/"
+    )
+    parser.add_argument(
+        "--probe-c-values", type=float, nargs="+", help="C sweep of the logistic regression (default: its own)"
+    )
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
 
@@ -100,11 +113,26 @@ def main(argv=None) -> int:
     )
 
     rows = []
+    probes = {"log_regression": probe_options("log_regression", c_values=args.probe_c_values)}
+    probes["linear"] = probe_options("linear")
 
     def evaluate(name: str, bank: torch.Tensor, queries: torch.Tensor, seconds: float) -> None:
         top1, top5 = knn_top1_top5(bank, bank_labels, queries, query_labels, args.k, args.temperature, num_classes)
-        rows.append({"baseline": name, "dim": int(bank.shape[1]), "top1": top1, "top5": top5})
-        print(f"{name:<24} {bank.shape[1]:>5}-d  top-1 {100 * top1:6.2f}%  top-5 {100 * top5:6.2f}%  ({seconds:.1f} s)")
+        row = {"baseline": name, "dim": int(bank.shape[1]), "top1": top1, "top5": top5}
+        line = f"{name:<24} {bank.shape[1]:>5}-d  top-1 {100 * top1:6.2f}%  top-5 {100 * top5:6.2f}%"
+        if args.probes:
+            start = time.perf_counter()
+            x, y = bank.numpy(), bank_labels.numpy()
+            test_x, test_y = queries.numpy(), query_labels.numpy()
+            for probe, options in probes.items():
+                row[probe] = probe_top1(probe, x, y, test_x, test_y, num_classes, options)
+            seconds += time.perf_counter() - start
+            line += (
+                f"  log. regression {100 * row['log_regression']['top1']:6.2f}% (C {row['log_regression']['best_c']:g})"
+                f"  linear {100 * row['linear']['top1']:6.2f}% (lr {row['linear']['best_lr']:g})"
+            )
+        rows.append(row)
+        print(f"{line}  ({seconds:.1f} s)")
 
     for name in args.baselines:
         start = time.perf_counter()
@@ -117,6 +145,9 @@ def main(argv=None) -> int:
 
     best = max(rows, key=lambda row: row["top1"])
     print(f"best trivial baseline: {best['baseline']} at {100 * best['top1']:.2f}% top-1")
+    for probe in ("log_regression", "linear") if args.probes else ():
+        best = max(rows, key=lambda row: row[probe]["top1"])
+        print(f"best under {probe.replace('_', ' ')}: {best['baseline']} at {100 * best[probe]['top1']:.2f}% top-1")
     if args.json:
         atomic_write_text(args.json, json.dumps({"k": args.k, "temperature": args.temperature, "rows": rows}, indent=2))
     return 0

@@ -16,6 +16,7 @@ from PIL import Image
 from train_helpers import make_training_output
 
 from dinov2_tools import label_efficiency as le
+from dinov2_tools.feature_probes import probe_options, probe_top1
 from dinov2_tools.trivial_baselines import (
     default_pixel_baselines,
     ink_images,
@@ -91,6 +92,31 @@ def test_probe_picks_the_best_c_and_separates_separable_classes():
     assert fit["top1"] > 0.9 and fit["C"] in (0.1, 1.0)
 
 
+def _clusters(n_per_class: int, seed: int):
+    rng = np.random.default_rng(seed)
+    centres = np.random.default_rng(0).normal(size=(3, 8)) * 4
+    y = np.repeat(np.arange(3), n_per_class)
+    return (centres[y] + rng.normal(size=(len(y), 8))).astype(np.float32), y
+
+
+def test_eval_probes_on_arrays_learn_separable_classes_and_not_shuffled_labels():
+    train_x, train_y = _clusters(40, seed=1)
+    test_x, test_y = _clusters(50, seed=2)
+    log_regression = probe_options("log_regression", c_values=[0.01, 1.0])
+    linear = probe_options("linear", learning_rates=[1e-3, 0.1], epochs=5)
+    fit = probe_top1("log_regression", train_x, train_y, test_x, test_y, 3, log_regression)
+    grid = probe_top1("linear", train_x, train_y, test_x, test_y, 3, linear)
+    assert fit["top1"] > 0.95 and fit["best_c"] in (0.01, 1.0)
+    assert grid["top1"] > 0.95 and grid["best_lr"] in (1e-3, 0.1)
+    shuffled = np.random.default_rng(3).permutation(train_y)
+    assert probe_top1("log_regression", train_x, shuffled, test_x, test_y, 3, log_regression)["top1"] < 0.7
+    assert probe_top1("linear", train_x, shuffled, test_x, test_y, 3, linear)["top1"] < 0.7
+    with pytest.raises(ValueError, match="unknown probe 'knn'"):
+        probe_top1("knn", train_x, train_y, test_x, test_y, 3)
+    with pytest.raises(ValueError, match="unknown linear option"):
+        probe_options("linear", learning_rate=0.1)
+
+
 def test_classifier_epochs_keep_the_number_of_steps():
     assert le.classifier_epochs(300, 64, 345) == 56  # one label per class, 345 classes: 6 steps an epoch
     assert le.classifier_epochs(300, 64, 100_000) == 1
@@ -144,6 +170,17 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
          "--baselines", "raw", "blur:1.5", "pool:7", "--random-vit-seeds", "--json", str(by_spec)]
     )  # fmt: skip
     assert json.loads(by_spec.read_text())["rows"] == rows[:3]
+    probed = tmp_path / "probed.json"
+    script.main(
+        ["--root", str(package), "--train-per-class", "8", "--k", "3", "--baselines", "raw", "blur:1.5",
+         "--random-vit-seeds", "--probes", "--probe-c-values", "0.1", "1", "--json", str(probed)]
+    )  # fmt: skip
+    probed_rows = json.loads(probed.read_text())["rows"]
+    assert [row["top1"] for row in probed_rows] == [row["top1"] for row in rows[:2]]  # the k-NN is unchanged
+    assert all(row["log_regression"]["best_c"] in (0.1, 1.0) for row in probed_rows)
+    assert probed_rows[1]["log_regression"]["top1"] == 1.0  # the blurred bars' heights separate linearly
+    assert probed_rows[0]["linear"]["top1"] == 1.0  # 10 epochs of 1 step suffice for the raw bars
+    assert "best under linear: raw at 100.00% top-1" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         script.main(["--train-dataset", f"{spec}:split=train"])
     assert "give both --train-dataset and --test-dataset" in capsys.readouterr().err

@@ -127,6 +127,23 @@ def fit_log_regression(
     )
 
 
+def fit_with_options(options: DictConfig, train_x, train_y, val_x, val_y, test_x, num_classes) -> LogRegResult:
+    """:func:`fit_log_regression` with the settings of a ``log_regression`` config section."""
+    return fit_log_regression(
+        train_x,
+        train_y,
+        val_x,
+        val_y,
+        test_x,
+        num_classes,
+        options.c_values,
+        options.max_iter,
+        options.standardize,
+        options.l2_normalize,
+        options.seed,
+    )
+
+
 # ----------------------------------------------------------------------------------- CLI
 def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
     """Flags and ``key=value`` options of :data:`dinov2.eval.config.FLAGS` ``["log_regression"]``."""
@@ -183,18 +200,14 @@ def run_log_regression(cfg: DictConfig) -> Optional[dict]:
             else int(max(int(f.labels.max()) for f in (train, val, test) if f is not None)) + 1
         )
         positive = resolve_positive_class(data.positive_class, class_names)
-        fit = fit_log_regression(
+        fit = fit_with_options(
+            options,
             as_numpy(train.features),
             as_numpy(train.labels),
             as_numpy(val.features),
             as_numpy(val.labels),
             as_numpy(test.features) if test is not None else None,
             num_classes,
-            options.c_values,
-            options.max_iter,
-            options.standardize,
-            options.l2_normalize,
-            options.seed,
         )
         val_report = evaluation_report(
             as_numpy(val.labels), fit.val_probs, class_names, group_ids_for(val_dataset, val.indices), positive
