@@ -2,7 +2,8 @@
 
     python scripts/quickdraw_pixel_knn.py [--root PATH] [--k 20] [--temperature 0.07]
                                           [--baselines raw blur:1.5 pool:10] [--random-vit-seeds 0 1 2]
-                                          [--probes] [--probe-c-values 0.01 0.1 1] [--json results.json]
+                                          [--probes] [--probe-c-values 0.01 0.1 1]
+                                          [--probe-learning-rates 0.1 1] [--json results.json]
     python scripts/quickdraw_pixel_knn.py --train-dataset SPEC --test-dataset SPEC   # any other data
 
 
@@ -18,7 +19,8 @@ marks the best one. Measured figures: docs/quickdraw_recipe.md.
 ``eval/log_regression.py`` and ``eval/linear.py``, with their default settings and held-out share
 (:mod:`dinov2_tools.feature_probes`), and prints their test top-1 beside the k-NN figure: the
 pixel rows of the linear-evaluation table. ``--probe-c-values`` narrows the logistic regression's
-C sweep (each 784-d fit on the 27,600 drawings takes minutes on 2 cores).
+C sweep (each 784-d fit on the 27,600 drawings takes minutes on 2 cores); ``--probe-learning-rates``
+replaces the linear grid's learning rates (pixels, unstandardised, want larger ones than features).
 
 ``--train-dataset`` / ``--test-dataset`` replace the Quick, Draw! split by any dataset spec of
 grayscale images drawn dark on light, as the recipe sees them (Fashion-MNIST:
@@ -94,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--probe-c-values", type=float, nargs="+", help="C sweep of the logistic regression (default: its own)"
     )
+    parser.add_argument(
+        "--probe-learning-rates", type=float, nargs="+", help="learning rates of the linear grid (default: its own)"
+    )
     parser.add_argument("--json", type=Path, help="also write the table to this JSON file")
     args = parser.parse_args(argv)
 
@@ -114,7 +119,7 @@ def main(argv=None) -> int:
 
     rows = []
     probes = {"log_regression": probe_options("log_regression", c_values=args.probe_c_values)}
-    probes["linear"] = probe_options("linear")
+    probes["linear"] = probe_options("linear", learning_rates=args.probe_learning_rates)
 
     def evaluate(name: str, bank: torch.Tensor, queries: torch.Tensor, seconds: float) -> None:
         top1, top5 = knn_top1_top5(bank, bank_labels, queries, query_labels, args.k, args.temperature, num_classes)

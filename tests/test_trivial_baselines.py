@@ -173,11 +173,13 @@ def test_pixel_knn_script_prints_every_baseline(tmp_path, capsys):
     probed = tmp_path / "probed.json"
     script.main(
         ["--root", str(package), "--train-per-class", "8", "--k", "3", "--baselines", "raw", "blur:1.5",
-         "--random-vit-seeds", "--probes", "--probe-c-values", "0.1", "1", "--json", str(probed)]
+         "--random-vit-seeds", "--probes", "--probe-c-values", "0.1", "1", "--probe-learning-rates", "0.1", "0.5",
+         "--json", str(probed)]
     )  # fmt: skip
     probed_rows = json.loads(probed.read_text())["rows"]
     assert [row["top1"] for row in probed_rows] == [row["top1"] for row in rows[:2]]  # the k-NN is unchanged
     assert all(row["log_regression"]["best_c"] in (0.1, 1.0) for row in probed_rows)
+    assert all(row["linear"]["best_lr"] in (0.1, 0.5) for row in probed_rows)
     assert probed_rows[1]["log_regression"]["top1"] == 1.0  # the blurred bars' heights separate linearly
     assert probed_rows[0]["linear"]["top1"] == 1.0  # 10 epochs of 1 step suffice for the raw bars
     assert "best under linear: raw at 100.00% top-1" in capsys.readouterr().out
