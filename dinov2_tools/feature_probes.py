@@ -4,16 +4,18 @@ A backbone is judged by those two scripts, which extract its features themselves
 come from no backbone (the pixel baselines of :mod:`dinov2_tools.trivial_baselines`) need the same
 two probes with the same settings to stand beside it, so this module runs them on arrays:
 
-- ``probe_top1("log_regression", ...)``: :func:`dinov2.eval.log_regression.fit_log_regression`, its
-  C swept on a held-out share of the train set, then refit on all of it;
-- ``probe_top1("linear", ...)``: :func:`dinov2.eval.linear.train_linear_grid`, the grid of
-  SGD-trained linear heads over the learning rates, the best head chosen on the same share.
+- ``held_out_probe_top1("log_regression", ...)``:
+  :func:`dinov2.eval.log_regression.fit_log_regression`, its C swept on a held-out share of the
+  train set, then refit on all of it;
+- ``held_out_probe_top1("linear", ...)``: :func:`dinov2.eval.linear.train_linear_grid`, the grid
+  of SGD-trained linear heads over the learning rates, the best head chosen on the same share.
 
 Both hold out the share ``split_train_val`` gives for the options' ``val_fraction`` and ``seed``,
 the split the scripts make of a train set without groups, and both take their options from the
 scripts' own defaults (``configs/eval/log_regression.yaml``, ``configs/eval/linear.yaml``) with
 any override on top. Test top-1 is the fraction of test samples whose most probable class is
-their label, as in the scripts' reports.
+their label, as in the scripts' reports. (``dinov2_tools.label_efficiency.probe_top1`` differs: with
+one label per class nothing can be held out, so it reports the best test top-1 over its C values.)
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ def probe_options(method: str, **overrides) -> DictConfig:
     return OmegaConf.merge(options, {k: v for k, v in overrides.items() if v is not None})
 
 
-def probe_top1(
+def held_out_probe_top1(
     method: str,
     train_x: np.ndarray,
     train_y: np.ndarray,

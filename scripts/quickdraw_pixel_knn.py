@@ -48,7 +48,7 @@ from dinov2.data.loaders import make_dataset  # noqa: E402
 from dinov2.eval.cli import check_same_classes  # noqa: E402
 from dinov2.eval.knn import knn_classify  # noqa: E402
 from dinov2.utils.io import atomic_write_text  # noqa: E402
-from dinov2_tools.feature_probes import probe_options, probe_top1  # noqa: E402
+from dinov2_tools.feature_probes import held_out_probe_top1, probe_options  # noqa: E402
 from dinov2_tools.trivial_baselines import (  # noqa: E402
     default_pixel_baselines,
     ink_images,
@@ -130,7 +130,7 @@ def main(argv=None) -> int:
             x, y = bank.numpy(), bank_labels.numpy()
             test_x, test_y = queries.numpy(), query_labels.numpy()
             for probe, options in probes.items():
-                row[probe] = probe_top1(probe, x, y, test_x, test_y, num_classes, options)
+                row[probe] = held_out_probe_top1(probe, x, y, test_x, test_y, num_classes, options)
             seconds += time.perf_counter() - start
             line += (
                 f"  log. regression {100 * row['log_regression']['top1']:6.2f}% (C {row['log_regression']['best_c']:g})"

@@ -16,7 +16,7 @@ from PIL import Image
 from train_helpers import make_training_output
 
 from dinov2_tools import label_efficiency as le
-from dinov2_tools.feature_probes import probe_options, probe_top1
+from dinov2_tools.feature_probes import held_out_probe_top1, probe_options
 from dinov2_tools.trivial_baselines import (
     default_pixel_baselines,
     ink_images,
@@ -104,15 +104,15 @@ def test_eval_probes_on_arrays_learn_separable_classes_and_not_shuffled_labels()
     test_x, test_y = _clusters(50, seed=2)
     log_regression = probe_options("log_regression", c_values=[0.01, 1.0])
     linear = probe_options("linear", learning_rates=[1e-3, 0.1], epochs=5)
-    fit = probe_top1("log_regression", train_x, train_y, test_x, test_y, 3, log_regression)
-    grid = probe_top1("linear", train_x, train_y, test_x, test_y, 3, linear)
+    fit = held_out_probe_top1("log_regression", train_x, train_y, test_x, test_y, 3, log_regression)
+    grid = held_out_probe_top1("linear", train_x, train_y, test_x, test_y, 3, linear)
     assert fit["top1"] > 0.95 and fit["best_c"] in (0.01, 1.0)
     assert grid["top1"] > 0.95 and grid["best_lr"] in (1e-3, 0.1)
     shuffled = np.random.default_rng(3).permutation(train_y)
-    assert probe_top1("log_regression", train_x, shuffled, test_x, test_y, 3, log_regression)["top1"] < 0.7
-    assert probe_top1("linear", train_x, shuffled, test_x, test_y, 3, linear)["top1"] < 0.7
+    assert held_out_probe_top1("log_regression", train_x, shuffled, test_x, test_y, 3, log_regression)["top1"] < 0.7
+    assert held_out_probe_top1("linear", train_x, shuffled, test_x, test_y, 3, linear)["top1"] < 0.7
     with pytest.raises(ValueError, match="unknown probe 'knn'"):
-        probe_top1("knn", train_x, train_y, test_x, test_y, 3)
+        held_out_probe_top1("knn", train_x, train_y, test_x, test_y, 3)
     with pytest.raises(ValueError, match="unknown linear option"):
         probe_options("linear", learning_rate=0.1)
 
