@@ -19,6 +19,7 @@ rule for every row; it flatters the rows with the larger grids, which are the la
 
 from __future__ import annotations
 
+import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -90,19 +91,29 @@ def probe_top1(
     return best
 
 
-def write_image_folder(dataset, indices: Sequence[int], class_names: Sequence[str], root: Path) -> Path:
-    """The chosen labelled images as an ImageFolder (``root/<class>/<index>.png``) for dinov2.classify.
+def write_labelled_subset(dataset, indices: Sequence[int], class_names: Sequence[str], root: Path) -> Path:
+    """The chosen labelled images for dinov2.classify: ``root/images/<index>.png`` and
+    ``root/labels.csv`` (columns ``path``, ``category``: the class name). Returns the CSV.
 
+    A CSV rather than one folder per class: class names need not be folder names (Fashion-MNIST
+    has ``T-shirt/top``), and dinov2.classify matches the test split's labels to these by name.
     ``root`` must not exist yet: images left by another choice would be trained on as well."""
     if root.exists():
         raise FileExistsError(f"{root} exists: it may hold another labelled choice; use a new --output-dir")
-    root.mkdir(parents=True)
+    images = root / "images"
+    images.mkdir(parents=True)
+    rows = []
     for index in indices:
         image, target = dataset[int(index)]
-        folder = root / class_names[int(target)]
-        folder.mkdir(exist_ok=True)
-        image.convert("RGB").save(folder / f"{int(index):07d}.png")
-    return root
+        name = f"images/{int(index):07d}.png"
+        image.convert("RGB").save(root / name)
+        rows.append((name, class_names[int(target)]))
+    csv_path = root / "labels.csv"
+    with open(csv_path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "category"])  # the task name of classifier_overrides
+        writer.writerows(rows)
+    return csv_path
 
 
 def classifier_epochs(steps: int, batch_size: int, num_images: int) -> int:

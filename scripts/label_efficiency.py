@@ -67,7 +67,7 @@ def classifier_rows(args, backbone, n: int, train_pil, chosen, class_names, rand
     from dinov2.classify.config import load_classify_config
     from dinov2.classify.trainer import train_classifier
 
-    folder = le.write_image_folder(train_pil, chosen, class_names, args.output_dir / f"labelled_{n}_seed{args.seed}")
+    labels_csv = le.write_labelled_subset(train_pil, chosen, class_names, args.output_dir / f"labelled_{n}_seed{args.seed}")
     epochs = le.classifier_epochs(args.classifier_steps, args.classifier_batch_size, len(chosen))
     heads = backbone.model.num_heads
     inits = []
@@ -85,7 +85,7 @@ def classifier_rows(args, backbone, n: int, train_pil, chosen, class_names, rand
                 None,
                 [
                     f"output_dir={run_dir}",
-                    f"data.train=ImageFolder:root={folder}",
+                    f"data.train=CSV:path={labels_csv}",
                     f"data.val={args.test_dataset}",
                     f"backbone.source={source}",
                     f"backbone.num_heads={heads}",

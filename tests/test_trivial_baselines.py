@@ -1,5 +1,6 @@
 """The features-without-pretraining baselines and the label-efficiency building blocks."""
 
+import csv
 import gzip
 import importlib.util
 import json
@@ -229,11 +230,11 @@ def test_label_efficiency_script_writes_every_row(tiny_run):
             assert (n, method) in methods
     pixel_rows = [row for row in rows if row["method"] == "pixels raw"]
     assert all(row["top1"] == 1.0 for row in pixel_rows)  # colour-coded classes: pixels separate them
-    # The labelled ImageFolders hold exactly n images per class, named by the class.
-    assert (
-        sorted(p.parent.name for p in (out / "labelled_2_seed0").rglob("*.png"))
-        == ["class_0"] * 2 + ["class_1"] * 2 + ["class_2"] * 2
-    )
+    # The labelled subset holds exactly n images per class, labelled by class name.
+    with open(out / "labelled_2_seed0" / "labels.csv", newline="") as handle:
+        labelled = list(csv.DictReader(handle))
+    assert sorted(row["category"] for row in labelled) == ["class_0"] * 2 + ["class_1"] * 2 + ["class_2"] * 2
+    assert all((out / "labelled_2_seed0" / row["path"]).is_file() for row in labelled)
     # Into the same folder again: refused before a stale labelled choice or classifier run is reused.
     with pytest.raises(FileExistsError, match="labelled_1_seed0 exists"):
         script.main(argv)
@@ -244,6 +245,24 @@ def test_label_efficiency_script_writes_every_row(tiny_run):
             script.main([*argv[: argv.index("--output-dir")], "--output-dir", str(tiny_run / "other")])
     finally:
         (tiny_run / "test_class_2").rename(tiny_run / "test" / "class_2")
+
+
+def test_labelled_subset_keeps_class_names_that_are_not_folder_names(tmp_path):
+    # Fashion-MNIST's first class is "T-shirt/top": the subset is a CSV read back with the same names.
+    from dinov2.data.loaders import make_dataset
+
+    class Images:
+        classes = ["T-shirt/top", "Trouser, long"]
+
+        def __getitem__(self, index):
+            return Image.new("L", (8, 8), color=40 * index), index % 2
+
+    csv_path = le.write_labelled_subset(Images(), [0, 1, 2, 3], Images.classes, tmp_path / "subset")
+    dataset = make_dataset(f"CSV:path={csv_path}")
+    assert dataset.classes == ["T-shirt/top", "Trouser, long"]
+    assert [dataset[i][1] for i in range(4)] == [0, 1, 0, 1]
+    with pytest.raises(FileExistsError, match="subset exists"):
+        le.write_labelled_subset(Images(), [0], Images.classes, tmp_path / "subset")
 
 
 def test_label_efficiency_fine_tuned_rows_alone(tiny_run):
