@@ -1,4 +1,4 @@
-"""DINO / iBOT / KoLeo losses, teacher targets and the DINO head, checked against small
+"""DINO / iBOT / KoLeo / InfoNCE losses, teacher targets and the DINO head, checked against small
 hand-computed examples (explicit Python loops over math.exp / math.log)."""
 
 import math
@@ -9,7 +9,7 @@ import torch
 import torch.multiprocessing as mp
 
 from dinov2.layers.dino_head import DINOHead, WeightNormalizedLinear, build_dino_ibot_heads
-from dinov2.loss import DINOLoss, KoLeoLoss, iBOTPatchLoss, masks_weight_from_masks, sinkhorn_knopp
+from dinov2.loss import DINOLoss, InfoNCELoss, KoLeoLoss, iBOTPatchLoss, masks_weight_from_masks, sinkhorn_knopp
 
 
 def _log_softmax(row, temp):
@@ -232,6 +232,38 @@ def test_koleo_exact_duplicates_give_minus_log_eps():
     assert loss.item() == pytest.approx(-math.log(1e-8), rel=1e-5)
 
 
+# ---------------------------------------------------------------- InfoNCE
+
+
+def test_infonce_matches_a_loop_over_queries():
+    torch.manual_seed(0)
+    views = [torch.randn(3, 4) * 2, torch.randn(3, 4)]  # scales must not matter: features are normalised
+    tau = 0.3
+    rows = [v / v.norm(dim=1, keepdim=True) for v in views]
+    everything = [(view, i, rows[view][i]) for view in range(2) for i in range(3)]
+    terms = []
+    for view, i, query in everything:
+        others = [(v, j, key) for v, j, key in everything if (v, j) != (view, i)]
+        scores = {(v, j): math.exp(float(query @ key) / tau) for v, j, key in others}
+        terms.append(-math.log(scores[(1 - view, i)] / sum(scores.values())))
+    assert InfoNCELoss(temperature=tau)(views).item() == pytest.approx(sum(terms) / len(terms), rel=1e-5)
+
+
+def test_infonce_rewards_the_right_pairing_only():
+    one_hot = torch.eye(8)
+    matched = InfoNCELoss(temperature=0.05)([one_hot, one_hot.clone()])
+    shuffled = InfoNCELoss(temperature=0.05)([one_hot, one_hot.roll(1, dims=0)])
+    assert matched.item() < 1e-3
+    assert shuffled.item() > 10  # the positive sits 20 logits below a negative
+    features = torch.randn(5, 3, requires_grad=True)
+    InfoNCELoss()([features, features.detach() + 0.1]).backward()
+    assert torch.isfinite(features.grad).all() and features.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="two .batch, dim. views of equal shape"):
+        InfoNCELoss()([torch.randn(4, 3), torch.randn(5, 3)])
+    with pytest.raises(ValueError, match="temperature must be positive"):
+        InfoNCELoss(temperature=0.0)
+
+
 # ---------------------------------------------------------------- heads
 
 
@@ -365,6 +397,10 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
         my_features = features[rank * feat_half : (rank + 1) * feat_half].clone().requires_grad_(True)
         koleo = KoLeoLoss(distributed=True)(my_features)
         koleo.backward()
+        # InfoNCE: the second view of each row is the row reversed; the negatives span both ranks.
+        my_views = [my_features.detach().clone().requires_grad_(True), my_features.detach().flip(1)]
+        infonce = InfoNCELoss(temperature=0.5)(my_views)
+        infonce.backward()
         # Ranks with different numbers of masked patches still agree on the global mean/SK.
         ibot = iBOTPatchLoss(logits.shape[1])
         uneven = logits[:1] if rank == 0 else logits[1:]
@@ -378,6 +414,8 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
                 "center": loss.center,
                 "koleo": koleo.detach(),
                 "koleo_grad": my_features.grad,
+                "infonce": infonce.detach(),
+                "infonce_grad": my_views[0].grad,
                 "ibot_targets": ibot_targets,
                 "ibot_center": ibot.center,
                 "uneven_koleo": uneven_koleo.detach(),
@@ -389,7 +427,7 @@ def _distributed_worker(rank, world_size, init_file, logits, features, out_dir):
         dist.destroy_process_group()
 
 
-def test_targets_center_and_koleo_reduce_across_two_ranks(tmp_path):
+def test_targets_center_koleo_and_infonce_reduce_across_two_ranks(tmp_path):
     torch.manual_seed(4)
     logits = torch.randn(8, 5)
     features = torch.randn(6, 3)
@@ -417,6 +455,12 @@ def test_targets_center_and_koleo_reduce_across_two_ranks(tmp_path):
     torch.testing.assert_close(koleo_mean, koleo_full.detach())
     # Each rank's gradient covers every rank's loss term: d(L0 + L1)/dx = 2 dL_full/dx.
     torch.testing.assert_close(torch.cat([r["koleo_grad"] for r in results]), 2 * full.grad)
+    infonce_mean = (results[0]["infonce"] + results[1]["infonce"]) / 2
+    full_views = [features.clone().requires_grad_(True), features.flip(1)]
+    infonce_full = InfoNCELoss(temperature=0.5)(full_views)
+    infonce_full.backward()
+    torch.testing.assert_close(infonce_mean, infonce_full.detach())
+    torch.testing.assert_close(torch.cat([r["infonce_grad"] for r in results]), 2 * full_views[0].grad)
     # Uneven batches: each rank's mean over its own rows, weighted by the rows, is the full loss.
     uneven = (2 * results[0]["uneven_koleo"] + 3 * results[1]["uneven_koleo"]) / 5
     torch.testing.assert_close(uneven, KoLeoLoss()(features[:5]))

@@ -83,6 +83,35 @@ def test_zero_loss_weights_skip_the_terms():
         SSLMetaArch(tiny_cfg("dino.loss_weight=0", "dino.koleo_loss_weight=0", "ibot.loss_weight=0"))
 
 
+
+def test_infonce_term_on_the_head_bottleneck_with_and_without_dino():
+    from dinov2.loss import InfoNCELoss
+
+    cfg = tiny_cfg("infonce.loss_weight=0.5", "infonce.temperature=0.3", "ibot.loss_weight=0")
+    model = SSLMetaArch(cfg)
+    model.train()
+    batch = synthetic_batch(cfg)
+    losses = model.forward_backward(batch, teacher_temp=0.05)
+    expected_total = losses["dino_loss"] + 0.1 * losses["koleo_loss"] + 0.5 * losses["infonce_loss"]
+    assert float(losses["total_loss"]) == pytest.approx(float(expected_total), rel=1e-5)
+    # The term is InfoNCE between the two global crops' bottleneck features of the student's head
+    # (one BatchNorm group for both crops, as the DINO logits use).
+    with torch.no_grad():
+        cls = model.student["backbone"](batch["collated_global_crops"], is_training=True)["x_norm_clstoken"]
+        bottleneck = model.student["dino_head"].forward_bottleneck(cls)
+    expected = InfoNCELoss(temperature=0.3)(bottleneck.chunk(2))
+    assert float(losses["infonce_loss"]) == pytest.approx(float(expected), rel=1e-4)
+
+    # InfoNCE alone: the student's head still runs (for its bottleneck), the teacher's targets do not.
+    alone = tiny_cfg("infonce.loss_weight=1", "dino.loss_weight=0", "dino.koleo_loss_weight=0", "ibot.loss_weight=0")
+    model = SSLMetaArch(alone)
+    model.train()
+    losses = model.forward_backward(synthetic_batch(alone), teacher_temp=0.05)
+    assert set(losses) == {"infonce_loss", "total_loss"}
+    assert model.student["dino_head"].mlp[0].weight.grad.abs().sum() > 0
+    assert model.student["backbone"].cls_token.grad.abs().sum() > 0
+    assert model.student["dino_head"].last_layer.weight_v.grad is None  # prototypes unused
+
 def test_separate_ibot_head_and_sinkhorn_knopp():
     cfg = tiny_cfg("ibot.separate_head=true", "ibot.head_n_prototypes=32", "train.centering=sinkhorn_knopp")
     model = SSLMetaArch(cfg)

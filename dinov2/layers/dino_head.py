@@ -213,11 +213,19 @@ class DINOHead(nn.Module):
         out = self._regroup(rows, groups, sizes)
         return out[0] if isinstance(x, torch.Tensor) else out
 
-    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]]) -> Union[torch.Tensor, List[torch.Tensor]]:
+    def forward(self, x: Union[torch.Tensor, Sequence[torch.Tensor]], with_bottleneck: bool = False):
+        """Logits of a tensor, or of each group of a list; with ``with_bottleneck``, the pair
+        (logits, L2-normalised bottleneck features) in the same layout. (A keyword of forward
+        rather than a method of its own: an FSDP2-wrapped head gathers its weights in forward.)"""
         groups = [x] if isinstance(x, torch.Tensor) else list(x)
         rows, sizes = self._bottleneck_rows(groups)
         out = self._regroup(self.last_layer(rows), groups, sizes)
-        return out[0] if isinstance(x, torch.Tensor) else out
+        if isinstance(x, torch.Tensor):
+            out = out[0]
+        if not with_bottleneck:
+            return out
+        bottleneck = self._regroup(rows, groups, sizes)
+        return out, (bottleneck[0] if isinstance(x, torch.Tensor) else bottleneck)
 
 
 def build_dino_ibot_heads(

@@ -11,7 +11,7 @@ from torch import nn
 
 from dinov2 import distributed
 
-__all__ = ["KoLeoLoss"]
+__all__ = ["KoLeoLoss", "gather_rows"]
 
 
 class _AllGatherWithGrad(torch.autograd.Function):
@@ -34,6 +34,21 @@ class _AllGatherWithGrad(torch.autograd.Function):
         dist.all_reduce(grad, group=ctx.group)
         start = ctx.rank * ctx.local_size
         return grad[start : start + ctx.local_size], None
+
+
+def gather_rows(x: torch.Tensor, group=None) -> tuple[torch.Tensor, int]:
+    """(the ``(b, D)`` rows of every rank of ``group`` concatenated in rank order, the offset of
+    this rank's rows in them), with autograd. Ranks may hold different numbers of rows (e.g.
+    after skipping unreadable images): all_gather needs equal shapes, so every rank is padded to
+    the largest and the padding is dropped again."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
+    sizes = [int(s) for s in sizes]
+    largest = max(sizes)
+    padded = F.pad(x, (0, 0, 0, largest - x.shape[0]))
+    gathered = _AllGatherWithGrad.apply(padded, group)
+    rows = torch.cat([gathered[r * largest : r * largest + n] for r, n in enumerate(sizes)])
+    return rows, sum(sizes[: dist.get_rank(group)])
 
 
 class KoLeoLoss(nn.Module):
@@ -81,17 +96,7 @@ class KoLeoLoss(nn.Module):
         x = F.normalize(student_features.float(), p=2, dim=-1, eps=1e-8)
         candidates, self_offset = x, 0
         if self.distributed and distributed.is_enabled():
-            group = self.process_group
-            sizes = [torch.zeros(1, dtype=torch.long, device=x.device) for _ in range(dist.get_world_size(group))]
-            dist.all_gather(sizes, torch.tensor([x.shape[0]], device=x.device), group=group)
-            sizes = [int(s) for s in sizes]
-            # all_gather needs equal shapes: pad every rank to the largest batch, then drop the
-            # padding rows so they can never be picked as neighbours.
-            largest = max(sizes)
-            padded = F.pad(x, (0, 0, 0, largest - x.shape[0]))
-            gathered = _AllGatherWithGrad.apply(padded, group)
-            candidates = torch.cat([gathered[r * largest : r * largest + n] for r, n in enumerate(sizes)])
-            self_offset = sum(sizes[: dist.get_rank(group)])
+            candidates, self_offset = gather_rows(x, self.process_group)
 
         n_local, n_all = x.shape[0], candidates.shape[0]
         if n_all < 2 or n_local == 0:

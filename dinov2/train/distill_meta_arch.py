@@ -395,7 +395,7 @@ class DistillStudent(SSLMetaArch):
     def _make_head(self, head_cfg: DictConfig, embed_dim: int):
         return SSLMetaArch._make_head(head_cfg, self._head_in_dim or embed_dim, self.process_group)
 
-    def _head_logits(self, modules, cls_groups, masked_tokens):
+    def _head_logits(self, modules, cls_groups, masked_tokens, with_bottleneck=False):
         if modules is self.student and "adapter" in modules:
             # One adapter call for every group (an FSDP unit is then gathered once).
             groups = list(cls_groups) + ([masked_tokens] if masked_tokens is not None else [])
@@ -403,7 +403,7 @@ class DistillStudent(SSLMetaArch):
                 mapped = modules["adapter"](torch.cat(groups)).split([g.shape[0] for g in groups])
                 cls_groups = list(mapped[: len(cls_groups)])
                 masked_tokens = mapped[-1] if masked_tokens is not None else None
-        return super()._head_logits(modules, cls_groups, masked_tokens)
+        return super()._head_logits(modules, cls_groups, masked_tokens, with_bottleneck)
 
     @torch.no_grad()
     def _teacher_logits(self, global_crops, mask_indices):
@@ -415,7 +415,7 @@ class DistillStudent(SSLMetaArch):
         cls_groups = [shared.cls_tokens] if self.do_dino else []
         masked = shared.masked_tokens if self.do_ibot else None
         with self._autocast(self.teacher_dtype, global_crops.device):
-            dino_groups, ibot_logits = self._head_logits(self.teacher, cls_groups, masked)
+            dino_groups, ibot_logits, _ = self._head_logits(self.teacher, cls_groups, masked)
         return (dino_groups[0] if dino_groups else None), ibot_logits
 
     def forward_with(self, outputs: TeacherOutputs, data: dict, teacher_temp: float, scaler=None):

@@ -119,7 +119,7 @@ class MetricsLogger:
     @staticmethod
     def format(record: Dict) -> str:
         parts = [f"it {record['iteration']}"]
-        for key in ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "knn_top1"):
+        for key in ("total_loss", "dino_loss", "ibot_loss", "koleo_loss", "infonce_loss", "knn_top1"):
             if key in record and isinstance(record[key], (int, float)):
                 parts.append(f"{key} {record[key]:.4f}")
         for key in ("lr", "teacher_temp", "momentum"):

@@ -1,4 +1,4 @@
-"""SSLMetaArch: the student, its EMA teacher and the DINO / iBOT / KoLeo losses of one training step.
+"""SSLMetaArch: the student, its EMA teacher and the DINO / iBOT / KoLeo / InfoNCE losses of one training step.
 
 Layout (also the layout of ``state_dict()``, so of checkpoints)::
 
@@ -16,6 +16,10 @@ in one list forward. Each head module is called once per step with its token gro
 CLS tokens, local-crop CLS tokens, masked patch tokens); how each group is normalised is the
 head's business (:class:`~dinov2.layers.dino_head.DINOHead`). A loss whose weight is 0 is not
 computed at all.
+
+InfoNCE (``infonce.loss_weight``) contrasts the student's two global crops of each image on the
+DINO head's L2-normalised bottleneck (after its BatchNorm), against every other crop of the
+global batch; it needs no teacher.
 
 Gram anchoring (``gram.use_loss``) adds ``gram_loss`` on the student's global-crop patch tokens
 against a :class:`~dinov2.train.gram_teacher.GramTeacher`, which the trainer owns (its weights
@@ -35,7 +39,7 @@ from torch import nn
 
 from dinov2 import distributed
 from dinov2.layers.dino_head import DINOHead
-from dinov2.loss import DINOLoss, GramLoss, KoLeoLoss, iBOTPatchLoss
+from dinov2.loss import DINOLoss, GramLoss, InfoNCELoss, KoLeoLoss, iBOTPatchLoss
 from dinov2.models import build_model_from_cfg
 from dinov2.train.warm_start import load_warm_start_weights
 
@@ -81,12 +85,15 @@ class SSLMetaArch(nn.Module):
         self.dino_loss_weight = float(cfg.dino.loss_weight)
         self.koleo_loss_weight = float(cfg.dino.koleo_loss_weight)
         self.ibot_loss_weight = float(cfg.ibot.loss_weight)
+        self.infonce_loss_weight = float(cfg.infonce.loss_weight)
         self.do_dino = self.dino_loss_weight > 0
         self.do_koleo = self.koleo_loss_weight > 0
         self.do_ibot = self.ibot_loss_weight > 0
-        if not (self.do_dino or self.do_ibot or self.do_koleo):
+        self.do_infonce = self.infonce_loss_weight > 0
+        if not (self.do_dino or self.do_ibot or self.do_koleo or self.do_infonce):
             raise ValueError(
-                "dino.loss_weight, dino.koleo_loss_weight and ibot.loss_weight are all 0: nothing to train"
+                "dino.loss_weight, dino.koleo_loss_weight, ibot.loss_weight and infonce.loss_weight are all 0: "
+                "nothing to train"
             )
         self.separate_ibot_head = bool(cfg.ibot.separate_head)
         self.n_global_crops = 2
@@ -132,7 +139,8 @@ class SSLMetaArch(nn.Module):
         # Neighbours over the global batch, so a multi-rank run computes the same KoLeo term as
         # one process with the whole batch (dino.koleo_distributed=false: per rank, as upstream).
         self.koleo_loss = KoLeoLoss(distributed=bool(cfg.dino.koleo_distributed))
-        for loss in (self.dino_loss, self.ibot_patch_loss, self.koleo_loss):
+        self.infonce_loss = InfoNCELoss(temperature=float(cfg.infonce.temperature))
+        for loss in (self.dino_loss, self.ibot_patch_loss, self.koleo_loss, self.infonce_loss):
             loss.process_group = process_group
         self.gram_loss_weight = float(cfg.gram.loss_weight) if cfg.gram.use_loss else 0.0
         self.gram_loss = GramLoss(
@@ -156,19 +164,31 @@ class SSLMetaArch(nn.Module):
 
     # ---------------------------------------------------------------- helpers
     def _head_logits(
-        self, modules: nn.ModuleDict, cls_groups: List[torch.Tensor], masked_tokens: Optional[torch.Tensor]
-    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-        """(DINO logits of each CLS group, iBOT logits of the masked patch tokens or None).
+        self,
+        modules: nn.ModuleDict,
+        cls_groups: List[torch.Tensor],
+        masked_tokens: Optional[torch.Tensor],
+        with_bottleneck: bool = False,
+    ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """(DINO logits of each CLS group, iBOT logits of the masked patch tokens or None, the DINO
+        head's bottleneck features of the first CLS group if ``with_bottleneck``, else None).
 
         One call per head module, with every group it scores (an FSDP-wrapped head is then
         gathered once); the head keeps the groups apart where it normalises over the batch.
         """
-        if masked_tokens is not None and not self.separate_ibot_head:
-            logits = modules["dino_head"](cls_groups + [masked_tokens])
-            return logits[:-1], logits[-1]
-        dino_logits = modules["dino_head"](cls_groups) if cls_groups else []
-        ibot_logits = modules["ibot_head"](masked_tokens) if masked_tokens is not None else None
-        return dino_logits, ibot_logits
+        dino_logits, ibot_logits, bottleneck = [], None, None
+        shared = masked_tokens is not None and not self.separate_ibot_head
+        groups = cls_groups + [masked_tokens] if shared else cls_groups
+        if groups:
+            dino_logits = modules["dino_head"](groups, with_bottleneck=with_bottleneck)
+            if with_bottleneck:
+                dino_logits, bottlenecks = dino_logits
+                bottleneck = bottlenecks[0]
+        if shared:
+            dino_logits, ibot_logits = dino_logits[:-1], dino_logits[-1]
+        elif masked_tokens is not None:
+            ibot_logits = modules["ibot_head"](masked_tokens)
+        return dino_logits, ibot_logits, bottleneck
 
     def _autocast(self, dtype: torch.dtype, device: torch.device):
         if dtype == torch.float32:
@@ -201,7 +221,7 @@ class SSLMetaArch(nn.Module):
                 masked_tokens = torch.index_select(patch_tokens, 0, mask_indices)
             # The teacher's CLS tokens of both global crops are one group (one crop size).
             cls_groups = [out["x_norm_clstoken"]] if self.do_dino else []
-            dino_groups, ibot_logits = self._head_logits(self.teacher, cls_groups, masked_tokens)
+            dino_groups, ibot_logits, _ = self._head_logits(self.teacher, cls_groups, masked_tokens)
         return (dino_groups[0] if dino_groups else None), ibot_logits
 
     @torch.no_grad()
@@ -249,7 +269,7 @@ class SSLMetaArch(nn.Module):
         Returns:
             Detached scalar tensors: ``dino_global_crops_loss`` and ``dino_local_crops_loss``
             (shares of ``dino_loss``, which is their sum), ``dino_loss``, ``ibot_loss``,
-            ``koleo_loss``, ``gram_loss`` (each unweighted, only those computed) and ``total_loss`` (weighted sum,
+            ``koleo_loss``, ``infonce_loss``, ``gram_loss`` (each unweighted, only those computed) and ``total_loss`` (weighted sum,
             the value back-propagated).
         """
         self._backup_centers()
@@ -282,9 +302,16 @@ class SSLMetaArch(nn.Module):
                 masked_tokens = torch.index_select(global_out["x_norm_patchtokens"].flatten(0, 1), 0, mask_indices)
 
             # One group per crop size: the CLS tokens of small local crops are distributed
-            # differently from those of global crops.
-            cls_groups = [global_cls] + ([local_cls] if local_cls is not None else []) if self.do_dino else []
-            dino_groups, ibot_logits = self._head_logits(student, cls_groups, masked_tokens)
+            # differently from those of global crops. InfoNCE needs the head's bottleneck of the
+            # global crops, so the head runs for it even without the DINO loss.
+            cls_groups = []
+            if self.do_dino:
+                cls_groups = [global_cls] + ([local_cls] if local_cls is not None else [])
+            elif self.do_infonce:
+                cls_groups = [global_cls]
+            dino_groups, ibot_logits, global_bottleneck = self._head_logits(
+                student, cls_groups, masked_tokens, with_bottleneck=self.do_infonce
+            )
 
         losses: Dict[str, torch.Tensor] = {}
         total = torch.zeros((), device=device, dtype=torch.float32)
@@ -313,6 +340,10 @@ class SSLMetaArch(nn.Module):
             koleo = sum(self.koleo_loss(chunk) for chunk in global_cls.float().chunk(self.n_global_crops))
             losses["koleo_loss"] = koleo
             total = total + self.koleo_loss_weight * koleo
+        if self.do_infonce:
+            infonce = self.infonce_loss(global_bottleneck.float().chunk(self.n_global_crops))
+            losses["infonce_loss"] = infonce
+            total = total + self.infonce_loss_weight * infonce
         if do_ibot:
             ibot = self.ibot_patch_loss.forward_masked(
                 ibot_logits.float(), ibot_targets, masks_weight=masks_weight, n_images=n_global_images
