@@ -67,7 +67,9 @@ def classifier_rows(args, backbone, n: int, train_pil, chosen, class_names, rand
     from dinov2.classify.config import load_classify_config
     from dinov2.classify.trainer import train_classifier
 
-    labels_csv = le.write_labelled_subset(train_pil, chosen, class_names, args.output_dir / f"labelled_{n}_seed{args.seed}")
+    labels_csv = le.write_labelled_subset(
+        train_pil, chosen, class_names, args.output_dir / f"labelled_{n}_seed{args.seed}"
+    )
     epochs = le.classifier_epochs(args.classifier_steps, args.classifier_batch_size, len(chosen))
     heads = backbone.model.num_heads
     inits = []

@@ -83,7 +83,6 @@ def test_zero_loss_weights_skip_the_terms():
         SSLMetaArch(tiny_cfg("dino.loss_weight=0", "dino.koleo_loss_weight=0", "ibot.loss_weight=0"))
 
 
-
 def test_infonce_term_on_the_head_bottleneck_with_and_without_dino():
     from dinov2.loss import InfoNCELoss
 
@@ -111,6 +110,7 @@ def test_infonce_term_on_the_head_bottleneck_with_and_without_dino():
     assert model.student["dino_head"].mlp[0].weight.grad.abs().sum() > 0
     assert model.student["backbone"].cls_token.grad.abs().sum() > 0
     assert model.student["dino_head"].last_layer.weight_v.grad is None  # prototypes unused
+
 
 def test_separate_ibot_head_and_sinkhorn_knopp():
     cfg = tiny_cfg("ibot.separate_head=true", "ibot.head_n_prototypes=32", "train.centering=sinkhorn_knopp")
