@@ -117,3 +117,46 @@ def test_a_one_channel_backbone_keeps_its_channels_in_the_build_spec(tmp_path):
     assert vit_kwargs_of(model)["in_chans"] == infer_vit_kwargs(model.state_dict(), num_heads=2)["in_chans"] == 1
     rebuilt = build_backbone_from_spec({"kind": "vit", "kwargs": vit_kwargs_of(model)})
     rebuilt.load_state_dict(model.state_dict(), strict=True)  # a classifier file on it reloads
+
+
+def test_a_conv_stem_backbone_keeps_its_stem_through_specs_and_bare_state_dicts(tmp_path):
+    from dinov2.hub.sources import build_backbone_from_spec, infer_vit_kwargs, vit_kwargs_of
+    from dinov2.layers import ConvStemPatchEmbed
+    from dinov2.models import build_backbone
+    from dinov2.models.vision_transformer import vit_small
+
+    torch.manual_seed(0)
+    model = vit_small(patch_size=4, img_size=28, embed_dim=32, depth=1, num_heads=2, patch_embed="conv_stem").eval()
+    assert isinstance(model.patch_embed, ConvStemPatchEmbed)
+    widths = [m.out_channels for m in model.patch_embed.proj if isinstance(m, torch.nn.Conv2d)]
+    assert widths == [8, 16, 32]  # two stride-2 3x3 convolutions (28 -> 14 -> 7), then 1x1 to the width
+    images = torch.randn(2, 3, 28, 28)
+    with torch.no_grad():
+        tokens = model.forward_features(images)["x_norm_patchtokens"]
+        assert tokens.shape == (2, 49, 32)
+        # Overlapping receptive fields: a pixel in one patch moves its neighbour's token too.
+        moved = images.clone()
+        moved[:, :, 3, 3] += 5.0  # last pixel row / column of patch (0, 0)
+        neighbour = model.patch_embed(moved)[:, 1] - model.patch_embed(images)[:, 1]  # token of patch (0, 1)
+        assert neighbour.abs().max() > 1e-4
+    spec = vit_kwargs_of(model)
+    inferred = infer_vit_kwargs(model.state_dict(), num_heads=2)
+    assert spec["patch_embed"] == inferred["patch_embed"] == "conv_stem"
+    assert spec["patch_size"] == inferred["patch_size"] == 4 and inferred["in_chans"] == 3
+    for kwargs in (spec, inferred):
+        rebuilt = build_backbone_from_spec({"kind": "vit", "kwargs": kwargs}).eval()
+        rebuilt.load_state_dict(model.state_dict(), strict=True)
+        with torch.no_grad():
+            assert torch.equal(rebuilt.forward_features(images)["x_norm_patchtokens"], tokens)
+    assert "patch_embed" not in vit_kwargs_of(vit_small(patch_size=4, img_size=16, embed_dim=32, depth=1, num_heads=2))
+
+    def student(*overrides):
+        return load_config(overrides=["student.arch=vit_tiny", "student.patch_size=4", *overrides]).student
+
+    assert isinstance(build_backbone(student("student.patch_embed=conv_stem"), 28).patch_embed, ConvStemPatchEmbed)
+    with pytest.raises(ValueError, match=r"Unknown patch_embed 'conv'"):
+        build_backbone(student("student.patch_embed=conv"), 28)
+    with pytest.raises(ValueError, match=r"power-of-two patch size, got 14x14"):
+        build_backbone(student("student.patch_embed=conv_stem", "student.patch_size=14"), 28)
+    with pytest.raises(ValueError, match=r"student.patch_embed 'conv_stem' needs student.generation dinov2"):
+        build_backbone(student("student.patch_embed=conv_stem", "student.generation=dinov3"), 28)

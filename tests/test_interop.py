@@ -162,6 +162,20 @@ def test_onnx_backbone_matches_pytorch_with_a_dynamic_batch(tmp_path, monkeypatc
     assert interop_onnx.compare_onnx(model, big, batch_size=1, repeats=1)["max_abs_diff"] <= 1e-4
 
 
+def test_a_conv_stem_backbone_exports_to_onnx_only(tmp_path):
+    model = tiny_vit(img_size=32, patch_size=4, patch_embed="conv_stem")
+    for export in (interop.transformers_config, interop.timm_model_args):
+        with pytest.raises(interop.InteropError, match=r"patch_embed='conv_stem' \(export it to ONNX instead\)"):
+            export(model)
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    path = interop_onnx.export_onnx(model, tmp_path / "backbone.onnx")
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    images = torch.randn(2, 3, 32, 32)
+    cls, patches = session.run(None, {"images": images.numpy()})
+    assert_close(features(model, images), (torch.from_numpy(cls), torch.from_numpy(patches)), 1e-4)
+
+
 def test_export_script_writes_each_format(tmp_path, capsys):
     transformers = pytest.importorskip("transformers")
     model = tiny_vit()

@@ -69,6 +69,14 @@ def _architecture(model: DinoVisionTransformer) -> Dict[str, Any]:
     return vit_kwargs_of(model)
 
 
+def _refuse_conv_stem(arch: Dict[str, Any], target: str) -> None:
+    if arch.get("patch_embed", "linear") != "linear":
+        raise InteropError(
+            f"{target} has only the strided patch convolution; this model has patch_embed={arch['patch_embed']!r} "
+            "(export it to ONNX instead)"
+        )
+
+
 def _ffn_hidden(model: DinoVisionTransformer) -> int:
     mlp = model.blocks[0].mlp
     return mlp.fc1.out_features if hasattr(mlp, "fc1") else mlp.w3.in_features
@@ -117,6 +125,7 @@ def transformers_config(model: DinoVisionTransformer) -> Dict[str, Any]:
 
         return interop_dinov3.transformers_config(model)
     arch = _architecture(model)
+    _refuse_conv_stem(arch, "transformers' Dinov2")
     unsupported = [name for name in ("proj_bias", "ffn_bias") if not arch[name]]
     if unsupported:
         raise InteropError(f"transformers' Dinov2 always has biases; this model has none in {unsupported}")
@@ -147,7 +156,7 @@ def transformers_config(model: DinoVisionTransformer) -> Dict[str, Any]:
         "layer_norm_eps": 1e-6,
         "image_size": arch["img_size"],
         "patch_size": arch["patch_size"],
-        "num_channels": int(model.patch_embed.proj.in_channels),
+        "num_channels": int(model.patch_embed.in_chans),
         "qkv_bias": arch["qkv_bias"],
         "layerscale_value": 1.0,
         "drop_path_rate": 0.0,
@@ -412,6 +421,7 @@ def timm_model_args(model: DinoVisionTransformer) -> Tuple[str, Dict[str, Any]]:
 
         return interop_dinov3.timm_model_args(model)
     arch = _architecture(model)
+    _refuse_conv_stem(arch, "timm's ViT")
     if arch["proj_bias"] != arch["ffn_bias"]:
         raise InteropError("timm's ViT has one proj_bias switch for attention and MLP outputs; this model differs")
     registers = arch["num_register_tokens"]
@@ -425,7 +435,7 @@ def timm_model_args(model: DinoVisionTransformer) -> Tuple[str, Dict[str, Any]]:
     args = dict(
         img_size=arch["img_size"],
         patch_size=arch["patch_size"],
-        in_chans=int(model.patch_embed.proj.in_channels),
+        in_chans=int(model.patch_embed.in_chans),
         embed_dim=arch["embed_dim"],
         depth=arch["depth"],
         num_heads=arch["num_heads"],

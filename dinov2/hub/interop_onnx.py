@@ -170,7 +170,7 @@ def export_onnx(
         _architecture(model)  # refuses any other module before its size is read
     height, width = _image_size(model, image_size)
     wrapper = fixed_size_features(model, height, width)
-    example = torch.zeros(2, model.patch_embed.proj.in_channels, height, width)
+    example = torch.zeros(2, model.patch_embed.in_chans, height, width)
     return export_module_onnx(wrapper, example, path, ("cls_token", "patch_tokens"))
 
 

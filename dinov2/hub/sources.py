@@ -43,6 +43,7 @@ from typing import Any, Callable, Dict, Mapping, Optional, Tuple, Union
 import torch
 from torch import nn
 
+from dinov2.layers import ConvStemPatchEmbed
 from dinov2.models.vision_transformer import ARCHITECTURES, DinoVisionTransformer, make_vit
 from dinov2.models.vision_transformer_v3 import DINOV3_RELEASES, DinoV3VisionTransformer, make_dinov3_release
 
@@ -86,7 +87,7 @@ def vit_kwargs_of(model: DinoVisionTransformer) -> Dict[str, Any]:
     return dict(
         img_size=int(round(math.sqrt(grid))) * model.patch_size,
         patch_size=int(model.patch_size),
-        in_chans=int(model.patch_embed.proj.in_channels),
+        in_chans=int(model.patch_embed.in_chans),
         embed_dim=int(model.embed_dim),
         depth=int(model.n_blocks),
         num_heads=int(model.num_heads),
@@ -99,16 +100,17 @@ def vit_kwargs_of(model: DinoVisionTransformer) -> Dict[str, Any]:
         num_register_tokens=int(model.num_register_tokens),
         interpolate_antialias=bool(model.interpolate_antialias),
         interpolate_offset=float(model.interpolate_offset),
+        **({"patch_embed": "conv_stem"} if isinstance(model.patch_embed, ConvStemPatchEmbed) else {}),
     )
 
 
 def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int] = None) -> Dict[str, Any]:
     """Architecture of a DINOv2-format state dict, read off key names and tensor shapes."""
-    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.0.attn.qkv.weight"):
+    for key in ("cls_token", "pos_embed", "blocks.0.attn.qkv.weight"):
         if key not in state:
             raise BackboneSourceError(f"not a DINOv2 ViT state dict: key {key!r} is missing")
+    patch_embed, patch_size, in_chans = _patch_embed_of(state)
     embed_dim = state["cls_token"].shape[-1]
-    patch_size = state["patch_embed.proj.weight"].shape[-1]
     grid = state["pos_embed"].shape[1] - 1
     side = int(round(math.sqrt(grid)))
     if side * side != grid:
@@ -135,7 +137,7 @@ def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int]
     return dict(
         img_size=side * patch_size,
         patch_size=int(patch_size),
-        in_chans=int(state["patch_embed.proj.weight"].shape[1]),
+        in_chans=int(in_chans),
         embed_dim=int(embed_dim),
         depth=int(depth),
         num_heads=int(num_heads),
@@ -149,7 +151,27 @@ def infer_vit_kwargs(state: Mapping[str, torch.Tensor], num_heads: Optional[int]
         # The released register models use antialiased interpolation without offset.
         interpolate_antialias=bool(registers),
         interpolate_offset=0.0 if registers else 0.1,
+        **({"patch_embed": patch_embed} if patch_embed != "linear" else {}),
     )
+
+
+def _patch_embed_of(state: Mapping[str, torch.Tensor]) -> Tuple[str, int, int]:
+    """(kind, patch size, input channels) of a state dict's patch embedding: the released strided
+    convolution (``patch_embed.proj.weight``) or a ``ConvStemPatchEmbed`` (``patch_embed.proj.<i>.*``:
+    one stride-2 3 x 3 convolution per halving, then a 1 x 1 one)."""
+    if "patch_embed.proj.weight" in state:
+        weight = state["patch_embed.proj.weight"]
+        return "linear", weight.shape[-1], weight.shape[1]
+    convs = [
+        value
+        for key, value in state.items()
+        if re.fullmatch(r"patch_embed\.proj\.\d+\.weight", key) and value.ndim == 4 and value.shape[-1] == 3
+    ]
+    if not convs:
+        raise BackboneSourceError(
+            "not a DINOv2 ViT state dict: key 'patch_embed.proj.weight' (or a conv stem's patch_embed.proj.0.weight) is missing"
+        )
+    return "conv_stem", 2 ** len(convs), state["patch_embed.proj.0.weight"].shape[1]
 
 
 # The key that only DINOv3 files have: the RoPE periods (DINOv2 files have pos_embed instead).

@@ -4,13 +4,15 @@ from .drop_path import DropPath
 from .layer_scale import LayerScale
 from .masked_bias import LinearKMaskedBias
 from .mlp import Mlp
-from .patch_embed import PatchEmbed
+from .patch_embed import PATCH_EMBEDS, ConvStemPatchEmbed, PatchEmbed
 from .rope import RopePositionEmbedding
 from .swiglu_ffn import SwiGLUFFN, SwiGLUFFNAligned, SwiGLUFFNFused
 
 __all__ = [
+    "PATCH_EMBEDS",
     "Attention",
     "Block",
+    "ConvStemPatchEmbed",
     "DropPath",
     "LayerScale",
     "LinearKMaskedBias",

@@ -45,6 +45,7 @@ def _backbone_kwargs(student_cfg: DictConfig, img_size: int) -> dict:
         depth=student_cfg.get("depth"),
         num_heads=student_cfg.get("num_heads"),
         mlp_ratio=student_cfg.get("mlp_ratio"),
+        patch_embed=student_cfg.get("patch_embed", "linear"),
     )
 
 
@@ -84,6 +85,8 @@ def build_backbone(student_cfg: DictConfig, img_size: int, drop_path_rate: float
     if generation not in GENERATIONS:
         raise ValueError(f"student.generation must be one of {list(GENERATIONS)}, got {generation!r}")
     if generation == "dinov3":
+        if student_cfg.get("patch_embed", "linear") != "linear":
+            raise ValueError(f"student.patch_embed {student_cfg.patch_embed!r} needs student.generation dinov2")
         return make_vit_v3(
             student_cfg.arch,
             drop_path_rate=drop_path_rate,

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dinov2.layers import Block, Mlp, PatchEmbed, SwiGLUFFN, SwiGLUFFNFused
+from dinov2.layers import PATCH_EMBEDS, Block, Mlp, SwiGLUFFN, SwiGLUFFNFused
 from dinov2.layers.packing import PACKED_ATTENTION_MODES, PackedLayout, resolve_packed_kernel
 
 from .vit_features import ViTFeatureMethods
@@ -61,6 +61,7 @@ class DinoVisionTransformer(ViTFeatureMethods, nn.Module):
         stochastic_depth: str = "mask",
         activation_checkpointing: int = 0,
         packed_attention: str = "per_resolution",
+        patch_embed: str = "linear",
     ):
         """
         Args:
@@ -82,12 +83,17 @@ class DinoVisionTransformer(ViTFeatureMethods, nn.Module):
                 "per_resolution" (each through every block on its own), "packed" or a kernel name
                 (all crops in one sequence, block-diagonal attention) or "auto" (packed only
                 where measured faster); see ``dinov2.layers.packing``.
+            patch_embed: "linear" (the released strided patch convolution) or "conv_stem" (a
+                small convolutional stem with the same token grid, ``ConvStemPatchEmbed``; its
+                weights have no counterpart in the released checkpoints).
         """
         super().__init__()
         if block_chunks not in (0, None):
             raise ValueError("block_chunks > 0 is not supported: blocks are kept flat as in the released weights")
         if ffn_layer not in FFN_LAYERS:
             raise ValueError(f"Unknown ffn_layer {ffn_layer!r}; valid: {sorted(FFN_LAYERS)}")
+        if patch_embed not in PATCH_EMBEDS:
+            raise ValueError(f"Unknown patch_embed {patch_embed!r}; valid: {sorted(PATCH_EMBEDS)}")
         norm_layer = partial(nn.LayerNorm, eps=1e-6)
 
         self.embed_dim = self.num_features = embed_dim
@@ -98,7 +104,9 @@ class DinoVisionTransformer(ViTFeatureMethods, nn.Module):
         self.interpolate_antialias = interpolate_antialias
         self.interpolate_offset = interpolate_offset
 
-        self.patch_embed = PatchEmbed(img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim)
+        self.patch_embed = PATCH_EMBEDS[patch_embed](
+            img_size=img_size, patch_size=patch_size, in_chans=in_chans, embed_dim=embed_dim
+        )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
