@@ -4,7 +4,7 @@
 #
 #   scripts/quickdraw_gram_anchoring.sh [OUT] [key=value ...]
 #
-# OUT defaults to runs/quickdraw_gram. Lengths: PRETRAIN_ITERS (default 8000, the recipe) and
+# OUT defaults to runs/quickdraw_gram. Lengths: PRETRAIN_ITERS (default 3300, the recipe) and
 # GRAM_ITERS (default 2000) iterations; GRAM_WEIGHT (default 2.0, as DINOv3) is gram.loss_weight.
 # key=value pairs override all three trainings (e.g. gram.resolution_scale=2.0). KNN_BANK and
 # KNN_QUERIES (default 80 and 20: the recipe's whole split) are the drawings per category of the
@@ -29,7 +29,7 @@ if [[ $# -gt 0 && "$1" != *=* ]]; then
     OUT=$1
     shift
 fi
-PRETRAIN_ITERS=${PRETRAIN_ITERS:-8000}
+PRETRAIN_ITERS=${PRETRAIN_ITERS:-3300}
 GRAM_ITERS=${GRAM_ITERS:-2000}
 GRAM_WEIGHT=${GRAM_WEIGHT:-2.0}
 
