@@ -4,7 +4,7 @@
 # its teacher on the held-out drawings.
 #   bash scripts/demo.sh [OUT] [key=value ...]      (default OUT: runs/demo)
 # optim.epochs=24 is 600 iterations of the recipe (an epoch override replaces its
-# optim.total_iterations; its epoch is 25 iterations), about 3 minutes on 2 CPU cores; extra
+# optim.total_iterations; its epoch is 25 iterations), 3-8 minutes on 2 CPU cores; extra
 # key=value pairs override the recipe (the full recipe, 3,300 iterations, takes about 26 minutes).
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
