@@ -67,7 +67,13 @@ def test_recipe_model_has_a_conv_stem_linear_batch_norm_heads_and_trains_one_ste
         "masks_weight": torch.zeros(0),
     }
     losses = model.forward_backward(data, teacher_temp=0.05)
-    assert set(losses) == {"dino_global_crops_loss", "dino_loss", "koleo_loss", "infonce_loss", "total_loss"}  # iBOT off
+    assert set(losses) == {
+        "dino_global_crops_loss",
+        "dino_loss",
+        "koleo_loss",
+        "infonce_loss",
+        "total_loss",
+    }  # iBOT off
     expected_total = (
         losses["dino_loss"]
         + cfg.dino.koleo_loss_weight * losses["koleo_loss"]
